@@ -1,0 +1,334 @@
+//! The project document tree, schema v1: the one module that reads and edits it.
+//!
+//! A project's root document `{project}` holds:
+//! - `meta`: map `{ schema: 1 }`;
+//! - `files`: map from file id (16 lowercase hex chars, random) to a map `{ path, kind }`, where
+//!   `kind` is `"file"` or `"dir"` (dir entries exist only for empty folders);
+//! - `chat`: array of plain objects `{ id, author, text, at }` (`at` in unix milliseconds);
+//! - `settings`: map `{ run?, language? }`.
+//!
+//! Each file's text is the Y.Text `content` of document `{project}/{fileId}`. Entries are keyed by
+//! id, so a rename only rewrites `path`. Two peers creating the same path at once make two entries;
+//! readers resolve the clash the same way everywhere: the entry with the smallest id keeps the path,
+//! each other one is shown as `<stem> (<first 6 chars of id>)<ext>` in the same folder.
+
+use std::collections::HashMap;
+
+use yrs::types::ToJson;
+use yrs::{Any, Array, ArrayRef, Map, MapPrelim, MapRef, Out, ReadTxn, TransactionMut, WriteTxn};
+
+pub const SCHEMA_VERSION: i64 = 1;
+pub const META: &str = "meta";
+pub const FILES: &str = "files";
+pub const CHAT: &str = "chat";
+pub const SETTINGS: &str = "settings";
+/// Name of the Y.Text holding a file's content in its own document.
+pub const CONTENT: &str = "content";
+/// Longest accepted path, in bytes.
+pub const MAX_PATH_LEN: usize = 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TreeError {
+    #[error("invalid path {0:?}: use relative '/'-separated names without '.', '..' or empty parts")]
+    BadPath(String),
+    #[error("a file already exists at {0:?}")]
+    Exists(String),
+    #[error("no file with id {0:?}")]
+    NotFound(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    File,
+    Dir,
+}
+
+impl EntryKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            EntryKind::File => "file",
+            EntryKind::Dir => "dir",
+        }
+    }
+}
+
+/// One entry of the file tree, with its clash-resolved path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub id: String,
+    /// The path to show and to materialize (clash-resolved).
+    pub path: String,
+    /// The path as stored in the entry.
+    pub stored_path: String,
+    pub kind: EntryKind,
+}
+
+/// A fresh random file id.
+pub fn new_file_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+/// The document holding a file's text.
+pub fn file_doc_name(project: &str, file_id: &str) -> String {
+    format!("{project}/{file_id}")
+}
+
+pub fn validate_path(path: &str) -> Result<(), TreeError> {
+    let bad = path.is_empty()
+        || path.len() > MAX_PATH_LEN
+        || path.split('/').any(|seg| {
+            seg.is_empty() || seg == "." || seg == ".." || seg.chars().any(char::is_control) || seg.contains('\\')
+        });
+    if bad { Err(TreeError::BadPath(path.to_owned())) } else { Ok(()) }
+}
+
+/// Writes the schema marker; idempotent.
+pub fn init(txn: &mut TransactionMut) {
+    let meta = txn.get_or_insert_map(META);
+    meta.insert(txn, "schema", SCHEMA_VERSION);
+    txn.get_or_insert_map(FILES);
+    txn.get_or_insert_map(SETTINGS);
+    txn.get_or_insert_array(CHAT);
+}
+
+/// The schema version a root document declares, if any.
+pub fn schema_version<T: ReadTxn>(txn: &T) -> Option<i64> {
+    let meta = txn.get_map(META)?;
+    match meta.get(txn, "schema")? {
+        Out::Any(Any::Number(n)) => n.as_i64(),
+        _ => None,
+    }
+}
+
+fn entry_field<T: ReadTxn>(txn: &T, entry: &MapRef, key: &str) -> Option<String> {
+    match entry.get(txn, key)? {
+        Out::Any(Any::String(s)) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
+/// Every entry, clash-resolved and sorted by path. Malformed entries (wrong types, invalid
+/// paths written by a buggy peer) are skipped, never fatal.
+pub fn entries<T: ReadTxn>(txn: &T) -> Vec<Entry> {
+    let Some(files) = txn.get_map(FILES) else {
+        return Vec::new();
+    };
+    let mut raw: Vec<(String, String, EntryKind)> = files
+        .iter(txn)
+        .filter_map(|(id, value)| {
+            let Out::YMap(entry) = value else { return None };
+            let path = entry_field(txn, &entry, "path")?;
+            validate_path(&path).ok()?;
+            let kind = match entry_field(txn, &entry, "kind").as_deref() {
+                Some("dir") => EntryKind::Dir,
+                _ => EntryKind::File,
+            };
+            Some((id.to_owned(), path, kind))
+        })
+        .collect();
+    raw.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut taken: HashMap<String, ()> = HashMap::new();
+    let mut out: Vec<Entry> = raw
+        .into_iter()
+        .map(|(id, stored_path, kind)| {
+            let path = if taken.contains_key(&stored_path) { disambiguate(&stored_path, &id) } else { stored_path.clone() };
+            taken.insert(stored_path.clone(), ());
+            Entry { id, path, stored_path, kind }
+        })
+        .collect();
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    out
+}
+
+/// `dir/name.ext` shown for a clashing entry with id `id`: `dir/name (abcdef).ext`.
+pub fn disambiguate(path: &str, id: &str) -> String {
+    let tag = &id[..id.len().min(6)];
+    let (dir, name) = match path.rsplit_once('/') {
+        Some((d, n)) => (Some(d), n),
+        None => (None, path),
+    };
+    let renamed = match name.rfind('.') {
+        Some(dot) if dot > 0 => format!("{} ({tag}){}", &name[..dot], &name[dot..]),
+        _ => format!("{name} ({tag})"),
+    };
+    match dir {
+        Some(d) => format!("{d}/{renamed}"),
+        None => renamed,
+    }
+}
+
+/// Looks an entry up by its resolved path.
+pub fn find_by_path<T: ReadTxn>(txn: &T, path: &str) -> Option<Entry> {
+    entries(txn).into_iter().find(|e| e.path == path)
+}
+
+/// Creates an entry and returns its id. Fails if the path is already shown in the tree.
+pub fn create(txn: &mut TransactionMut, path: &str, kind: EntryKind) -> Result<String, TreeError> {
+    validate_path(path)?;
+    if find_by_path(txn, path).is_some() {
+        return Err(TreeError::Exists(path.to_owned()));
+    }
+    let id = new_file_id();
+    let files = txn.get_or_insert_map(FILES);
+    files.insert(
+        txn,
+        id.clone(),
+        MapPrelim::from([("path".to_owned(), Any::from(path)), ("kind".to_owned(), Any::from(kind.as_str()))]),
+    );
+    Ok(id)
+}
+
+fn entry_map<T: ReadTxn>(txn: &T, id: &str) -> Result<MapRef, TreeError> {
+    let files = txn.get_map(FILES).ok_or_else(|| TreeError::NotFound(id.to_owned()))?;
+    match files.get(txn, id) {
+        Some(Out::YMap(m)) => Ok(m),
+        _ => Err(TreeError::NotFound(id.to_owned())),
+    }
+}
+
+/// Renames an entry: only its `path` changes, never its content document.
+pub fn rename(txn: &mut TransactionMut, id: &str, new_path: &str) -> Result<(), TreeError> {
+    validate_path(new_path)?;
+    let entry = entry_map(txn, id)?;
+    if find_by_path(txn, new_path).is_some_and(|e| e.id != id) {
+        return Err(TreeError::Exists(new_path.to_owned()));
+    }
+    entry.insert(txn, "path", new_path);
+    Ok(())
+}
+
+/// Removes an entry. Its content document is left to the store's garbage collection.
+pub fn delete(txn: &mut TransactionMut, id: &str) -> Result<(), TreeError> {
+    entry_map(txn, id)?;
+    let files = txn.get_or_insert_map(FILES);
+    files.remove(txn, id);
+    Ok(())
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Settings {
+    pub run: Option<String>,
+    pub language: Option<String>,
+}
+
+pub fn settings<T: ReadTxn>(txn: &T) -> Settings {
+    let Some(map) = txn.get_map(SETTINGS) else {
+        return Settings::default();
+    };
+    Settings { run: entry_field(txn, &map, "run"), language: entry_field(txn, &map, "language") }
+}
+
+pub fn set_setting(txn: &mut TransactionMut, key: &str, value: &str) {
+    let map = txn.get_or_insert_map(SETTINGS);
+    map.insert(txn, key, value);
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatMessage {
+    pub id: String,
+    pub author: String,
+    pub text: String,
+    pub at: i64,
+}
+
+pub fn post_chat(txn: &mut TransactionMut, author: &str, text: &str, at_ms: i64) -> String {
+    let id = new_file_id();
+    let chat: ArrayRef = txn.get_or_insert_array(CHAT);
+    let msg = Any::from(HashMap::from([
+        ("id".to_owned(), Any::from(id.as_str())),
+        ("author".to_owned(), Any::from(author)),
+        ("text".to_owned(), Any::from(text)),
+        ("at".to_owned(), Any::from(at_ms as f64)),
+    ]));
+    chat.push_back(txn, msg);
+    id
+}
+
+pub fn chat<T: ReadTxn>(txn: &T) -> Vec<ChatMessage> {
+    let Some(chat) = txn.get_array(CHAT) else {
+        return Vec::new();
+    };
+    chat.iter(txn)
+        .filter_map(|v| {
+            let Any::Map(m) = v.to_json(txn) else { return None };
+            let s = |k: &str| match m.get(k) {
+                Some(Any::String(s)) => Some(s.to_string()),
+                _ => None,
+            };
+            let at = match m.get("at") {
+                Some(Any::Number(n)) => n.as_i64().unwrap_or_default(),
+                _ => 0,
+            };
+            Some(ChatMessage { id: s("id")?, author: s("author")?, text: s("text")?, at })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use yrs::updates::decoder::Decode;
+    use yrs::{Doc, StateVector, Transact, Update};
+
+    fn sync(a: &Doc, b: &Doc) {
+        let ua = a.transact().encode_state_as_update_v1(&StateVector::default());
+        let ub = b.transact().encode_state_as_update_v1(&StateVector::default());
+        a.transact_mut().apply_update(Update::decode_v1(&ub).unwrap()).unwrap();
+        b.transact_mut().apply_update(Update::decode_v1(&ua).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn create_rename_delete() {
+        let doc = Doc::new();
+        let mut txn = doc.transact_mut();
+        init(&mut txn);
+        let id = create(&mut txn, "src/main.py", EntryKind::File).unwrap();
+        assert_eq!(create(&mut txn, "src/main.py", EntryKind::File), Err(TreeError::Exists("src/main.py".into())));
+        assert!(matches!(create(&mut txn, "../etc/passwd", EntryKind::File), Err(TreeError::BadPath(_))));
+        assert!(matches!(create(&mut txn, "/abs", EntryKind::File), Err(TreeError::BadPath(_))));
+        rename(&mut txn, &id, "src/app.py").unwrap();
+        let all = entries(&txn);
+        assert_eq!(all.len(), 1);
+        assert_eq!((all[0].id.as_str(), all[0].path.as_str()), (id.as_str(), "src/app.py"));
+        assert_eq!(schema_version(&txn), Some(SCHEMA_VERSION));
+        delete(&mut txn, &id).unwrap();
+        assert!(entries(&txn).is_empty());
+        assert_eq!(delete(&mut txn, &id), Err(TreeError::NotFound(id)));
+    }
+
+    #[test]
+    fn concurrent_creation_of_one_path_keeps_both_and_resolves_alike() {
+        let (a, b) = (Doc::new(), Doc::new());
+        let ida = create(&mut a.transact_mut(), "notes.md", EntryKind::File).unwrap();
+        let idb = create(&mut b.transact_mut(), "notes.md", EntryKind::File).unwrap();
+        sync(&a, &b);
+        let ea = entries(&a.transact());
+        let eb = entries(&b.transact());
+        assert_eq!(ea, eb);
+        assert_eq!(ea.len(), 2);
+        let (first, second) = if ida < idb { (&ida, &idb) } else { (&idb, &ida) };
+        let kept = ea.iter().find(|e| &e.id == first).unwrap();
+        let renamed = ea.iter().find(|e| &e.id == second).unwrap();
+        assert_eq!(kept.path, "notes.md");
+        assert_eq!(renamed.path, format!("notes ({}).md", &second[..6]));
+    }
+
+    #[test]
+    fn disambiguation_rule() {
+        assert_eq!(disambiguate("a/b/c.tar.gz", "0123456789abcdef"), "a/b/c.tar (012345).gz");
+        assert_eq!(disambiguate(".env", "abcdef0000000000"), ".env (abcdef)");
+        assert_eq!(disambiguate("Makefile", "ffffff0000000000"), "Makefile (ffffff)");
+    }
+
+    #[test]
+    fn settings_and_chat() {
+        let doc = Doc::new();
+        let mut txn = doc.transact_mut();
+        set_setting(&mut txn, "run", "python3 main.py");
+        post_chat(&mut txn, "ada", "hi", 1_700_000_000_000);
+        assert_eq!(settings(&txn).run.as_deref(), Some("python3 main.py"));
+        let msgs = chat(&txn);
+        assert_eq!(msgs.len(), 1);
+        assert_eq!((msgs[0].author.as_str(), msgs[0].text.as_str(), msgs[0].at), ("ada", "hi", 1_700_000_000_000));
+    }
+}
