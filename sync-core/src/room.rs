@@ -117,6 +117,10 @@ impl DocState {
         &self.doc
     }
 
+    pub fn has_peer(&self, peer: PeerId) -> bool {
+        self.peers.contains_key(&peer)
+    }
+
     pub fn peer_count(&self) -> usize {
         self.peers.len()
     }

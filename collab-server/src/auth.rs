@@ -1,0 +1,184 @@
+//! Signed access tokens (JWT, HS256): minting, verification and the scope check.
+//!
+//! A token names a user, a display name, one project and a role, and expires. The signing key is
+//! a random secret kept in the data directory, so `collab token` and `collab serve` given the same
+//! `--data-dir` agree without any other configuration.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use sync_core::{DocName, Role};
+
+const SECRET_FILE: &str = "token-secret";
+
+/// Claims carried by a token; this is a wire type (it is serialized into the JWT).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Claims {
+    sub: String,
+    name: String,
+    project: String,
+    role: String,
+    exp: u64,
+    iat: u64,
+}
+
+/// Who a verified token speaks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub user: String,
+    pub name: String,
+    pub project: String,
+    pub role: Role,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthError {
+    #[error("missing token")]
+    Missing,
+    #[error("token expired")]
+    Expired,
+    #[error("invalid token")]
+    Invalid,
+    #[error("token does not cover this document")]
+    OutOfScope,
+}
+
+#[derive(Clone)]
+pub struct Keys {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Keys(..)")
+    }
+}
+
+impl Keys {
+    /// Loads the signing secret from `data_dir`, creating it (mode 0600) on first use.
+    pub fn load_or_create(data_dir: &Path) -> anyhow::Result<Keys> {
+        std::fs::create_dir_all(data_dir)?;
+        let path = data_dir.join(SECRET_FILE);
+        let secret = match std::fs::read(&path) {
+            Ok(bytes) if bytes.len() >= 32 => bytes,
+            Ok(_) => anyhow::bail!("{} is shorter than 32 bytes; delete it to make a new one", path.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => create_secret(&path)?,
+            Err(e) => return Err(e.into()),
+        };
+        Ok(Keys::from_secret(&secret))
+    }
+
+    pub fn from_secret(secret: &[u8]) -> Keys {
+        Keys { encoding: EncodingKey::from_secret(secret), decoding: DecodingKey::from_secret(secret) }
+    }
+
+    pub fn sign(&self, identity: &Identity, ttl: Duration) -> anyhow::Result<String> {
+        let now = unix_now();
+        self.sign_until(identity, now, now + ttl.as_secs())
+    }
+
+    fn sign_until(&self, identity: &Identity, now: u64, exp: u64) -> anyhow::Result<String> {
+        let claims = Claims {
+            sub: identity.user.clone(),
+            name: identity.name.clone(),
+            project: identity.project.clone(),
+            role: identity.role.as_str().to_owned(),
+            iat: now,
+            exp,
+        };
+        Ok(jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)?)
+    }
+
+    /// Verifies signature and expiry; does not check which document it is used for.
+    pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        if token.is_empty() {
+            return Err(AuthError::Missing);
+        }
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = 0;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &validation).map_err(|e| {
+            match e.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+                _ => AuthError::Invalid,
+            }
+        })?;
+        let c = data.claims;
+        let role = Role::parse(&c.role).ok_or(AuthError::Invalid)?;
+        if !sync_core::names::is_project_id(&c.project) {
+            return Err(AuthError::Invalid);
+        }
+        Ok(Identity { user: c.sub, name: c.name, project: c.project, role })
+    }
+
+    /// Verifies a token and checks that it covers `doc`.
+    pub fn authorize(&self, token: &str, doc: &DocName) -> Result<Identity, AuthError> {
+        let identity = self.verify(token)?;
+        if identity.project != doc.project() {
+            return Err(AuthError::OutOfScope);
+        }
+        Ok(identity)
+    }
+}
+
+fn create_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
+    use std::io::Write;
+    let secret: [u8; 32] = rand::random();
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(path) {
+        Ok(mut file) => {
+            file.write_all(&secret)?;
+            file.sync_all()?;
+            Ok(secret.to_vec())
+        }
+        // Another process created it first: use theirs.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(std::fs::read(path)?),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ada(project: &str, role: Role) -> Identity {
+        Identity { user: "ada".into(), name: "Ada".into(), project: project.into(), role }
+    }
+
+    #[test]
+    fn round_trip_and_scope() {
+        let keys = Keys::from_secret(&[7; 32]);
+        let token = keys.sign(&ada("p1", Role::Viewer), Duration::from_secs(60)).unwrap();
+        let doc = DocName::parse("p1/abc").unwrap();
+        assert_eq!(keys.authorize(&token, &doc), Ok(ada("p1", Role::Viewer)));
+        let other = DocName::parse("p2/abc").unwrap();
+        assert_eq!(keys.authorize(&token, &other), Err(AuthError::OutOfScope));
+    }
+
+    #[test]
+    fn hostile_tokens_are_refused() {
+        let keys = Keys::from_secret(&[7; 32]);
+        let forger = Keys::from_secret(&[8; 32]);
+        let forged = forger.sign(&ada("p1", Role::Editor), Duration::from_secs(60)).unwrap();
+        assert_eq!(keys.verify(&forged), Err(AuthError::Invalid));
+        assert_eq!(keys.verify(""), Err(AuthError::Missing));
+        assert_eq!(keys.verify("not.a.jwt"), Err(AuthError::Invalid));
+        let now = unix_now();
+        let expired = keys.sign_until(&ada("p1", Role::Editor), now - 20, now - 10).unwrap();
+        assert_eq!(keys.verify(&expired), Err(AuthError::Expired));
+        // alg=none with the same claims must not pass.
+        let parts: Vec<&str> = forged.split('.').collect();
+        let none_header = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0";
+        assert_eq!(keys.verify(&format!("{none_header}.{}.", parts[1])), Err(AuthError::Invalid));
+    }
+}

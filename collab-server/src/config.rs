@@ -1,0 +1,137 @@
+//! Command-line and environment configuration: every flag also reads a `COLLAB_*` variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "collab", version, about = "Real-time collaboration server for CRDT projects")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the sync endpoints, the web front end, /healthz and /metrics.
+    Serve(Config),
+    /// Print a signed access token for scripts and tests.
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Address to listen on; port 0 picks a free port (the chosen one is printed).
+    #[arg(long, env = "COLLAB_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Directory for the SQLite database and the token signing secret.
+    #[arg(long, env = "COLLAB_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// Document store URL (`sqlite://...` or `postgres://...`); default: SQLite in the data directory.
+    #[arg(long, env = "COLLAB_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Directory of the built web front end, served at `/`.
+    #[arg(long, env = "COLLAB_WEB_DIR", default_value = "web/dist")]
+    pub web_dir: PathBuf,
+    /// Development only: accept connections without a token, as editors of any project.
+    #[arg(long, env = "COLLAB_ALLOW_ANONYMOUS", default_value_t = false)]
+    pub allow_anonymous: bool,
+    /// Create the `demo` project if it does not exist and print URLs to open it.
+    #[arg(long, env = "COLLAB_DEMO", default_value_t = false)]
+    pub demo: bool,
+    #[command(flatten)]
+    pub limits: Limits,
+}
+
+/// Limits and timings. Defaults suit an interactive editor; tests tighten them.
+#[derive(Debug, Clone, Args)]
+pub struct Limits {
+    /// Largest accepted WebSocket message, in bytes (larger ones close the socket with 1009).
+    #[arg(long, env = "COLLAB_MAX_MESSAGE_SIZE", default_value_t = 8 << 20)]
+    pub max_message_size: usize,
+    /// Frames queued for one client before it counts as too slow and is disconnected (1013).
+    #[arg(long, env = "COLLAB_OUTBOUND_QUEUE", default_value_t = 1024)]
+    pub outbound_queue: usize,
+    /// Sustained frames per second a connection may send; bursts use --rate-burst. Excess is
+    /// throttled (reading pauses), never dropped. 0 disables the limit.
+    #[arg(long, env = "COLLAB_RATE_MESSAGES", default_value_t = 200)]
+    pub rate_messages: u32,
+    /// Sustained bytes per second a connection may send. 0 disables the limit.
+    #[arg(long, env = "COLLAB_RATE_BYTES", default_value_t = 4 << 20)]
+    pub rate_bytes: u32,
+    /// Burst allowance of the message rate limit, in frames (the byte burst is --max-message-size).
+    #[arg(long, env = "COLLAB_RATE_BURST", default_value_t = 1000)]
+    pub rate_burst: u32,
+    /// New WebSocket connections per second allowed from one IP address (burst: 10x). 0 disables.
+    #[arg(long, env = "COLLAB_CONNECT_RATE", default_value_t = 50)]
+    pub connect_rate: u32,
+    /// Documents one multiplexed socket may have open at once.
+    #[arg(long, env = "COLLAB_MAX_DOCS_PER_SOCKET", default_value_t = 256)]
+    pub max_docs_per_socket: usize,
+    /// Messages a multiplexed socket may send for documents it has not authenticated yet.
+    #[arg(long, env = "COLLAB_PREAUTH_MESSAGES", default_value_t = 64)]
+    pub preauth_messages: usize,
+    /// Bytes a multiplexed socket may send for documents it has not authenticated yet.
+    #[arg(long, env = "COLLAB_PREAUTH_BYTES", default_value_t = 1 << 20)]
+    pub preauth_bytes: usize,
+    /// Seconds a multiplexed socket may stay open without any authenticated document.
+    #[arg(long, env = "COLLAB_AUTH_TIMEOUT", value_parser = parse_secs, default_value = "30")]
+    pub auth_timeout: Duration,
+    /// Seconds between server pings.
+    #[arg(long, env = "COLLAB_PING_INTERVAL", value_parser = parse_secs, default_value = "15")]
+    pub ping_interval: Duration,
+    /// Seconds without any frame from a client before its connection is closed as dead.
+    #[arg(long, env = "COLLAB_IDLE_TIMEOUT", value_parser = parse_secs, default_value = "60")]
+    pub idle_timeout: Duration,
+    /// Seconds after which an awareness state that was not renewed is removed.
+    #[arg(long, env = "COLLAB_AWARENESS_TIMEOUT", value_parser = parse_secs, default_value = "30")]
+    pub awareness_timeout: Duration,
+    /// Seconds a document stays loaded after its last peer leaves.
+    #[arg(long, env = "COLLAB_UNLOAD_DELAY", value_parser = parse_secs, default_value = "10")]
+    pub unload_delay: Duration,
+    /// Logged updates of a document before they are merged into its snapshot.
+    #[arg(long, env = "COLLAB_COMPACT_THRESHOLD", default_value_t = 500)]
+    pub compact_threshold: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    /// Directory holding the signing secret (the same as `collab serve --data-dir`).
+    #[arg(long, env = "COLLAB_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// Project the token covers.
+    #[arg(long)]
+    pub project: String,
+    /// `editor` or `viewer`.
+    #[arg(long, default_value = "editor")]
+    pub role: String,
+    /// User id.
+    #[arg(long)]
+    pub user: String,
+    /// Display name (defaults to the user id).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Lifetime in seconds.
+    #[arg(long, value_parser = parse_secs, default_value = "86400")]
+    pub ttl: Duration,
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    s.parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite() && *v >= 0.0)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| format!("expected a number of seconds, got {s:?}"))
+}
+
+impl Config {
+    /// A configuration for tests and embedding: loopback, port 0, the given data directory.
+    pub fn for_data_dir(data_dir: PathBuf) -> Config {
+        let cli = Cli::parse_from(["collab", "serve", "--listen", "127.0.0.1:0"]);
+        let Command::Serve(mut config) = cli.command else { unreachable!("parsed a serve command") };
+        config.data_dir = data_dir;
+        config
+    }
+}

@@ -1,0 +1,399 @@
+//! One WebSocket connection: the read loop, the write loop, liveness, rate limits, and the two
+//! endpoint handlers (y-websocket: one document per socket; Hocuspocus: many, multiplexed).
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use bytes::Bytes;
+use futures_util::stream::SplitSink;
+use futures_util::{SinkExt, StreamExt};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use sync_core::wire::{self, DocMessage, HocusDocIn, HocusIn, HocusOut, OutMsg};
+use sync_core::{DocName, PeerId, Role};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{debug, info};
+
+use crate::AppState;
+use crate::auth::{AuthError, Identity};
+use crate::close::{self, CloseReason};
+use crate::conn_sink::{ConnSink, Killer};
+use crate::rooms::{Framing, RoomCmd, RoomLease};
+
+/// What differs between the two endpoints: how frames are read and which rooms they reach.
+pub trait Handler: Send {
+    /// Called once the socket is open, before any frame is read.
+    fn start(&mut self, sink: &ConnSink) -> impl Future<Output = Result<(), CloseReason>> + Send;
+    fn frame(&mut self, data: &[u8], sink: &ConnSink) -> impl Future<Output = Result<(), CloseReason>> + Send;
+    /// Called on every liveness tick.
+    fn tick(&mut self, now: Instant) -> Result<(), CloseReason>;
+    /// Leaves every room. Runs whatever ended the connection.
+    fn finish(self) -> impl Future<Output = ()> + Send;
+    /// A frame sent when the connection has been quiet for a ping interval, so that clients
+    /// whose watchdogs only see data frames (browsers cannot see WebSocket pings) stay connected.
+    fn keepalive() -> Bytes;
+}
+
+/// Per-connection throttles: excess input waits (TCP backpressure), it is never dropped.
+struct Throttle {
+    messages: Option<DefaultDirectRateLimiter>,
+    bytes: Option<DefaultDirectRateLimiter>,
+}
+
+impl Throttle {
+    fn new(app: &AppState) -> Throttle {
+        let l = &app.config.limits;
+        let messages = NonZeroU32::new(l.rate_messages).map(|rate| {
+            let burst = NonZeroU32::new(l.rate_burst.max(l.rate_messages)).unwrap_or(rate);
+            RateLimiter::direct(Quota::per_second(rate).allow_burst(burst))
+        });
+        let bytes = NonZeroU32::new(l.rate_bytes).map(|rate| {
+            let burst = u32::try_from(l.max_message_size).unwrap_or(u32::MAX).max(l.rate_bytes);
+            RateLimiter::direct(Quota::per_second(rate).allow_burst(NonZeroU32::new(burst).unwrap_or(rate)))
+        });
+        Throttle { messages, bytes }
+    }
+
+    async fn wait(&self, len: usize) {
+        if let Some(m) = &self.messages {
+            m.until_ready().await;
+        }
+        if let (Some(b), Some(n)) = (&self.bytes, NonZeroU32::new(u32::try_from(len).unwrap_or(u32::MAX))) {
+            // A frame never exceeds the burst (it is at least the message size limit).
+            let _ = b.until_n_ready(n).await;
+        }
+    }
+}
+
+/// Runs a connection until it closes, then leaves its rooms and closes the socket with a reason.
+pub async fn run<H: Handler>(socket: WebSocket, app: Arc<AppState>, mut handler: H) {
+    let limits = app.config.limits.clone();
+    let metrics = app.metrics.clone();
+    metrics.connections_total.inc();
+    metrics.connections_active.inc();
+    let (sink, rx, killer) = ConnSink::new(limits.outbound_queue);
+    let (ws_tx, mut ws_rx) = socket.split();
+    let writer = tokio::spawn(write_loop(ws_tx, rx, killer.clone(), H::keepalive(), app.clone()));
+    let throttle = Throttle::new(&app);
+    let mut last_seen = Instant::now();
+    let mut tick = tokio::time::interval(limits.ping_interval.min(limits.idle_timeout / 2).max(Duration::from_millis(10)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    if let Err(reason) = handler.start(&sink).await {
+        killer.kill(reason);
+    }
+    while !killer.is_killed() {
+        tokio::select! {
+            _ = killer.killed() => break,
+            _ = app.shutdown.cancelled() => killer.kill(CloseReason::shutdown()),
+            _ = tick.tick() => {
+                let now = Instant::now();
+                if now.duration_since(last_seen) >= limits.idle_timeout {
+                    killer.kill(CloseReason::new(close::GOING_AWAY, "no message from the client within the idle timeout"));
+                } else if let Err(reason) = handler.tick(now) {
+                    killer.kill(reason);
+                }
+            }
+            incoming = ws_rx.next() => match incoming {
+                None => break,
+                Some(Err(e)) => {
+                    let text = e.to_string();
+                    if text.contains("too long") || text.contains("too big") || text.contains("Space limit") {
+                        killer.kill(CloseReason::new(
+                            close::MESSAGE_TOO_BIG,
+                            format!("message larger than {} bytes", limits.max_message_size),
+                        ));
+                    } else {
+                        debug!(error = %e, "connection read error");
+                        break;
+                    }
+                }
+                Some(Ok(Message::Binary(data))) => {
+                    last_seen = Instant::now();
+                    metrics.messages_in.inc();
+                    metrics.bytes_in.inc_by(data.len() as u64);
+                    throttle.wait(data.len()).await;
+                    if let Err(reason) = handler.frame(&data, &sink).await {
+                        if reason.code == close::INVALID_PAYLOAD || reason.code == close::POLICY_VIOLATION {
+                            metrics.protocol_errors.inc();
+                        }
+                        killer.kill(reason);
+                    }
+                }
+                Some(Ok(Message::Text(_))) => {
+                    metrics.protocol_errors.inc();
+                    killer.kill(CloseReason::new(close::UNSUPPORTED_DATA, "text frames are not supported: send binary y-protocols messages"));
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => last_seen = Instant::now(),
+                Some(Ok(Message::Close(_))) => break,
+            }
+        }
+    }
+    handler.finish().await;
+    killer.kill(CloseReason::new(close::NORMAL, ""));
+    drop(sink);
+    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    metrics.connections_active.dec();
+}
+
+async fn write_loop(
+    mut tx: SplitSink<WebSocket, Message>,
+    mut rx: mpsc::Receiver<Bytes>,
+    killer: Killer,
+    keepalive: Bytes,
+    app: Arc<AppState>,
+) {
+    let metrics = app.metrics.clone();
+    let mut ping = tokio::time::interval(app.config.limits.ping_interval);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ping.tick().await;
+    let mut quiet = true;
+    loop {
+        let outgoing = tokio::select! {
+            biased;
+            _ = killer.killed() => break,
+            frame = rx.recv() => match frame {
+                Some(frame) => {
+                    quiet = false;
+                    Message::Binary(frame)
+                }
+                None => break,
+            },
+            _ = ping.tick() => {
+                if quiet {
+                    metrics.messages_out.inc();
+                    if tx.send(Message::Binary(keepalive.clone())).await.is_err() {
+                        return;
+                    }
+                }
+                quiet = true;
+                Message::Ping(Bytes::new())
+            }
+        };
+        if let Message::Binary(b) = &outgoing {
+            metrics.messages_out.inc();
+            metrics.bytes_out.inc_by(b.len() as u64);
+        }
+        tokio::select! {
+            sent = tx.send(outgoing) => if sent.is_err() {
+                killer.kill(CloseReason::new(close::GOING_AWAY, "write failed"));
+                return;
+            },
+            // Killed while blocked on a full socket (a slow reader): drop it without a close frame,
+            // since a half-written frame cannot be followed by one.
+            _ = killer.killed() => return,
+        }
+    }
+    if let Some(reason) = killer.reason() {
+        let frame = CloseFrame { code: reason.code, reason: reason.reason.into() };
+        let _ = tokio::time::timeout(Duration::from_secs(2), tx.send(Message::Close(Some(frame)))).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), tx.close()).await;
+}
+
+fn next_peer(app: &AppState) -> PeerId {
+    app.next_peer.fetch_add(1, Ordering::Relaxed)
+}
+
+/// The y-websocket endpoint: the socket is bound to one document, authorized at the upgrade.
+pub struct YwsHandler {
+    app: Arc<AppState>,
+    identity: Identity,
+    lease: RoomLease,
+    peer: PeerId,
+}
+
+impl YwsHandler {
+    pub fn new(app: Arc<AppState>, doc: &DocName, identity: Identity) -> YwsHandler {
+        let lease = app.rooms.lease(doc);
+        let peer = next_peer(&app);
+        YwsHandler { app, identity, lease, peer }
+    }
+}
+
+fn room_gone() -> CloseReason {
+    CloseReason::new(close::TRY_AGAIN_LATER, "document is unavailable, reconnect")
+}
+
+impl Handler for YwsHandler {
+    async fn start(&mut self, sink: &ConnSink) -> Result<(), CloseReason> {
+        info!(user_id = %self.identity.user, role = self.identity.role.as_str(), "peer joined");
+        let join = RoomCmd::Join { peer: self.peer, role: self.identity.role, sink: sink.clone(), framing: Framing::YWebsocket };
+        self.lease.send(join).await.map_err(|_| room_gone())
+    }
+
+    async fn frame(&mut self, data: &[u8], _sink: &ConnSink) -> Result<(), CloseReason> {
+        let msgs = wire::decode_ywebsocket(data).map_err(CloseReason::malformed)?;
+        for msg in msgs {
+            self.lease.send(RoomCmd::Msg { peer: self.peer, msg }).await.map_err(|_| room_gone())?;
+        }
+        Ok(())
+    }
+
+    fn tick(&mut self, _now: Instant) -> Result<(), CloseReason> {
+        Ok(())
+    }
+
+    async fn finish(self) {
+        let _ = self.lease.send(RoomCmd::Leave { peer: self.peer }).await;
+        debug!(peers_left = ?self.app.rooms.loaded(), "peer left");
+    }
+
+    fn keepalive() -> Bytes {
+        // An awareness update with no entries: a no-op for every y-websocket client.
+        Bytes::from(wire::encode_ywebsocket(OutMsg::Awareness(&[0])))
+    }
+}
+
+struct Bound {
+    lease: RoomLease,
+    peer: PeerId,
+}
+
+/// The multiplexed endpoint: documents are opened one by one, each with its own token.
+pub struct MuxHandler {
+    app: Arc<AppState>,
+    bound: HashMap<String, Bound>,
+    /// Messages for documents whose token has not arrived yet, in order.
+    preauth: HashMap<String, Vec<DocMessage>>,
+    preauth_messages: usize,
+    preauth_bytes: usize,
+    opened: Instant,
+    authenticated_once: bool,
+}
+
+impl MuxHandler {
+    pub fn new(app: Arc<AppState>) -> MuxHandler {
+        MuxHandler {
+            app,
+            bound: HashMap::new(),
+            preauth: HashMap::new(),
+            preauth_messages: 0,
+            preauth_bytes: 0,
+            opened: Instant::now(),
+            authenticated_once: false,
+        }
+    }
+
+    fn reply(sink: &ConnSink, key: &str, msg: HocusOut<'_>) -> Result<(), CloseReason> {
+        sink.push(Bytes::from(wire::encode_hocus(key, msg))).map_err(|_| CloseReason::too_slow())
+    }
+
+    async fn authenticate(&mut self, key: String, token: &str, sink: &ConnSink) -> Result<(), CloseReason> {
+        let doc = match DocName::parse(wire::doc_name_of_key(&key)) {
+            Ok(doc) => doc,
+            Err(e) => {
+                self.preauth.remove(&key);
+                return Self::reply(sink, &key, HocusOut::PermissionDenied(&format!("invalid document name: {e}")));
+            }
+        };
+        let identity = match self.app.authorize(token, &doc) {
+            Ok(identity) => identity,
+            Err(e) => {
+                self.app.metrics.auth_failures.inc();
+                if let Some(dropped) = self.preauth.remove(&key) {
+                    self.preauth_messages -= dropped.len();
+                }
+                info!(doc_id = %doc, reason = %e, "token refused");
+                return Self::reply(sink, &key, HocusOut::PermissionDenied(&e.to_string()));
+            }
+        };
+        let read_write = identity.role.can_write();
+        if self.bound.contains_key(&key) {
+            return Self::reply(sink, &key, HocusOut::Authenticated { read_write });
+        }
+        if self.bound.len() >= self.app.config.limits.max_docs_per_socket {
+            return Self::reply(sink, &key, HocusOut::PermissionDenied("too many documents open on one connection"));
+        }
+        Self::reply(sink, &key, HocusOut::Authenticated { read_write })?;
+        self.authenticated_once = true;
+        let lease = self.app.rooms.lease(&doc);
+        let peer = next_peer(&self.app);
+        info!(doc_id = %doc, user_id = %identity.user, role = identity.role.as_str(), "peer joined");
+        let framing = Framing::Hocus { key: Arc::from(key.as_str()) };
+        lease.send(RoomCmd::Join { peer, role: identity.role, sink: sink.clone(), framing }).await.map_err(|_| room_gone())?;
+        for msg in self.preauth.remove(&key).unwrap_or_default() {
+            self.preauth_messages -= 1;
+            lease.send(RoomCmd::Msg { peer, msg }).await.map_err(|_| room_gone())?;
+        }
+        self.bound.insert(key, Bound { lease, peer });
+        Ok(())
+    }
+}
+
+impl Handler for MuxHandler {
+    async fn start(&mut self, _sink: &ConnSink) -> Result<(), CloseReason> {
+        Ok(())
+    }
+
+    async fn frame(&mut self, data: &[u8], sink: &ConnSink) -> Result<(), CloseReason> {
+        let (key, msg) = match wire::decode_hocus(data).map_err(CloseReason::malformed)? {
+            HocusIn::Ping => return sink.push(Bytes::from(wire::hocus_pong())).map_err(|_| CloseReason::too_slow()),
+            HocusIn::Pong => return Ok(()),
+            HocusIn::Doc { key, msg } => (key, msg),
+        };
+        match msg {
+            HocusDocIn::Token(token) => self.authenticate(key, &token, sink).await,
+            HocusDocIn::Message(msg) => {
+                if let Some(b) = self.bound.get(&key) {
+                    return b.lease.send(RoomCmd::Msg { peer: b.peer, msg }).await.map_err(|_| room_gone());
+                }
+                let limits = &self.app.config.limits;
+                self.preauth_messages += 1;
+                self.preauth_bytes += data.len();
+                if self.preauth_messages > limits.preauth_messages || self.preauth_bytes > limits.preauth_bytes {
+                    return Err(CloseReason::new(close::POLICY_VIOLATION, "too many messages before authentication"));
+                }
+                self.preauth.entry(key).or_default().push(msg);
+                Ok(())
+            }
+            HocusDocIn::Close => {
+                if let Some(b) = self.bound.remove(&key) {
+                    let _ = b.lease.send(RoomCmd::Leave { peer: b.peer }).await;
+                }
+                if let Some(dropped) = self.preauth.remove(&key) {
+                    self.preauth_messages -= dropped.len();
+                }
+                Ok(())
+            }
+            HocusDocIn::Stateless(_) | HocusDocIn::Ignored(_) => Ok(()),
+        }
+    }
+
+    fn tick(&mut self, now: Instant) -> Result<(), CloseReason> {
+        if !self.authenticated_once && now.duration_since(self.opened) >= self.app.config.limits.auth_timeout {
+            return Err(CloseReason::new(close::POLICY_VIOLATION, "no document was authenticated in time"));
+        }
+        Ok(())
+    }
+
+    async fn finish(self) {
+        for (_, b) in self.bound {
+            let _ = b.lease.send(RoomCmd::Leave { peer: b.peer }).await;
+        }
+    }
+
+    fn keepalive() -> Bytes {
+        Bytes::from(wire::hocus_ping())
+    }
+}
+
+/// The identity used for token-less connections when `--allow-anonymous` is on.
+pub fn anonymous(project: &str) -> Identity {
+    Identity { user: "anonymous".into(), name: "Anonymous".into(), project: project.to_owned(), role: Role::Editor }
+}
+
+impl AppState {
+    /// Verifies a token for `doc`, falling back to an anonymous editor only when the operator
+    /// allowed it and no token was given at all.
+    pub fn authorize(&self, token: &str, doc: &DocName) -> Result<Identity, AuthError> {
+        match self.keys.authorize(token, doc) {
+            Err(AuthError::Missing) if self.config.allow_anonymous => Ok(anonymous(doc.project())),
+            other => other,
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! The collaboration server: y-websocket and Hocuspocus compatible sync over WebSockets, with
+//! documents persisted through `doc-store`. The binary `collab` is a thin shell over [`start`].
+
+pub mod auth;
+pub mod close;
+pub mod config;
+pub mod conn;
+pub mod conn_sink;
+pub mod demo;
+pub mod http;
+pub mod metrics;
+pub mod rooms;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::info;
+
+pub use config::Config;
+
+use crate::auth::Keys;
+use crate::metrics::Metrics;
+use crate::rooms::{RoomEnv, Rooms};
+
+/// Everything a connection needs, shared by all of them.
+#[derive(Debug)]
+pub struct AppState {
+    pub config: Config,
+    pub keys: Keys,
+    pub rooms: Rooms,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+    next_peer: AtomicU64,
+}
+
+/// A started server.
+#[derive(Debug)]
+pub struct Running {
+    pub addr: SocketAddr,
+    pub app: Arc<AppState>,
+    serve: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Running {
+    /// Closes every connection, flushes every document to the store and waits for both.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.app.shutdown.cancel();
+        self.app.tracker.close();
+        self.app.tracker.wait().await;
+        self.serve.await??;
+        Ok(())
+    }
+
+    /// Waits until the server stops (after a shutdown signal).
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.app.shutdown.cancelled().await;
+        self.shutdown().await
+    }
+}
+
+/// The store URL for a config: the explicit one, or SQLite in the data directory.
+pub fn store_url(config: &Config) -> String {
+    match &config.database_url {
+        Some(url) => url.clone(),
+        None => format!("sqlite://{}", config.data_dir.join("collab.sqlite3").display()),
+    }
+}
+
+/// Opens the store, binds the listener and starts serving.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    let keys = Keys::load_or_create(&config.data_dir)?;
+    let store = doc_store::open_store(&store_url(&config)).await.context("opening the document store")?;
+    if config.demo {
+        demo::seed(store.as_ref()).await.context("creating the demo project")?;
+    }
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let metrics = Arc::new(Metrics::new());
+    let env = RoomEnv {
+        store,
+        metrics: metrics.clone(),
+        limits: config.limits.clone(),
+        shutdown: shutdown.clone(),
+        tracker: tracker.clone(),
+    };
+    let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let app = Arc::new(AppState {
+        keys,
+        rooms: Rooms::new(env),
+        metrics,
+        shutdown: shutdown.clone(),
+        tracker,
+        next_peer: AtomicU64::new(1),
+        config,
+    });
+    let router = http::router(app.clone());
+    let service = router.into_make_service_with_connect_info::<SocketAddr>();
+    let stop = shutdown.clone();
+    let serve = tokio::spawn(async move {
+        axum::serve(listener, service).with_graceful_shutdown(async move { stop.cancelled().await }).await
+    });
+    info!(%addr, "listening");
+    Ok(Running { addr, app, serve })
+}

@@ -1,0 +1,78 @@
+//! Prometheus metrics of the server, rendered in the text exposition format at `/metrics`.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub connections_total: Counter,
+    pub connections_active: Gauge,
+    pub documents_loaded: Gauge,
+    pub messages_in: Counter,
+    pub messages_out: Counter,
+    pub bytes_in: Counter,
+    pub bytes_out: Counter,
+    pub queue_overflows: Counter,
+    pub protocol_errors: Counter,
+    pub auth_failures: Counter,
+    pub persist_errors: Counter,
+    pub persist_seconds: Histogram,
+    pub awareness_swept: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("collab");
+        let m = Metrics {
+            connections_total: Counter::default(),
+            connections_active: Gauge::default(),
+            documents_loaded: Gauge::default(),
+            messages_in: Counter::default(),
+            messages_out: Counter::default(),
+            bytes_in: Counter::default(),
+            bytes_out: Counter::default(),
+            queue_overflows: Counter::default(),
+            protocol_errors: Counter::default(),
+            auth_failures: Counter::default(),
+            persist_errors: Counter::default(),
+            persist_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            awareness_swept: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register("connections", "WebSocket connections accepted", m.connections_total.clone());
+        registry.register("connections_active", "WebSocket connections open now", m.connections_active.clone());
+        registry.register("documents_loaded", "Documents loaded in memory", m.documents_loaded.clone());
+        registry.register("messages_in", "WebSocket frames received", m.messages_in.clone());
+        registry.register("messages_out", "WebSocket frames sent", m.messages_out.clone());
+        registry.register("bytes_in", "Bytes received in WebSocket frames", m.bytes_in.clone());
+        registry.register("bytes_out", "Bytes sent in WebSocket frames", m.bytes_out.clone());
+        registry.register(
+            "queue_overflows",
+            "Clients disconnected because their outbound queue was full",
+            m.queue_overflows.clone(),
+        );
+        registry.register("protocol_errors", "Connections closed for malformed input", m.protocol_errors.clone());
+        registry.register("auth_failures", "Refused tokens", m.auth_failures.clone());
+        registry.register("persist_errors", "Failed writes to the document store", m.persist_errors.clone());
+        registry.register("persist_seconds", "Latency of writes to the document store", m.persist_seconds.clone());
+        registry.register("awareness_swept", "Stale awareness states removed by the server", m.awareness_swept.clone());
+        Metrics { registry, ..m }
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}

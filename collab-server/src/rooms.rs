@@ -1,0 +1,425 @@
+//! Loaded documents: one actor task per document around the sans-IO [`DocState`].
+//!
+//! The actor drains its inbox in batches, applies each batch in one transaction, relays one shared
+//! frame per batch to every peer, and appends the batch's update to the store before taking the
+//! next batch (so the store sees one write per batch: group commit for free). A document unloads
+//! only when it has no peers, nothing unsaved, and no connection holds a lease on it: the lease
+//! count is checked and the entry removed under the registry lock, so a joiner either finds the
+//! running actor or starts a fresh one that loads everything saved.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use doc_store::DocStore;
+use sync_core::room::Reply;
+use sync_core::wire::{self, DocMessage, HocusOut, OutMsg};
+use sync_core::{DocName, DocState, Input, Output, PeerId, Role};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, error, info_span, warn};
+
+use crate::close::{self, CloseReason};
+use crate::config::Limits;
+use crate::conn_sink::ConnSink;
+use crate::metrics::Metrics;
+
+/// How a peer frames messages: y-websocket (one document per socket) or Hocuspocus (routing key).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Framing {
+    YWebsocket,
+    Hocus { key: Arc<str> },
+}
+
+#[derive(Debug)]
+pub enum RoomCmd {
+    Join { peer: PeerId, role: Role, sink: ConnSink, framing: Framing },
+    Leave { peer: PeerId },
+    Msg { peer: PeerId, msg: DocMessage },
+}
+
+/// What a room needs from the server around it.
+#[derive(Clone)]
+pub struct RoomEnv {
+    pub store: Arc<dyn DocStore>,
+    pub metrics: Arc<Metrics>,
+    pub limits: Limits,
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+impl std::fmt::Debug for RoomEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RoomEnv").field("limits", &self.limits).finish_non_exhaustive()
+    }
+}
+
+struct Entry {
+    tx: mpsc::Sender<RoomCmd>,
+    leases: Arc<AtomicUsize>,
+}
+
+/// The registry of loaded documents.
+#[derive(Clone)]
+pub struct Rooms {
+    inner: Arc<Mutex<HashMap<DocName, Entry>>>,
+    env: RoomEnv,
+}
+
+impl std::fmt::Debug for Rooms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rooms").finish_non_exhaustive()
+    }
+}
+
+/// A connection's hold on a room: while any lease exists the room stays loaded.
+#[derive(Debug)]
+pub struct RoomLease {
+    tx: mpsc::Sender<RoomCmd>,
+    leases: Arc<AtomicUsize>,
+}
+
+impl Drop for RoomLease {
+    fn drop(&mut self) {
+        self.leases.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl RoomLease {
+    /// Sends a command to the room, waiting for inbox space (backpressure on the sender).
+    pub async fn send(&self, cmd: RoomCmd) -> Result<(), RoomGone> {
+        self.tx.send(cmd).await.map_err(|_| RoomGone)
+    }
+}
+
+/// The room's actor ended (shutdown, or its document could not be loaded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoomGone;
+
+const INBOX: usize = 4096;
+const BATCH: usize = 1024;
+
+impl Rooms {
+    pub fn new(env: RoomEnv) -> Rooms {
+        Rooms { inner: Arc::new(Mutex::new(HashMap::new())), env }
+    }
+
+    /// Takes a lease on `doc`, starting its actor (which loads it) if it is not loaded.
+    pub fn lease(&self, doc: &DocName) -> RoomLease {
+        let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = map.entry(doc.clone()).or_insert_with(|| self.spawn(doc.clone()));
+        entry.leases.fetch_add(1, Ordering::AcqRel);
+        RoomLease { tx: entry.tx.clone(), leases: entry.leases.clone() }
+    }
+
+    pub fn loaded(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    fn spawn(&self, doc: DocName) -> Entry {
+        let (tx, rx) = mpsc::channel(INBOX);
+        let leases = Arc::new(AtomicUsize::new(0));
+        let actor = Actor {
+            doc: doc.clone(),
+            rooms: self.clone(),
+            leases: leases.clone(),
+            peers: HashMap::new(),
+            unsaved: Vec::new(),
+            log_len: 0,
+            last_seq: 0,
+            retry_at: None,
+        };
+        self.env.metrics.documents_loaded.inc();
+        let span = info_span!("room", doc_id = %doc);
+        self.env.tracker.spawn(actor.run(rx).instrument(span));
+        Entry { tx, leases }
+    }
+
+    /// Removes `doc` from the registry if nobody holds a lease; true if it was removed.
+    fn try_remove(&self, doc: &DocName, leases: &Arc<AtomicUsize>, rx: &mut mpsc::Receiver<RoomCmd>) -> bool {
+        let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if leases.load(Ordering::Acquire) != 0 || !rx.is_empty() {
+            return false;
+        }
+        map.remove(doc);
+        rx.close();
+        true
+    }
+
+    fn remove_unconditionally(&self, doc: &DocName) {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).remove(doc);
+    }
+}
+
+struct PeerSlot {
+    sink: ConnSink,
+    framing: Framing,
+}
+
+struct Actor {
+    doc: DocName,
+    rooms: Rooms,
+    leases: Arc<AtomicUsize>,
+    peers: HashMap<PeerId, PeerSlot>,
+    /// Updates applied in memory but not yet in the store, oldest first.
+    unsaved: Vec<Vec<u8>>,
+    log_len: u64,
+    last_seq: i64,
+    retry_at: Option<Instant>,
+}
+
+impl Actor {
+    fn env(&self) -> &RoomEnv {
+        &self.rooms.env
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<RoomCmd>) {
+        let mut state = match self.load().await {
+            Ok(state) => state,
+            Err(e) => {
+                error!(error = %e, "document could not be loaded; refusing its peers");
+                self.rooms.remove_unconditionally(&self.doc);
+                rx.close();
+                while let Some(cmd) = rx.recv().await {
+                    if let RoomCmd::Join { sink, .. } = cmd {
+                        sink.killer().kill(CloseReason::new(close::INTERNAL_ERROR, "document could not be loaded"));
+                    }
+                }
+                self.env().metrics.documents_loaded.dec();
+                return;
+            }
+        };
+        let limits = self.env().limits.clone();
+        let sweep_every = (limits.awareness_timeout / 3).clamp(Duration::from_millis(50), Duration::from_secs(10));
+        let mut sweep = tokio::time::interval(sweep_every);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut idle_since: Option<Instant> = Some(Instant::now());
+        let mut buf = Vec::with_capacity(BATCH);
+        let shutdown = self.env().shutdown.clone();
+        loop {
+            let unload_at = idle_since.map(|t| t + limits.unload_delay);
+            let retry_at = self.retry_at;
+            tokio::select! {
+                n = rx.recv_many(&mut buf, BATCH) => {
+                    if n == 0 {
+                        break;
+                    }
+                    self.process(&mut state, buf.drain(..)).await;
+                }
+                _ = sweep.tick() => {
+                    let swept = state.sweep_awareness(Instant::now().into_std(), limits.awareness_timeout);
+                    if let Some(update) = swept {
+                        self.env().metrics.awareness_swept.inc();
+                        self.broadcast(&mut state, Output { awareness: Some(update), ..Output::default() });
+                    }
+                }
+                _ = sleep_until_opt(retry_at) => {
+                    self.retry_at = None;
+                    self.persist(&state).await;
+                }
+                _ = sleep_until_opt(unload_at) => {
+                    if self.unsaved.is_empty() && self.rooms.try_remove(&self.doc, &self.leases, &mut rx) {
+                        debug!("document unloaded");
+                        break;
+                    }
+                    idle_since = None;
+                }
+                _ = shutdown.cancelled() => {
+                    rx.close();
+                    while let Ok(cmd) = rx.try_recv() {
+                        buf.push(cmd);
+                    }
+                    self.process(&mut state, buf.drain(..)).await;
+                    break;
+                }
+            }
+            if state.peer_count() == 0 && idle_since.is_none() {
+                idle_since = Some(Instant::now());
+            } else if state.peer_count() > 0 {
+                idle_since = None;
+            }
+        }
+        self.flush_before_exit(&state).await;
+        self.env().metrics.documents_loaded.dec();
+    }
+
+    async fn load(&mut self) -> anyhow::Result<DocState> {
+        let stored = self.env().store.load(self.doc.as_str()).await?;
+        self.log_len = stored.updates.len() as u64;
+        self.last_seq = stored.last_seq;
+        let parts = stored.snapshot.iter().chain(stored.updates.iter()).map(Vec::as_slice);
+        Ok(DocState::load(parts)?)
+    }
+
+    async fn process(&mut self, state: &mut DocState, cmds: impl Iterator<Item = RoomCmd>) {
+        let mut inputs = Vec::new();
+        for cmd in cmds {
+            match cmd {
+                RoomCmd::Join { peer, role, sink, framing } => {
+                    self.peers.insert(peer, PeerSlot { sink, framing });
+                    inputs.push(Input::Join { peer, role });
+                }
+                RoomCmd::Leave { peer } => inputs.push(Input::Leave { peer }),
+                RoomCmd::Msg { peer, msg } => inputs.push(Input::Message { peer, msg }),
+            }
+        }
+        let out = state.step(inputs, Instant::now().into_std());
+        let updated = out.update.is_some();
+        if let Some(update) = &out.update {
+            self.unsaved.push(update.clone());
+        }
+        self.broadcast(state, out);
+        // Peers that left are dropped from the slot map once the core has forgotten them.
+        let live: Vec<PeerId> = self.peers.keys().copied().collect();
+        for peer in live {
+            if !state.has_peer(peer) {
+                self.peers.remove(&peer);
+            }
+        }
+        if updated && self.retry_at.is_none() {
+            self.persist(state).await;
+        }
+    }
+
+    /// Sends replies and relays; evicts peers whose connection is gone or too slow.
+    fn broadcast(&mut self, state: &mut DocState, out: Output) {
+        let mut evict = Vec::new();
+        for (peer, reply) in out.replies {
+            let Some(slot) = self.peers.get(&peer) else { continue };
+            let frame = match reply_frame(&slot.framing, &reply) {
+                ReplyFrame::Send(frame) => frame,
+                ReplyFrame::Nothing => continue,
+                ReplyFrame::Kill(reason) => {
+                    self.env().metrics.protocol_errors.inc();
+                    slot.sink.killer().kill(reason);
+                    evict.push(peer);
+                    continue;
+                }
+            };
+            if slot.sink.push(frame).is_err() {
+                evict.push(peer);
+            }
+        }
+        let relays = [out.update.as_deref().map(OutMsg::Update), out.awareness.as_deref().map(OutMsg::Awareness)];
+        for msg in relays.into_iter().flatten() {
+            let mut frames: HashMap<&Framing, Bytes> = HashMap::new();
+            for (peer, slot) in &self.peers {
+                let frame = frames.entry(&slot.framing).or_insert_with(|| encode(&slot.framing, msg)).clone();
+                if slot.sink.push(frame).is_err() {
+                    evict.push(*peer);
+                }
+            }
+        }
+        if evict.is_empty() {
+            return;
+        }
+        for peer in &evict {
+            if let Some(slot) = self.peers.remove(peer) {
+                if slot.sink.killer().reason().is_some_and(|r| r.code == close::TRY_AGAIN_LATER) {
+                    self.env().metrics.queue_overflows.inc();
+                    warn!(peer, "client too slow: disconnected");
+                }
+            }
+        }
+        let leaves = evict.into_iter().map(|peer| Input::Leave { peer });
+        let out = state.step(leaves, Instant::now().into_std());
+        if out.awareness.is_some() {
+            self.broadcast(state, Output { awareness: out.awareness, ..Output::default() });
+        }
+    }
+
+    /// Appends unsaved updates to the store; on failure keeps them and retries with backoff.
+    async fn persist(&mut self, state: &DocState) {
+        if self.unsaved.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let result = self.env().store.append(self.doc.as_str(), &self.unsaved).await;
+        self.env().metrics.persist_seconds.observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(seq) => {
+                self.log_len += self.unsaved.len() as u64;
+                self.last_seq = seq;
+                self.unsaved.clear();
+            }
+            Err(e) => {
+                self.env().metrics.persist_errors.inc();
+                error!(error = %e, unsaved = self.unsaved.len(), "could not save document; retrying");
+                self.retry_at = Some(Instant::now() + Duration::from_millis(500));
+                return;
+            }
+        }
+        if self.log_len >= self.env().limits.compact_threshold {
+            self.compact(state).await;
+        }
+    }
+
+    async fn compact(&mut self, state: &DocState) {
+        let snapshot = state.encode_state();
+        match self.env().store.compact(self.doc.as_str(), &snapshot, self.last_seq).await {
+            Ok(_) => self.log_len = 0,
+            Err(e) => warn!(error = %e, "compaction failed; the log stays as it is"),
+        }
+    }
+
+    async fn flush_before_exit(&mut self, state: &DocState) {
+        for attempt in 0..5u32 {
+            self.persist(state).await;
+            if self.unsaved.is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt + 1))).await;
+        }
+        error!(unsaved = self.unsaved.len(), "updates could not be saved before unloading");
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+enum ReplyFrame {
+    Send(Bytes),
+    Nothing,
+    Kill(CloseReason),
+}
+
+fn reply_frame(framing: &Framing, reply: &Reply) -> ReplyFrame {
+    let msg = match reply {
+        Reply::SyncStep1(sv) => OutMsg::SyncStep1(sv),
+        Reply::SyncStep2(update) => OutMsg::SyncStep2(update),
+        Reply::Awareness(update) => OutMsg::Awareness(update),
+        Reply::Invalid(reason) => return ReplyFrame::Kill(CloseReason::malformed(reason)),
+        Reply::WriteApplied | Reply::WriteRefused { .. } => return status_frame(framing, reply),
+    };
+    ReplyFrame::Send(encode(framing, msg))
+}
+
+/// Hocuspocus peers get a SyncStatus for every write; y-websocket peers hear only of refused
+/// writes that held changes (auth permission-denied), as the y-protocols auth message defines.
+fn status_frame(framing: &Framing, reply: &Reply) -> ReplyFrame {
+    let applied = matches!(reply, Reply::WriteApplied | Reply::WriteRefused { had_changes: false });
+    match framing {
+        Framing::Hocus { key } => {
+            ReplyFrame::Send(Bytes::from(wire::encode_hocus(key, HocusOut::SyncStatus(applied))))
+        }
+        Framing::YWebsocket if !applied => ReplyFrame::Send(Bytes::from(wire::encode_ywebsocket_permission_denied(
+            "read-only access: this token's role is viewer",
+        ))),
+        Framing::YWebsocket => ReplyFrame::Nothing,
+    }
+}
+
+fn encode(framing: &Framing, msg: OutMsg<'_>) -> Bytes {
+    match framing {
+        Framing::YWebsocket => Bytes::from(wire::encode_ywebsocket(msg)),
+        Framing::Hocus { key } => Bytes::from(wire::encode_hocus(key, HocusOut::Doc(msg))),
+    }
+}
