@@ -267,6 +267,106 @@ pub fn hocus_pong() -> Vec<u8> {
     vec![HOCUS_PONG]
 }
 
+/// A message a client receives about one document, whatever the framing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientIn {
+    Message(DocMessage),
+    PermissionDenied(String),
+    /// Hocuspocus: authenticated with this scope (`read-write` or `readonly`).
+    Authenticated(String),
+    /// Hocuspocus: whether the client's last update was applied.
+    SyncStatus(bool),
+    /// Hocuspocus: the server closed this document for the client.
+    Close(String),
+}
+
+/// Decodes a y-websocket frame as a client receives it.
+pub fn decode_ywebsocket_client(frame: &[u8]) -> Result<Vec<ClientIn>, WireError> {
+    if frame.is_empty() {
+        return Err(WireError::Empty);
+    }
+    let mut cur = Cursor::new(frame);
+    let mut out = Vec::with_capacity(1);
+    while cur.has_content() {
+        let tag: u64 = cur.read_var()?;
+        out.push(match tag {
+            MSG_SYNC => ClientIn::Message(DocMessage::Sync(read_sync(&mut cur)?)),
+            MSG_AWARENESS => ClientIn::Message(DocMessage::Awareness(read_awareness(&mut cur)?)),
+            MSG_QUERY_AWARENESS => ClientIn::Message(DocMessage::QueryAwareness),
+            MSG_AUTH => {
+                let sub: u64 = cur.read_var()?;
+                if sub != AUTH_PERMISSION_DENIED_YWS {
+                    continue;
+                }
+                ClientIn::PermissionDenied(cur.read_string()?.to_owned())
+            }
+            other => return Err(WireError::UnsupportedType(other)),
+        });
+    }
+    Ok(out)
+}
+
+/// A frame a client receives on the multiplexed endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HocusClientIn {
+    Ping,
+    Pong,
+    Doc { key: String, msg: ClientIn },
+}
+
+/// Decodes a multiplexed frame as a client receives it.
+pub fn decode_hocus_client(frame: &[u8]) -> Result<HocusClientIn, WireError> {
+    match frame {
+        [] => return Err(WireError::Empty),
+        [HOCUS_PING] => return Ok(HocusClientIn::Ping),
+        [HOCUS_PONG] => return Ok(HocusClientIn::Pong),
+        _ => {}
+    }
+    let mut cur = Cursor::new(frame);
+    let key = cur.read_string()?.to_owned();
+    let tag: u64 = cur.read_var()?;
+    let msg = match tag {
+        MSG_SYNC => ClientIn::Message(DocMessage::Sync(read_sync(&mut cur)?)),
+        MSG_AWARENESS => ClientIn::Message(DocMessage::Awareness(read_awareness(&mut cur)?)),
+        MSG_QUERY_AWARENESS => ClientIn::Message(DocMessage::QueryAwareness),
+        MSG_AUTH => match cur.read_var::<u64>()? {
+            AUTH_PERMISSION_DENIED_HOCUS => ClientIn::PermissionDenied(cur.read_string()?.to_owned()),
+            AUTH_AUTHENTICATED_HOCUS => ClientIn::Authenticated(cur.read_string()?.to_owned()),
+            other => return Err(WireError::Malformed(format!("unknown auth message {other}"))),
+        },
+        HOCUS_SYNC_STATUS => ClientIn::SyncStatus(cur.read_var::<u64>()? == 1),
+        HOCUS_CLOSE => ClientIn::Close(cur.read_string()?.to_owned()),
+        other => return Err(WireError::UnsupportedType(other)),
+    };
+    Ok(HocusClientIn::Doc { key, msg })
+}
+
+/// Encodes a client's document message on the multiplexed endpoint.
+pub fn encode_hocus_client(key: &str, msg: OutMsg<'_>) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(key.len() + payload_len(msg) + 8);
+    buf.write_string(key);
+    write_out(&mut buf, msg);
+    buf
+}
+
+/// Encodes a client's token for one document on the multiplexed endpoint.
+pub fn encode_hocus_token(key: &str, token: &str) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(key.len() + token.len() + 8);
+    buf.write_string(key);
+    buf.write_var(MSG_AUTH);
+    buf.write_var(AUTH_TOKEN);
+    buf.write_string(token);
+    buf
+}
+
+/// Encodes a client's request to detach from one document on the multiplexed endpoint.
+pub fn encode_hocus_close(key: &str) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(key.len() + 4);
+    buf.write_string(key);
+    buf.write_var(HOCUS_CLOSE);
+    buf
+}
+
 /// The part of a Hocuspocus routing key that names the document: providers with
 /// `sessionAwareness` send `documentName\0sessionId`.
 pub fn doc_name_of_key(key: &str) -> &str {
