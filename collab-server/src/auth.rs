@@ -80,6 +80,12 @@ impl Keys {
         self.sign_until(identity, now, now + ttl.as_secs())
     }
 
+    /// A token that expired ten seconds ago, for tests of expiry handling.
+    pub fn sign_expired(&self, identity: &Identity) -> anyhow::Result<String> {
+        let now = unix_now();
+        self.sign_until(identity, now - 20, now - 10)
+    }
+
     fn sign_until(&self, identity: &Identity, now: u64, exp: u64) -> anyhow::Result<String> {
         let claims = Claims {
             sub: identity.user.clone(),

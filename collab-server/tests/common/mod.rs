@@ -42,6 +42,12 @@ impl TestServer {
         self.keys.sign(&identity, Duration::from_secs(3600)).expect("sign")
     }
 
+    /// A correctly signed token that expired ten seconds ago.
+    pub fn token_expired(&self, project: &str) -> String {
+        let identity = Identity { user: "late".into(), name: "Late".into(), project: project.into(), role: Role::Editor };
+        self.keys.sign_expired(&identity).expect("sign")
+    }
+
     pub fn editor(&self, project: &str, user: &str) -> String {
         self.token(project, Role::Editor, user)
     }
