@@ -355,7 +355,9 @@ async fn pump(link: Link) {
             match link.framing {
                 Framing::YWebsocket => {
                     frame.extend(wire::encode_ywebsocket(OutMsg::Update(&update)));
-                    if frame.len() >= FRAME_BUDGET && link.out.send(Bytes::from(std::mem::take(&mut frame))).await.is_err() {
+                    if frame.len() >= FRAME_BUDGET
+                        && link.out.send(Bytes::from(std::mem::take(&mut frame))).await.is_err()
+                    {
                         return;
                     }
                 }
@@ -420,7 +422,8 @@ impl Socket {
                     }
                 }
             }
-            let all: Vec<Arc<Inner>> = reader_docs.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+            let all: Vec<Arc<Inner>> =
+                reader_docs.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
             for inner in all {
                 *inner.link.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 let close = close.clone();

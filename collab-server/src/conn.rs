@@ -80,7 +80,7 @@ pub async fn run<H: Handler>(socket: WebSocket, app: Arc<AppState>, mut handler:
     let writer = tokio::spawn(write_loop(ws_tx, rx, killer.clone(), H::keepalive(), app.clone()));
     let throttle = Throttle::new(&app);
     let mut last_seen = Instant::now();
-    let mut tick = tokio::time::interval(limits.ping_interval.min(limits.idle_timeout / 2).max(Duration::from_millis(10)));
+    let mut tick = tokio::time::interval(limits.ping_interval.max(Duration::from_millis(10)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     if let Err(reason) = handler.start(&sink).await {
@@ -90,11 +90,11 @@ pub async fn run<H: Handler>(socket: WebSocket, app: Arc<AppState>, mut handler:
         tokio::select! {
             _ = killer.killed() => break,
             _ = app.shutdown.cancelled() => killer.kill(CloseReason::shutdown()),
+            _ = tokio::time::sleep_until(last_seen + limits.idle_timeout) => {
+                killer.kill(CloseReason::new(close::GOING_AWAY, "no message from the client within the idle timeout"));
+            }
             _ = tick.tick() => {
-                let now = Instant::now();
-                if now.duration_since(last_seen) >= limits.idle_timeout {
-                    killer.kill(CloseReason::new(close::GOING_AWAY, "no message from the client within the idle timeout"));
-                } else if let Err(reason) = handler.tick(now) {
+                if let Err(reason) = handler.tick(Instant::now()) {
                     killer.kill(reason);
                 }
             }
@@ -222,7 +222,12 @@ fn room_gone() -> CloseReason {
 impl Handler for YwsHandler {
     async fn start(&mut self, sink: &ConnSink) -> Result<(), CloseReason> {
         info!(user_id = %self.identity.user, role = self.identity.role.as_str(), "peer joined");
-        let join = RoomCmd::Join { peer: self.peer, role: self.identity.role, sink: sink.clone(), framing: Framing::YWebsocket };
+        let join = RoomCmd::Join {
+            peer: self.peer,
+            role: self.identity.role,
+            sink: sink.clone(),
+            framing: Framing::YWebsocket,
+        };
         self.lease.send(join).await.map_err(|_| room_gone())
     }
 
@@ -315,7 +320,10 @@ impl MuxHandler {
         let peer = next_peer(&self.app);
         info!(doc_id = %doc, user_id = %identity.user, role = identity.role.as_str(), "peer joined");
         let framing = Framing::Hocus { key: Arc::from(key.as_str()) };
-        lease.send(RoomCmd::Join { peer, role: identity.role, sink: sink.clone(), framing }).await.map_err(|_| room_gone())?;
+        lease
+            .send(RoomCmd::Join { peer, role: identity.role, sink: sink.clone(), framing })
+            .await
+            .map_err(|_| room_gone())?;
         for msg in self.preauth.remove(&key).unwrap_or_default() {
             self.preauth_messages -= 1;
             lease.send(RoomCmd::Msg { peer, msg }).await.map_err(|_| room_gone())?;

@@ -1,8 +1,8 @@
 //! The demo project created by `collab serve --demo`: a few files to edit together.
 
 use doc_store::DocStore;
-use sync_core::tree::{self, EntryKind};
 use sync_core::DocState;
+use sync_core::tree::{self, EntryKind};
 use yrs::{Text, Transact};
 
 pub const PROJECT: &str = "demo";

@@ -56,11 +56,9 @@ async fn serve(config: collab_server::Config) -> anyhow::Result<()> {
 }
 
 fn token(args: &TokenArgs) -> anyhow::Result<()> {
-    let role = Role::parse(&args.role).with_context(|| format!("--role must be editor or viewer, not {:?}", args.role))?;
-    anyhow::ensure!(
-        sync_core::names::is_project_id(&args.project),
-        "--project must match [a-z0-9][a-z0-9_-]{{0,62}}"
-    );
+    let role =
+        Role::parse(&args.role).with_context(|| format!("--role must be editor or viewer, not {:?}", args.role))?;
+    anyhow::ensure!(sync_core::names::is_project_id(&args.project), "--project must match [a-z0-9][a-z0-9_-]{{0,62}}");
     let keys = Keys::load_or_create(&args.data_dir)?;
     let identity = Identity {
         user: args.user.clone(),

@@ -407,9 +407,7 @@ fn reply_frame(framing: &Framing, reply: &Reply) -> ReplyFrame {
 fn status_frame(framing: &Framing, reply: &Reply) -> ReplyFrame {
     let applied = matches!(reply, Reply::WriteApplied | Reply::WriteRefused { had_changes: false });
     match framing {
-        Framing::Hocus { key } => {
-            ReplyFrame::Send(Bytes::from(wire::encode_hocus(key, HocusOut::SyncStatus(applied))))
-        }
+        Framing::Hocus { key } => ReplyFrame::Send(Bytes::from(wire::encode_hocus(key, HocusOut::SyncStatus(applied)))),
         Framing::YWebsocket if !applied => ReplyFrame::Send(Bytes::from(wire::encode_ywebsocket_permission_denied(
             "read-only access: this token's role is viewer",
         ))),

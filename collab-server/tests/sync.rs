@@ -35,7 +35,8 @@ async fn concurrent_editors_with_random_reconnects_converge() {
                 let len = peer.text().len() as u32;
                 if n < 70 || len == 0 {
                     let at = rng.random_range(0..=len);
-                    let s: String = (0..rng.random_range(1..6)).map(|_| rng.random_range(b'a'..=b'z') as char).collect();
+                    let s: String =
+                        (0..rng.random_range(1..6)).map(|_| rng.random_range(b'a'..=b'z') as char).collect();
                     peer.insert(at, &s);
                 } else {
                     let at = rng.random_range(0..len);

@@ -40,9 +40,7 @@ pub async fn run_all(a: Arc<dyn DocStore>, b: Arc<dyn DocStore>) {
 /// A document (or prefix) name no other case, run or process uses.
 fn unique_name(case: &str) -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     format!("conformance/{case}/{}-{nanos}-{n}", std::process::id())
 }
@@ -82,11 +80,7 @@ pub async fn append_then_load_in_order(a: Arc<dyn DocStore>, b: Arc<dyn DocStore
 
     let mut expected = blobs(&["one", "two", "three", "four", "five"]);
     expected.push(Vec::new());
-    let expected = StoredDoc {
-        snapshot: None,
-        updates: expected,
-        last_seq: 6,
-    };
+    let expected = StoredDoc { snapshot: None, updates: expected, last_seq: 6 };
     assert_eq!(a.load(&doc).await.unwrap(), expected);
     assert_eq!(b.load(&doc).await.unwrap(), expected);
     assert_eq!(a.log_len(&doc).await.unwrap(), 6);
@@ -111,22 +105,14 @@ pub async fn compaction_replaces_covered_updates(a: Arc<dyn DocStore>, b: Arc<dy
         assert_eq!(seq, i64::try_from(i).unwrap() + 1);
     }
     assert!(a.compact(&doc, b"snap-3", 3).await.unwrap());
-    let expected = StoredDoc {
-        snapshot: Some(b"snap-3".to_vec()),
-        updates: blobs(&["u4", "u5"]),
-        last_seq: 5,
-    };
+    let expected = StoredDoc { snapshot: Some(b"snap-3".to_vec()), updates: blobs(&["u4", "u5"]), last_seq: 5 };
     assert_eq!(a.load(&doc).await.unwrap(), expected);
     assert_eq!(b.load(&doc).await.unwrap(), expected);
     assert_eq!(a.log_len(&doc).await.unwrap(), 2);
 
     assert_eq!(b.append(&doc, &blobs(&["u6"])).await.unwrap(), 6);
     assert!(b.compact(&doc, b"snap-6", 6).await.unwrap());
-    let expected = StoredDoc {
-        snapshot: Some(b"snap-6".to_vec()),
-        updates: Vec::new(),
-        last_seq: 6,
-    };
+    let expected = StoredDoc { snapshot: Some(b"snap-6".to_vec()), updates: Vec::new(), last_seq: 6 };
     assert_eq!(a.load(&doc).await.unwrap(), expected);
     assert_eq!(a.log_len(&doc).await.unwrap(), 0);
 
@@ -134,11 +120,7 @@ pub async fn compaction_replaces_covered_updates(a: Arc<dyn DocStore>, b: Arc<dy
     assert_eq!(a.append(&doc, &blobs(&["u7"])).await.unwrap(), 7);
     assert_eq!(
         b.load(&doc).await.unwrap(),
-        StoredDoc {
-            snapshot: Some(b"snap-6".to_vec()),
-            updates: blobs(&["u7"]),
-            last_seq: 7,
-        }
+        StoredDoc { snapshot: Some(b"snap-6".to_vec()), updates: blobs(&["u7"]), last_seq: 7 }
     );
     assert_eq!(b.log_len(&doc).await.unwrap(), 1);
 }
@@ -148,23 +130,10 @@ pub async fn stale_compaction_is_refused(a: Arc<dyn DocStore>, b: Arc<dyn DocSto
     let updates = blobs(&["u1", "u2", "u3", "u4", "u5", "u6"]);
     assert_eq!(a.append(&doc, &updates).await.unwrap(), 6);
     assert!(a.compact(&doc, b"snap-4", 4).await.unwrap());
-    assert!(
-        !b.compact(&doc, b"snap-2", 2).await.unwrap(),
-        "lower upto_seq"
-    );
-    assert!(
-        !b.compact(&doc, b"other-4", 4).await.unwrap(),
-        "equal upto_seq"
-    );
-    assert!(
-        !a.compact(&doc, b"other-4", 4).await.unwrap(),
-        "same handle"
-    );
-    let expected = StoredDoc {
-        snapshot: Some(b"snap-4".to_vec()),
-        updates: blobs(&["u5", "u6"]),
-        last_seq: 6,
-    };
+    assert!(!b.compact(&doc, b"snap-2", 2).await.unwrap(), "lower upto_seq");
+    assert!(!b.compact(&doc, b"other-4", 4).await.unwrap(), "equal upto_seq");
+    assert!(!a.compact(&doc, b"other-4", 4).await.unwrap(), "same handle");
+    let expected = StoredDoc { snapshot: Some(b"snap-4".to_vec()), updates: blobs(&["u5", "u6"]), last_seq: 6 };
     assert_eq!(a.load(&doc).await.unwrap(), expected);
     assert_eq!(b.log_len(&doc).await.unwrap(), 2);
 }
@@ -183,11 +152,7 @@ pub async fn invalid_requests_are_rejected(a: Arc<dyn DocStore>, _b: Arc<dyn Doc
     assert_eq!(a.append(&doc, &blobs(&["u1", "u2"])).await.unwrap(), 2);
     assert_invalid(a.compact(&doc, b"s", -1).await, "negative upto_seq");
     assert_invalid(a.compact(&doc, b"s", 3).await, "upto_seq past the log");
-    let expected = StoredDoc {
-        snapshot: None,
-        updates: blobs(&["u1", "u2"]),
-        last_seq: 2,
-    };
+    let expected = StoredDoc { snapshot: None, updates: blobs(&["u1", "u2"]), last_seq: 2 };
     assert_eq!(a.load(&doc).await.unwrap(), expected);
 }
 
@@ -195,10 +160,7 @@ const APPENDERS: u64 = 8;
 const APPENDS_PER_TASK: u64 = 50;
 
 /// Many tasks on both handles append to one document at once.
-pub async fn concurrent_appends_get_distinct_increasing_seqs(
-    a: Arc<dyn DocStore>,
-    b: Arc<dyn DocStore>,
-) {
+pub async fn concurrent_appends_get_distinct_increasing_seqs(a: Arc<dyn DocStore>, b: Arc<dyn DocStore>) {
     let doc: Arc<str> = unique_name("concurrent-append").into();
     let mut tasks = tokio::task::JoinSet::new();
     for task in 0..APPENDERS {
@@ -208,10 +170,7 @@ pub async fn concurrent_appends_get_distinct_increasing_seqs(
             let mut seqs = Vec::new();
             for i in 0..APPENDS_PER_TASK {
                 let update = format!("task {task} update {i}").into_bytes();
-                let seq = store
-                    .append(&doc, std::slice::from_ref(&update))
-                    .await
-                    .unwrap();
+                let seq = store.append(&doc, std::slice::from_ref(&update)).await.unwrap();
                 if let Some(&(previous, _)) = seqs.last() {
                     assert!(seq > previous, "seq {seq} after {previous} in task {task}");
                 }
@@ -223,10 +182,7 @@ pub async fn concurrent_appends_get_distinct_increasing_seqs(
     let mut by_seq = BTreeMap::new();
     while let Some(seqs) = tasks.join_next().await {
         for (seq, update) in seqs.unwrap() {
-            assert!(
-                by_seq.insert(seq, update).is_none(),
-                "seq {seq} given twice"
-            );
+            assert!(by_seq.insert(seq, update).is_none(), "seq {seq} given twice");
         }
     }
     let total = APPENDERS * APPENDS_PER_TASK;
@@ -279,11 +235,7 @@ pub async fn concurrent_compaction_while_appending(a: Arc<dyn DocStore>, b: Arc<
             for i in 0..APPENDS {
                 let id = task * 1_000_000 + i * 10;
                 // Every third append is a batch of two.
-                let ids = if i % 3 == 0 {
-                    vec![id, id + 1]
-                } else {
-                    vec![id]
-                };
+                let ids = if i % 3 == 0 { vec![id, id + 1] } else { vec![id] };
                 let updates: Vec<Vec<u8>> = ids.iter().copied().map(id_update).collect();
                 store.append(&doc, &updates).await.unwrap();
                 confirmed.lock().unwrap().extend(ids);
@@ -301,20 +253,13 @@ pub async fn concurrent_compaction_while_appending(a: Arc<dyn DocStore>, b: Arc<
                 let stored = store.load(&doc).await.unwrap();
                 let ids = merged_ids(&stored);
                 let missing: Vec<_> = before.difference(&ids).collect();
-                assert!(
-                    missing.is_empty(),
-                    "load lost confirmed updates {missing:?}"
-                );
+                assert!(missing.is_empty(), "load lost confirmed updates {missing:?}");
                 if stored.last_seq == 0 {
                     tokio::task::yield_now().await;
                     continue;
                 }
                 let snapshot = encode_ids(&ids);
-                if store
-                    .compact(&doc, &snapshot, stored.last_seq)
-                    .await
-                    .unwrap()
-                {
+                if store.compact(&doc, &snapshot, stored.last_seq).await.unwrap() {
                     applied += 1;
                 } else {
                     refused += 1;
@@ -341,10 +286,7 @@ pub async fn concurrent_compaction_while_appending(a: Arc<dyn DocStore>, b: Arc<
     assert_eq!(merged_ids(&stored), expected);
 
     // A final compaction from the other handle leaves only the snapshot.
-    let compacted = b
-        .compact(&doc, &encode_ids(&expected), stored.last_seq)
-        .await
-        .unwrap();
+    let compacted = b.compact(&doc, &encode_ids(&expected), stored.last_seq).await.unwrap();
     assert_eq!(compacted, !stored.updates.is_empty());
     let stored = a.load(&doc).await.unwrap();
     assert!(stored.updates.is_empty());
@@ -368,10 +310,7 @@ pub async fn load_sees_compaction_atomically(a: Arc<dyn DocStore>, b: Arc<dyn Do
                 let before = confirmed.lock().unwrap().clone();
                 let ids = merged_ids(&a.load(&doc).await.unwrap());
                 let missing: Vec<_> = before.difference(&ids).collect();
-                assert!(
-                    missing.is_empty(),
-                    "load lost confirmed updates {missing:?}"
-                );
+                assert!(missing.is_empty(), "load lost confirmed updates {missing:?}");
                 loads += 1;
             }
             loads
@@ -381,10 +320,7 @@ pub async fn load_sees_compaction_atomically(a: Arc<dyn DocStore>, b: Arc<dyn Do
         b.append(&doc, &[id_update(id)]).await.unwrap();
         confirmed.lock().unwrap().insert(id);
         let stored = b.load(&doc).await.unwrap();
-        let compacted = b
-            .compact(&doc, &encode_ids(&merged_ids(&stored)), stored.last_seq)
-            .await
-            .unwrap();
+        let compacted = b.compact(&doc, &encode_ids(&merged_ids(&stored)), stored.last_seq).await.unwrap();
         assert!(compacted, "uncontested compaction refused");
     }
     stop.store(true, Ordering::Relaxed);
@@ -395,33 +331,21 @@ pub async fn load_sees_compaction_atomically(a: Arc<dyn DocStore>, b: Arc<dyn Do
 
 pub async fn large_blobs(a: Arc<dyn DocStore>, b: Arc<dyn DocStore>) {
     const SIZE: usize = 5 * 1024 * 1024;
-    let pattern = |salt: usize| -> Vec<u8> {
-        (0..SIZE)
-            .map(|i| u8::try_from((i * 31 + salt) % 251).unwrap())
-            .collect()
-    };
+    let pattern =
+        |salt: usize| -> Vec<u8> { (0..SIZE).map(|i| u8::try_from((i * 31 + salt) % 251).unwrap()).collect() };
     let doc = unique_name("large");
     let (big1, big2, big_snapshot) = (pattern(1), pattern(2), pattern(3));
-    assert_eq!(
-        a.append(&doc, std::slice::from_ref(&big1)).await.unwrap(),
-        1
-    );
+    assert_eq!(a.append(&doc, std::slice::from_ref(&big1)).await.unwrap(), 1);
     let batch = vec![big2.clone(), b"small".to_vec()];
     assert_eq!(a.append(&doc, &batch).await.unwrap(), 3);
     let loaded = b.load(&doc).await.unwrap();
     assert_eq!(loaded.updates.len(), 3);
-    assert!(
-        loaded.updates[0] == big1 && loaded.updates[1] == big2,
-        "large updates differ"
-    );
+    assert!(loaded.updates[0] == big1 && loaded.updates[1] == big2, "large updates differ");
     assert_eq!(loaded.updates[2], b"small");
 
     assert!(b.compact(&doc, &big_snapshot, 2).await.unwrap());
     let loaded = a.load(&doc).await.unwrap();
-    assert!(
-        loaded.snapshot.as_ref() == Some(&big_snapshot),
-        "large snapshot differs"
-    );
+    assert!(loaded.snapshot.as_ref() == Some(&big_snapshot), "large snapshot differs");
     assert_eq!(loaded.updates, blobs(&["small"]));
     assert_eq!(loaded.last_seq, 3);
 }
@@ -444,11 +368,7 @@ pub async fn names_with_slashes_and_unicode(a: Arc<dyn DocStore>, b: Arc<dyn Doc
     }
     for name in &names {
         let loaded = b.load(name).await.unwrap();
-        assert_eq!(
-            loaded.updates,
-            vec![name.as_bytes().to_vec()],
-            "doc {name:?}"
-        );
+        assert_eq!(loaded.updates, vec![name.as_bytes().to_vec()], "doc {name:?}");
         assert_eq!(loaded.last_seq, 1, "doc {name:?}");
     }
     let mut sorted = names.clone();
@@ -458,9 +378,7 @@ pub async fn names_with_slashes_and_unicode(a: Arc<dyn DocStore>, b: Arc<dyn Doc
 
 pub async fn list_by_prefix(a: Arc<dyn DocStore>, b: Arc<dyn DocStore>) {
     let base = unique_name("list");
-    let suffixes = [
-        "/p/a", "/p/b/c", "/p/B", "/p/é", "/p/Z", "/pz", "/P/x", "/p%/lit", "/p_/lit", "/q/a",
-    ];
+    let suffixes = ["/p/a", "/p/b/c", "/p/B", "/p/é", "/p/Z", "/pz", "/P/x", "/p%/lit", "/p_/lit", "/q/a"];
     let names: Vec<String> = suffixes.iter().map(|s| format!("{base}{s}")).collect();
     for name in &names {
         a.append(name, &blobs(&["x"])).await.unwrap();
@@ -474,40 +392,22 @@ pub async fn list_by_prefix(a: Arc<dyn DocStore>, b: Arc<dyn DocStore>) {
     let mut all = names.clone();
     all.push(snapshot_only);
     all.sort();
-    let expect = |prefix: &str| -> Vec<String> {
-        all.iter()
-            .filter(|name| name.starts_with(prefix))
-            .cloned()
-            .collect()
-    };
+    let expect =
+        |prefix: &str| -> Vec<String> { all.iter().filter(|name| name.starts_with(prefix)).cloned().collect() };
     for prefix in ["/p/", "/p", "/P", "/p%", "/p_", "/p/b", "/nothing"] {
         let prefix = format!("{base}{prefix}");
         let expected = expect(&prefix);
-        assert_eq!(
-            a.list(&prefix).await.unwrap(),
-            expected,
-            "prefix {prefix:?}"
-        );
-        assert_eq!(
-            b.list(&prefix).await.unwrap(),
-            expected,
-            "prefix {prefix:?}"
-        );
+        assert_eq!(a.list(&prefix).await.unwrap(), expected, "prefix {prefix:?}");
+        assert_eq!(b.list(&prefix).await.unwrap(), expected, "prefix {prefix:?}");
     }
     assert_eq!(a.list(&base).await.unwrap(), all);
-    assert_eq!(
-        expect(&format!("{base}/p%")).len(),
-        1,
-        "% is not a wildcard"
-    );
+    assert_eq!(expect(&format!("{base}/p%")).len(), 1, "% is not a wildcard");
 }
 
 pub async fn delete_removes_everything(a: Arc<dyn DocStore>, b: Arc<dyn DocStore>) {
     let base = unique_name("delete");
     let (doomed, kept) = (format!("{base}/doomed"), format!("{base}/kept"));
-    a.append(&doomed, &blobs(&["d1", "d2", "d3"]))
-        .await
-        .unwrap();
+    a.append(&doomed, &blobs(&["d1", "d2", "d3"])).await.unwrap();
     assert!(a.compact(&doomed, b"snap", 2).await.unwrap());
     a.append(&kept, &blobs(&["k1"])).await.unwrap();
 
@@ -520,12 +420,5 @@ pub async fn delete_removes_everything(a: Arc<dyn DocStore>, b: Arc<dyn DocStore
     // Deleting again is fine, and a recreated document starts over.
     a.delete(&doomed).await.unwrap();
     assert_eq!(b.append(&doomed, &blobs(&["new"])).await.unwrap(), 1);
-    assert_eq!(
-        a.load(&doomed).await.unwrap(),
-        StoredDoc {
-            snapshot: None,
-            updates: blobs(&["new"]),
-            last_seq: 1,
-        }
-    );
+    assert_eq!(a.load(&doomed).await.unwrap(), StoredDoc { snapshot: None, updates: blobs(&["new"]), last_seq: 1 });
 }

@@ -38,15 +38,10 @@ impl StoreError {
 
 /// Classifies a sqlx error. `is_unavailable` decides, per backend, which database error
 /// codes mean "could not reach or use the database right now" rather than a failed statement.
-pub(crate) fn from_sqlx(
-    err: sqlx::Error,
-    is_unavailable: impl Fn(&dyn DatabaseError) -> bool,
-) -> StoreError {
+pub(crate) fn from_sqlx(err: sqlx::Error, is_unavailable: impl Fn(&dyn DatabaseError) -> bool) -> StoreError {
     match &err {
         sqlx::Error::Configuration(_) => StoreError::Invalid(err.to_string()),
-        sqlx::Error::Database(db) if is_unavailable(db.as_ref()) => {
-            StoreError::Unavailable(Box::new(err))
-        }
+        sqlx::Error::Database(db) if is_unavailable(db.as_ref()) => StoreError::Unavailable(Box::new(err)),
         _ if is_connection_failure(&err) => StoreError::Unavailable(Box::new(err)),
         sqlx::Error::Migrate(_) => StoreError::Migration(Box::new(err)),
         _ => StoreError::Database(Box::new(err)),

@@ -111,9 +111,7 @@ fn validate_doc_name(doc: &str) -> Result<(), StoreError> {
         return Err(StoreError::Invalid("document name is empty".to_owned()));
     }
     if doc.contains('\0') {
-        return Err(StoreError::Invalid(
-            "document name contains a NUL character".to_owned(),
-        ));
+        return Err(StoreError::Invalid("document name contains a NUL character".to_owned()));
     }
     Ok(())
 }
@@ -128,16 +126,12 @@ fn prefix_can_match(prefix: &str) -> bool {
 /// nothing to compact.
 fn validate_upto_seq(upto_seq: i64) -> Result<bool, StoreError> {
     if upto_seq < 0 {
-        return Err(StoreError::Invalid(format!(
-            "compaction upto_seq {upto_seq} is negative"
-        )));
+        return Err(StoreError::Invalid(format!("compaction upto_seq {upto_seq} is negative")));
     }
     Ok(upto_seq > 0)
 }
 
 /// The error for a compaction claiming to cover updates that were never logged.
 fn compaction_past_end(upto_seq: i64, last_seq: i64) -> StoreError {
-    StoreError::Invalid(format!(
-        "compaction upto_seq {upto_seq} is beyond the last logged seq {last_seq}"
-    ))
+    StoreError::Invalid(format!("compaction upto_seq {upto_seq} is beyond the last logged seq {last_seq}"))
 }

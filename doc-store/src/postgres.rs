@@ -10,8 +10,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 
 use crate::error::{from_migrate, from_sqlx};
 use crate::{
-    DocStore, StoreError, StoredDoc, compaction_past_end, prefix_can_match, validate_doc_name,
-    validate_upto_seq,
+    DocStore, StoreError, StoredDoc, compaction_past_end, prefix_can_match, validate_doc_name, validate_upto_seq,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
@@ -61,9 +60,7 @@ impl PostgresStore {
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let lower = url.to_ascii_lowercase();
         if !(lower.starts_with("postgres:") || lower.starts_with("postgresql:")) {
-            return Err(StoreError::Invalid(
-                "postgres store url must start with postgres: or postgresql:".to_owned(),
-            ));
+            return Err(StoreError::Invalid("postgres store url must start with postgres: or postgresql:".to_owned()));
         }
         let options = PgConnectOptions::from_str(url).map_err(pg_error)?;
         let pool = PgPoolOptions::new()
@@ -79,10 +76,7 @@ impl PostgresStore {
     }
 
     /// Begins a write transaction holding the document's advisory lock.
-    async fn begin_write(
-        &self,
-        doc: &str,
-    ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, StoreError> {
+    async fn begin_write(&self, doc: &str) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, StoreError> {
         let mut tx = self.pool.begin().await.map_err(pg_error)?;
         sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
             .bind(DOC_LOCK_CLASS)
@@ -104,29 +98,19 @@ fn is_unavailable(err: &dyn DatabaseError) -> bool {
     let Some(code) = err.code() else {
         return false;
     };
-    ["08", "28", "53"]
-        .iter()
-        .any(|class| code.starts_with(class))
-        || matches!(&*code, "57P01" | "57P02" | "57P03")
+    ["08", "28", "53"].iter().any(|class| code.starts_with(class)) || matches!(&*code, "57P01" | "57P02" | "57P03")
 }
 
 async fn last_seq(conn: &mut PgConnection, doc: &str) -> Result<i64, StoreError> {
-    sqlx::query_scalar(LAST_SEQ_SQL)
-        .bind(doc)
-        .fetch_one(conn)
-        .await
-        .map_err(pg_error)
+    sqlx::query_scalar(LAST_SEQ_SQL).bind(doc).fetch_one(conn).await.map_err(pg_error)
 }
 
 #[async_trait]
 impl DocStore for PostgresStore {
     async fn load(&self, doc: &str) -> Result<StoredDoc, StoreError> {
         validate_doc_name(doc)?;
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            .await
-            .map_err(pg_error)?;
+        let mut tx =
+            self.pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY").await.map_err(pg_error)?;
         let snapshot: Option<(Vec<u8>, i64)> =
             sqlx::query_as("SELECT data, upto_seq FROM doc_snapshots WHERE doc = $1")
                 .bind(doc)
@@ -134,14 +118,13 @@ impl DocStore for PostgresStore {
                 .await
                 .map_err(pg_error)?;
         let upto_seq = snapshot.as_ref().map_or(0, |(_, upto)| *upto);
-        let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
-            "SELECT seq, data FROM doc_updates WHERE doc = $1 AND seq > $2 ORDER BY seq",
-        )
-        .bind(doc)
-        .bind(upto_seq)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(pg_error)?;
+        let rows: Vec<(i64, Vec<u8>)> =
+            sqlx::query_as("SELECT seq, data FROM doc_updates WHERE doc = $1 AND seq > $2 ORDER BY seq")
+                .bind(doc)
+                .bind(upto_seq)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(pg_error)?;
         tx.commit().await.map_err(pg_error)?;
 
         let last_seq = rows.last().map_or(upto_seq, |(seq, _)| *seq);
@@ -174,12 +157,7 @@ impl DocStore for PostgresStore {
         .map_err(pg_error)?;
         tx.commit().await.map_err(pg_error)?;
         let seq = first_seq + i64::try_from(updates.len()).unwrap_or(i64::MAX) - 1;
-        tracing::debug!(
-            doc_id = doc,
-            count = updates.len(),
-            last_seq = seq,
-            "appended updates"
-        );
+        tracing::debug!(doc_id = doc, count = updates.len(), last_seq = seq, "appended updates");
         Ok(seq)
     }
 
@@ -243,15 +221,8 @@ impl DocStore for PostgresStore {
     async fn delete(&self, doc: &str) -> Result<(), StoreError> {
         validate_doc_name(doc)?;
         let mut tx = self.begin_write(doc).await?;
-        for sql in [
-            "DELETE FROM doc_updates WHERE doc = $1",
-            "DELETE FROM doc_snapshots WHERE doc = $1",
-        ] {
-            sqlx::query(sql)
-                .bind(doc)
-                .execute(&mut *tx)
-                .await
-                .map_err(pg_error)?;
+        for sql in ["DELETE FROM doc_updates WHERE doc = $1", "DELETE FROM doc_snapshots WHERE doc = $1"] {
+            sqlx::query(sql).bind(doc).execute(&mut *tx).await.map_err(pg_error)?;
         }
         tx.commit().await.map_err(pg_error)?;
         tracing::debug!(doc_id = doc, "deleted document");

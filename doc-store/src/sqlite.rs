@@ -7,15 +7,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sqlx::error::DatabaseError;
 use sqlx::migrate::Migrator;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
 
 use crate::error::{from_migrate, from_sqlx};
 use crate::{
-    DocStore, StoreError, StoredDoc, compaction_past_end, prefix_can_match, validate_doc_name,
-    validate_upto_seq,
+    DocStore, StoreError, StoredDoc, compaction_past_end, prefix_can_match, validate_doc_name, validate_upto_seq,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -77,9 +74,7 @@ impl SqliteStore {
     /// created if missing.
     pub async fn open_url(url: &str) -> Result<Self, StoreError> {
         let Some(rest) = url.strip_prefix("sqlite:") else {
-            return Err(StoreError::Invalid(
-                "sqlite store url must start with sqlite:".to_owned(),
-            ));
+            return Err(StoreError::Invalid("sqlite store url must start with sqlite:".to_owned()));
         };
         let in_memory = rest.starts_with(":memory:") || rest.contains("mode=memory");
         let options = SqliteConnectOptions::from_str(url).map_err(sqlite_error)?;
@@ -100,10 +95,7 @@ impl SqliteStore {
         let mut writer_options = SqlitePoolOptions::new().max_connections(1);
         if in_memory {
             // The database lives only as long as a connection to it: never close the last one.
-            writer_options = writer_options
-                .min_connections(1)
-                .idle_timeout(None)
-                .max_lifetime(None);
+            writer_options = writer_options.min_connections(1).idle_timeout(None).max_lifetime(None);
         }
         let writer = connect_pool(writer_options, &options).await?;
         migrate(&writer).await?;
@@ -148,10 +140,7 @@ async fn connect_pool(
 /// Runs migrations under the database write lock, so that two processes opening a new file
 /// at once do not both try to create the schema.
 async fn migrate(writer: &SqlitePool) -> Result<(), StoreError> {
-    let mut tx = writer
-        .begin_with("BEGIN IMMEDIATE")
-        .await
-        .map_err(sqlite_error)?;
+    let mut tx = writer.begin_with("BEGIN IMMEDIATE").await.map_err(sqlite_error)?;
     MIGRATOR.run(&mut *tx).await.map_err(from_migrate)?;
     tx.commit().await.map_err(sqlite_error)
 }
@@ -160,11 +149,9 @@ async fn create_parent_dirs(path: &Path) -> Result<(), StoreError> {
     let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) else {
         return Ok(());
     };
-    tokio::fs::create_dir_all(parent).await.map_err(|err| {
-        StoreError::Unavailable(
-            format!("cannot create directory {}: {err}", parent.display()).into(),
-        )
-    })
+    tokio::fs::create_dir_all(parent)
+        .await
+        .map_err(|err| StoreError::Unavailable(format!("cannot create directory {}: {err}", parent.display()).into()))
 }
 
 fn sqlite_error(err: sqlx::Error) -> StoreError {
@@ -179,10 +166,7 @@ const SQLITE_CANTOPEN: i32 = 14;
 /// SQLITE_BUSY (lock not released within the busy timeout), SQLITE_LOCKED, SQLITE_IOERR and
 /// SQLITE_CANTOPEN: the database cannot be used right now, whatever the statement.
 fn is_unavailable(err: &dyn DatabaseError) -> bool {
-    matches!(
-        primary_code_of(err),
-        Some(SQLITE_BUSY | SQLITE_LOCKED | SQLITE_IOERR | SQLITE_CANTOPEN)
-    )
+    matches!(primary_code_of(err), Some(SQLITE_BUSY | SQLITE_LOCKED | SQLITE_IOERR | SQLITE_CANTOPEN))
 }
 
 /// The primary SQLite result code of a database error (extended codes share its low byte).
@@ -195,11 +179,7 @@ fn is_busy(err: &sqlx::Error) -> bool {
 }
 
 async fn last_seq(conn: &mut SqliteConnection, doc: &str) -> Result<i64, StoreError> {
-    sqlx::query_scalar(LAST_SEQ_SQL)
-        .bind(doc)
-        .fetch_one(conn)
-        .await
-        .map_err(sqlite_error)
+    sqlx::query_scalar(LAST_SEQ_SQL).bind(doc).fetch_one(conn).await.map_err(sqlite_error)
 }
 
 #[async_trait]
@@ -215,14 +195,13 @@ impl DocStore for SqliteStore {
                 .await
                 .map_err(sqlite_error)?;
         let upto_seq = snapshot.as_ref().map_or(0, |(_, upto)| *upto);
-        let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
-            "SELECT seq, data FROM doc_updates WHERE doc = ?1 AND seq > ?2 ORDER BY seq",
-        )
-        .bind(doc)
-        .bind(upto_seq)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(sqlite_error)?;
+        let rows: Vec<(i64, Vec<u8>)> =
+            sqlx::query_as("SELECT seq, data FROM doc_updates WHERE doc = ?1 AND seq > ?2 ORDER BY seq")
+                .bind(doc)
+                .bind(upto_seq)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(sqlite_error)?;
         tx.commit().await.map_err(sqlite_error)?;
 
         let last_seq = rows.last().map_or(upto_seq, |(seq, _)| *seq);
@@ -239,32 +218,18 @@ impl DocStore for SqliteStore {
             let mut conn = self.reader.acquire().await.map_err(sqlite_error)?;
             return last_seq(&mut conn, doc).await;
         }
-        let mut tx = self
-            .writer
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(sqlite_error)?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(sqlite_error)?;
         let mut seq = last_seq(&mut tx, doc).await?;
         for chunk in updates.chunks(INSERT_CHUNK_ROWS) {
-            let mut insert =
-                QueryBuilder::<Sqlite>::new("INSERT INTO doc_updates (doc, seq, data) ");
+            let mut insert = QueryBuilder::<Sqlite>::new("INSERT INTO doc_updates (doc, seq, data) ");
             insert.push_values(chunk, |mut row, data| {
                 seq += 1;
                 row.push_bind(doc).push_bind(seq).push_bind(data.as_slice());
             });
-            insert
-                .build()
-                .execute(&mut *tx)
-                .await
-                .map_err(sqlite_error)?;
+            insert.build().execute(&mut *tx).await.map_err(sqlite_error)?;
         }
         tx.commit().await.map_err(sqlite_error)?;
-        tracing::debug!(
-            doc_id = doc,
-            count = updates.len(),
-            last_seq = seq,
-            "appended updates"
-        );
+        tracing::debug!(doc_id = doc, count = updates.len(), last_seq = seq, "appended updates");
         Ok(seq)
     }
 
@@ -273,11 +238,7 @@ impl DocStore for SqliteStore {
         if !validate_upto_seq(upto_seq)? {
             return Ok(false);
         }
-        let mut tx = self
-            .writer
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(sqlite_error)?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(sqlite_error)?;
         let last = last_seq(&mut tx, doc).await?;
         if upto_seq > last {
             tx.rollback().await.map_err(sqlite_error)?;
@@ -331,20 +292,9 @@ impl DocStore for SqliteStore {
 
     async fn delete(&self, doc: &str) -> Result<(), StoreError> {
         validate_doc_name(doc)?;
-        let mut tx = self
-            .writer
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(sqlite_error)?;
-        for sql in [
-            "DELETE FROM doc_updates WHERE doc = ?1",
-            "DELETE FROM doc_snapshots WHERE doc = ?1",
-        ] {
-            sqlx::query(sql)
-                .bind(doc)
-                .execute(&mut *tx)
-                .await
-                .map_err(sqlite_error)?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(sqlite_error)?;
+        for sql in ["DELETE FROM doc_updates WHERE doc = ?1", "DELETE FROM doc_snapshots WHERE doc = ?1"] {
+            sqlx::query(sql).bind(doc).execute(&mut *tx).await.map_err(sqlite_error)?;
         }
         tx.commit().await.map_err(sqlite_error)?;
         tracing::debug!(doc_id = doc, "deleted document");
@@ -379,24 +329,13 @@ mod tests {
     #[tokio::test]
     async fn connections_use_wal_full_sync_and_busy_timeout() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("nested/dir/docs.db"))
-            .await
-            .unwrap();
+        let store = SqliteStore::open(&dir.path().join("nested/dir/docs.db")).await.unwrap();
         for pool in [&store.reader, &store.writer] {
-            let journal: String = sqlx::query_scalar("PRAGMA journal_mode")
-                .fetch_one(pool)
-                .await
-                .unwrap();
+            let journal: String = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(pool).await.unwrap();
             assert_eq!(journal, "wal");
-            let synchronous: i64 = sqlx::query_scalar("PRAGMA synchronous")
-                .fetch_one(pool)
-                .await
-                .unwrap();
+            let synchronous: i64 = sqlx::query_scalar("PRAGMA synchronous").fetch_one(pool).await.unwrap();
             assert_eq!(synchronous, 2, "synchronous should be FULL");
-            let busy_timeout: i64 = sqlx::query_scalar("PRAGMA busy_timeout")
-                .fetch_one(pool)
-                .await
-                .unwrap();
+            let busy_timeout: i64 = sqlx::query_scalar("PRAGMA busy_timeout").fetch_one(pool).await.unwrap();
             assert_eq!(busy_timeout, 10_000);
         }
     }

@@ -32,18 +32,10 @@ struct TestSchema {
 impl TestSchema {
     async fn create(test: &str) -> Self {
         let base_url = postgres_url();
-        let admin = PgPool::connect(&base_url)
-            .await
-            .unwrap_or_else(|err| panic!("cannot connect to {URL_ENV}: {err}"));
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
+        let admin = PgPool::connect(&base_url).await.unwrap_or_else(|err| panic!("cannot connect to {URL_ENV}: {err}"));
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
         let name = format!("doc_store_test_{test}_{}_{nanos}", std::process::id());
-        sqlx::query(&format!("CREATE SCHEMA {name}"))
-            .execute(&admin)
-            .await
-            .unwrap();
+        sqlx::query(&format!("CREATE SCHEMA {name}")).execute(&admin).await.unwrap();
         let separator = if base_url.contains('?') { '&' } else { '?' };
         // `options=-c search_path=NAME`, percent-encoded.
         let url = format!("{base_url}{separator}options=-c%20search_path%3D{name}");
@@ -51,10 +43,7 @@ impl TestSchema {
     }
 
     async fn drop(self) {
-        sqlx::query(&format!("DROP SCHEMA {} CASCADE", self.name))
-            .execute(&self.admin)
-            .await
-            .unwrap();
+        sqlx::query(&format!("DROP SCHEMA {} CASCADE", self.name)).execute(&self.admin).await.unwrap();
     }
 }
 
@@ -87,10 +76,7 @@ async fn migrations_are_idempotent_and_tables_live_in_the_schema() {
     let first = PostgresStore::connect(&schema.url).await.unwrap();
     first.append("doc", &[b"kept".to_vec()]).await.unwrap();
     let second = PostgresStore::connect(&schema.url).await.unwrap();
-    assert_eq!(
-        second.load("doc").await.unwrap().updates,
-        vec![b"kept".to_vec()]
-    );
+    assert_eq!(second.load("doc").await.unwrap().updates, vec![b"kept".to_vec()]);
     let tables: Vec<String> = sqlx::query_scalar(
         "SELECT table_name::text FROM information_schema.tables \
          WHERE table_schema = $1 ORDER BY table_name",

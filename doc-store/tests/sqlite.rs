@@ -34,22 +34,13 @@ async fn open_store_by_url_creates_directories_and_persists() {
     drop(store);
     assert!(path.exists());
 
-    let reopened = open_store(&format!("sqlite:{}", path.display()))
-        .await
-        .unwrap();
-    assert_eq!(
-        reopened.load("doc").await.unwrap().updates,
-        vec![b"hello".to_vec()]
-    );
+    let reopened = open_store(&format!("sqlite:{}", path.display())).await.unwrap();
+    assert_eq!(reopened.load("doc").await.unwrap().updates, vec![b"hello".to_vec()]);
 }
 
 #[tokio::test]
 async fn open_store_rejects_other_schemes_without_echoing_the_url() {
-    for url in [
-        "mysql://user:secret@host/db",
-        "no-scheme-here",
-        "http://secret",
-    ] {
+    for url in ["mysql://user:secret@host/db", "no-scheme-here", "http://secret"] {
         match open_store(url).await {
             Err(err @ StoreError::Invalid(_)) => {
                 let message = err.to_string();
@@ -101,10 +92,7 @@ async fn kill_9_child_appender() {
     };
     let store = SqliteStore::open(Path::new(&path)).await.unwrap();
     for i in 0..1_000_000u64 {
-        let seq = store
-            .append("durable", &[format!("update {i}").into_bytes()])
-            .await
-            .unwrap();
+        let seq = store.append("durable", &[format!("update {i}").into_bytes()]).await.unwrap();
         println!("confirmed {i} {seq}");
     }
 }
@@ -116,12 +104,7 @@ fn confirmed_appends_survive_kill_9() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("durable.db");
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            CHILD_TEST_NAME,
-            "--exact",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+        .args([CHILD_TEST_NAME, "--exact", "--nocapture", "--test-threads=1"])
         .env(CHILD_DB_ENV, &path)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -141,11 +124,7 @@ fn confirmed_appends_survive_kill_9() {
     // Child::kill sends SIGKILL on Unix.
     child.kill().unwrap();
     child.wait().unwrap();
-    assert_eq!(
-        confirmed.len(),
-        CONFIRMATIONS,
-        "child stopped confirming appends"
-    );
+    assert_eq!(confirmed.len(), CONFIRMATIONS, "child stopped confirming appends");
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {

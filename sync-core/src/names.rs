@@ -42,9 +42,9 @@ impl DocName {
             return Err(NameError::BadProject);
         }
         if let Some(rest) = rest {
-            let bad = rest.split('/').any(|seg| {
-                seg.is_empty() || seg == "." || seg == ".." || seg.chars().any(char::is_control)
-            });
+            let bad = rest
+                .split('/')
+                .any(|seg| seg.is_empty() || seg == "." || seg == ".." || seg.chars().any(char::is_control));
             if bad {
                 return Err(NameError::BadSegment);
             }

@@ -38,7 +38,9 @@ pub enum Reply {
     /// The peer's update was applied.
     WriteApplied,
     /// The peer may not write; `had_changes` tells whether the refused update held anything new.
-    WriteRefused { had_changes: bool },
+    WriteRefused {
+        had_changes: bool,
+    },
     /// The peer sent an update that decodes as bytes but not as a Yjs update. Nothing of it was
     /// applied; the edge disconnects the peer with this reason.
     Invalid(String),
@@ -91,12 +93,7 @@ impl DocState {
         // Garbage collection stays on: deleted content is dropped from memory and snapshots.
         // History for checkpoints is kept by the store as snapshots, not inside the live doc.
         let doc = Doc::with_options(Options { skip_gc: false, ..Options::default() });
-        DocState {
-            awareness: Awareness::new(doc.clone()),
-            doc,
-            peers: HashMap::new(),
-            seen: HashMap::new(),
-        }
+        DocState { awareness: Awareness::new(doc.clone()), doc, peers: HashMap::new(), seen: HashMap::new() }
     }
 
     /// Builds the state from a stored snapshot and the updates logged after it, in one transaction.
@@ -230,9 +227,7 @@ impl DocState {
 
     fn apply_awareness(&mut self, peer: PeerId, mut update: AwarenessUpdate, now: Instant, batch: &mut Batch) {
         // A peer may only speak for client ids no other peer has claimed.
-        update.clients.retain(|id, _| {
-            self.peers.iter().all(|(other, p)| *other == peer || !p.clients.contains(id))
-        });
+        update.clients.retain(|id, _| self.peers.iter().all(|(other, p)| *other == peer || !p.clients.contains(id)));
         if update.clients.is_empty() {
             return;
         }

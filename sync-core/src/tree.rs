@@ -131,7 +131,8 @@ pub fn entries<T: ReadTxn>(txn: &T) -> Vec<Entry> {
     let mut out: Vec<Entry> = raw
         .into_iter()
         .map(|(id, stored_path, kind)| {
-            let path = if taken.contains_key(&stored_path) { disambiguate(&stored_path, &id) } else { stored_path.clone() };
+            let path =
+                if taken.contains_key(&stored_path) { disambiguate(&stored_path, &id) } else { stored_path.clone() };
             taken.insert(stored_path.clone(), ());
             Entry { id, path, stored_path, kind }
         })

@@ -5,13 +5,13 @@
 //! the document's routing key so one socket multiplexes many documents, and adds auth, sync-status,
 //! close and ping messages. Decoders never panic on hostile input: they return [`WireError`].
 
+use yrs::StateVector;
 use yrs::encoding::read::{Cursor, Read};
 use yrs::encoding::write::Write;
 use yrs::sync::AwarenessUpdate;
 use yrs::sync::protocol::{MSG_SYNC_STEP_1, MSG_SYNC_STEP_2, MSG_SYNC_UPDATE};
 use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
-use yrs::StateVector;
 
 /// y-protocols top-level message tags.
 pub const MSG_SYNC: u64 = 0;
@@ -102,7 +102,9 @@ pub enum OutMsg<'a> {
 pub enum HocusOut<'a> {
     Doc(OutMsg<'a>),
     /// Authenticated with scope `read-write` (true) or `readonly` (false).
-    Authenticated { read_write: bool },
+    Authenticated {
+        read_write: bool,
+    },
     PermissionDenied(&'a str),
     /// Whether the client's last update was applied.
     SyncStatus(bool),
@@ -434,10 +436,7 @@ mod tests {
         let frame = encode_hocus("p/doc", HocusOut::Doc(OutMsg::Update(&update)));
         assert_eq!(
             decode_hocus(&frame).unwrap(),
-            HocusIn::Doc {
-                key: "p/doc".into(),
-                msg: HocusDocIn::Message(DocMessage::Sync(SyncMsg::Update(update)))
-            }
+            HocusIn::Doc { key: "p/doc".into(), msg: HocusDocIn::Message(DocMessage::Sync(SyncMsg::Update(update))) }
         );
         // An auth token message exactly as @hocuspocus/provider 4 writes it: token then version.
         let mut auth = Vec::new();

@@ -44,7 +44,8 @@ impl TestServer {
 
     /// A correctly signed token that expired ten seconds ago.
     pub fn token_expired(&self, project: &str) -> String {
-        let identity = Identity { user: "late".into(), name: "Late".into(), project: project.into(), role: Role::Editor };
+        let identity =
+            Identity { user: "late".into(), name: "Late".into(), project: project.into(), role: Role::Editor };
         self.keys.sign_expired(&identity).expect("sign")
     }
 
