@@ -1,7 +1,6 @@
 //! Runs the doc-store conformance suite against SQLite, plus SQLite-only checks (URLs, kill -9 durability).
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -78,34 +77,14 @@ async fn two_processes_creating_the_same_new_file_at_once() {
     }
 }
 
-/// Set only in the child process that [`confirmed_appends_survive_kill_9`] starts.
-const CHILD_DB_ENV: &str = "DOC_STORE_TEST_KILL_CHILD_DB";
-const CHILD_TEST_NAME: &str = "kill_9_child_appender";
-
-/// Not a test on its own: the child process of [`confirmed_appends_survive_kill_9`]. It appends
-/// until killed and prints a line for each append that returned. Without the variable it
-/// does nothing.
-#[tokio::test]
-async fn kill_9_child_appender() {
-    let Ok(path) = std::env::var(CHILD_DB_ENV) else {
-        return;
-    };
-    let store = SqliteStore::open(Path::new(&path)).await.unwrap();
-    for i in 0..1_000_000u64 {
-        let seq = store.append("durable", &[format!("update {i}").into_bytes()]).await.unwrap();
-        println!("confirmed {i} {seq}");
-    }
-}
-
 /// Appends acknowledged to the caller must survive a kill -9 of the process right after.
 #[test]
 fn confirmed_appends_survive_kill_9() {
     const CONFIRMATIONS: usize = 200;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("durable.db");
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([CHILD_TEST_NAME, "--exact", "--nocapture", "--test-threads=1"])
-        .env(CHILD_DB_ENV, &path)
+    let mut child = Command::new(env!("CARGO_BIN_EXE_append_until_killed"))
+        .arg(&path)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
