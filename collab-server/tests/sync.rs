@@ -169,3 +169,23 @@ async fn y_websocket_and_multiplexed_peers_share_a_document() {
     yws.wait_text("from mux;from y-websocket;", WAIT).await.expect("y-websocket peer sees it");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joining_while_a_document_unloads_loses_nothing() {
+    // Unload as soon as the last peer leaves, so every join races an unload.
+    let server = TestServer::start_with(|c| c.limits.unload_delay = Duration::ZERO).await;
+    let token = server.editor("race", "r");
+    for i in 0..30 {
+        let mux = collab_client::MuxConnection::connect(&server.url).await.expect("mux");
+        let peer = mux.open("race/doc", &token).await.expect("open");
+        peer.wait_synced(WAIT).await.expect("synced");
+        let expected: String = (0..i).rev().map(|k| format!("{k},")).collect();
+        assert_eq!(peer.text(), expected, "round {i} starts from everything saved before");
+        peer.insert(0, &format!("{i},"));
+        // Two acknowledgements: the sync step 2 sent on joining, then this edit.
+        peer.wait_until("applied", WAIT, |p| p.status().applied >= 2).await.expect("server applied the edit");
+        drop(peer);
+        drop(mux);
+    }
+    server.stop().await;
+}
