@@ -101,14 +101,12 @@ pub async fn run<H: Handler>(socket: WebSocket, app: Arc<AppState>, mut handler:
             incoming = ws_rx.next() => match incoming {
                 None => break,
                 Some(Err(e)) => {
-                    let text = e.to_string();
-                    if text.contains("too long") || text.contains("too big") || text.contains("Space limit") {
+                    if is_capacity_error(e) {
                         killer.kill(CloseReason::new(
                             close::MESSAGE_TOO_BIG,
                             format!("message larger than {} bytes", limits.max_message_size),
                         ));
                     } else {
-                        debug!(error = %e, "connection read error");
                         break;
                     }
                 }
@@ -138,6 +136,16 @@ pub async fn run<H: Handler>(socket: WebSocket, app: Arc<AppState>, mut handler:
     drop(sink);
     let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
     metrics.connections_active.dec();
+}
+
+/// Whether a read failed because the client's message exceeded the size limit.
+fn is_capacity_error(e: axum::Error) -> bool {
+    let inner = e.into_inner();
+    let capacity = matches!(inner.downcast_ref::<tungstenite::Error>(), Some(tungstenite::Error::Capacity(_)));
+    if !capacity {
+        debug!(error = %inner, "connection read error");
+    }
+    capacity
 }
 
 async fn write_loop(
