@@ -212,9 +212,8 @@ impl DocPeer {
     pub async fn reconnect(&mut self, server: &str, doc: &str, token: &str) -> Result<(), ClientError> {
         self.disconnect();
         let url = format!("{server}/sync/{doc}?token={token}");
-        let socket = Socket::open(&url, Framing::YWebsocket).await?;
-        socket.docs.lock().unwrap_or_else(|e| e.into_inner()).insert(String::new(), self.inner.clone());
-        attach(&self.inner, &socket, "");
+        // The document is registered before the reader starts: the server speaks first.
+        let socket = Socket::open(&url, Framing::YWebsocket, Some(("", &self.inner))).await?;
         let step1 = wire::encode_ywebsocket(OutMsg::SyncStep1(&self.inner.doc.transact().state_vector()));
         socket.out.send(Bytes::from(step1)).await.map_err(|_| ClientError::Closed)?;
         self.conn = Some(socket);
@@ -327,11 +326,12 @@ impl DocPeer {
     }
 }
 
-fn attach(inner: &Arc<Inner>, socket: &Arc<Socket>, key: &str) {
+/// Links a document to a socket's outbound queue and starts its pump.
+fn attach(inner: &Arc<Inner>, framing: Framing, out: &mpsc::Sender<Bytes>, key: &str) -> JoinHandle<()> {
     let link = Link {
-        framing: socket.framing,
+        framing,
         key: Arc::from(key),
-        out: socket.out.clone(),
+        out: out.clone(),
         pending: Arc::new(Mutex::new(Vec::new())),
         wake: Arc::new(Notify::new()),
     };
@@ -341,8 +341,7 @@ fn attach(inner: &Arc<Inner>, socket: &Arc<Socket>, key: &str) {
         s.close = None;
         s.synced = false;
     });
-    let pump = tokio::spawn(pump(link));
-    socket.tasks.lock().unwrap_or_else(|e| e.into_inner()).push(pump);
+    tokio::spawn(pump(link))
 }
 
 /// Sends a document's pending local updates, packing several into one frame where the framing allows.
@@ -377,14 +376,14 @@ async fn pump(link: Link) {
 
 /// One WebSocket and its reader and writer tasks.
 struct Socket {
-    framing: Framing,
     out: mpsc::Sender<Bytes>,
     docs: Arc<Mutex<HashMap<String, Arc<Inner>>>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Socket {
-    async fn open(url: &str, framing: Framing) -> Result<Arc<Socket>, ClientError> {
+    /// Connects and starts the reader and writer; `first` is attached before the reader starts.
+    async fn open(url: &str, framing: Framing, first: Option<(&str, &Arc<Inner>)>) -> Result<Arc<Socket>, ClientError> {
         let config = WebSocketConfig::default().max_message_size(Some(64 << 20)).max_frame_size(Some(64 << 20));
         let (ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), true)
             .await
@@ -392,6 +391,11 @@ impl Socket {
         let (mut tx, mut rx) = ws.split();
         let (out, mut out_rx) = mpsc::channel::<Bytes>(1024);
         let docs: Arc<Mutex<HashMap<String, Arc<Inner>>>> = Arc::default();
+        let mut tasks = Vec::new();
+        if let Some((key, inner)) = first {
+            docs.lock().unwrap_or_else(|e| e.into_inner()).insert(key.to_owned(), inner.clone());
+            tasks.push(attach(inner, framing, &out, key));
+        }
         let writer = tokio::spawn(async move {
             while let Some(frame) = out_rx.recv().await {
                 if tx.send(Message::Binary(frame)).await.is_err() {
@@ -425,7 +429,15 @@ impl Socket {
             let all: Vec<Arc<Inner>> =
                 reader_docs.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
             for inner in all {
-                *inner.link.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                {
+                    // Only this socket's link: the document may already be on a newer socket.
+                    let mut link = inner.link.lock().unwrap_or_else(|e| e.into_inner());
+                    if link.as_ref().is_some_and(|l| l.out.same_channel(&reply)) {
+                        *link = None;
+                    } else {
+                        continue;
+                    }
+                }
                 let close = close.clone();
                 inner.status_mut(|s| {
                     s.connected = false;
@@ -435,7 +447,8 @@ impl Socket {
                 });
             }
         });
-        Ok(Arc::new(Socket { framing, out, docs, tasks: Mutex::new(vec![writer, reader]) }))
+        tasks.extend([writer, reader]);
+        Ok(Arc::new(Socket { out, docs, tasks: Mutex::new(tasks) }))
     }
 
     fn abort(&self) {
@@ -494,7 +507,7 @@ impl std::fmt::Debug for MuxConnection {
 
 impl MuxConnection {
     pub async fn connect(server: &str) -> Result<MuxConnection, ClientError> {
-        Ok(MuxConnection { socket: Socket::open(&format!("{server}/sync"), Framing::Hocus).await? })
+        Ok(MuxConnection { socket: Socket::open(&format!("{server}/sync"), Framing::Hocus, None).await? })
     }
 
     /// Opens a document on this connection: sends the token, then sync step 1 (as the
@@ -503,7 +516,9 @@ impl MuxConnection {
         let inner = new_inner(Doc::new());
         observe(&inner);
         self.socket.docs.lock().unwrap_or_else(|e| e.into_inner()).insert(doc.to_owned(), inner.clone());
-        attach(&inner, &self.socket, doc);
+        // The server says nothing about this document before it has the token sent below.
+        let pump = attach(&inner, Framing::Hocus, &self.socket.out, doc);
+        self.socket.tasks.lock().unwrap_or_else(|e| e.into_inner()).push(pump);
         let out = &self.socket.out;
         out.send(Bytes::from(wire::encode_hocus_token(doc, token))).await.map_err(|_| ClientError::Closed)?;
         let sv = inner.doc.transact().state_vector();

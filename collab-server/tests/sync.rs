@@ -62,7 +62,13 @@ async fn concurrent_editors_with_random_reconnects_converge() {
         if peers.iter().all(|p| p.text() == reference) {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "peers did not converge (seed {seed})");
+        if tokio::time::Instant::now() >= deadline {
+            let report: Vec<String> = peers
+                .iter()
+                .map(|p| format!("len {} vs {}: {:?}", p.text().len(), reference.len(), p.status()))
+                .collect();
+            panic!("peers did not converge (seed {seed}):\n{}", report.join("\n"));
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(!observer.text().is_empty(), "some edits were made (seed {seed})");
