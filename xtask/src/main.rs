@@ -1,0 +1,211 @@
+//! `cargo xtask`: one command to run the server locally (`run`) and one to run every check CI runs (`test`).
+
+mod apt;
+mod cmd;
+mod postgres;
+mod steps;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use steps::Step;
+
+#[derive(Debug, Parser)]
+#[command(name = "xtask", bin_name = "cargo xtask", about = "Development tasks of the collab workspace")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Build the web front end and the server, then run `collab serve --demo` on 127.0.0.1:8080.
+    Run {
+        /// Extra arguments for `collab serve`, after `--`; a flag given here replaces xtask's default.
+        #[arg(last = true)]
+        serve_args: Vec<String>,
+    },
+    /// Install and start the services the tests need, then run every check and test, stopping at
+    /// the first failure.
+    Test,
+    /// Start or stop the tests' throwaway PostgreSQL cluster by hand, e.g. to run one test.
+    Postgres {
+        #[command(subcommand)]
+        action: PostgresAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PostgresAction {
+    /// Start the cluster (or reuse the running one) and print its `COLLAB_TEST_POSTGRES_URL`.
+    Start,
+    /// Stop the cluster if it runs.
+    Stop,
+}
+
+/// Packages `cargo xtask test` installs with apt, each with the reason it is needed.
+const APT_PACKAGES: &[apt::Package] = &[
+    apt::Package { name: "chromium", needed_by: "browser tests in web/test" },
+    apt::Package { name: "postgresql", needed_by: "doc-store PostgreSQL conformance tests" },
+];
+
+/// What `cargo xtask test` runs, in order.
+const TEST_PLAN: &[Step] = &[
+    Step::AptPackages(APT_PACKAGES),
+    Step::StartPostgres,
+    Step::Fmt,
+    Step::NpmInstall,
+    Step::NpmLint,
+    Step::NpmTypecheck,
+    Step::NpmBuild,
+    Step::Clippy,
+    Step::BuildBins,
+    Step::RustTests,
+    Step::DocTests,
+    Step::PythonTests,
+    Step::NodeTests,
+];
+
+/// What `cargo xtask run` builds before it starts the server.
+const RUN_PLAN: &[Step] = &[Step::NpmInstall, Step::NpmBuild, Step::BuildServer];
+
+/// `collab serve` flags `cargo xtask run` passes unless the extra arguments give them.
+const SERVE_DEFAULTS: &[(&str, Option<&str>)] = &[
+    ("--listen", Some("127.0.0.1:8080")),
+    ("--data-dir", Some("data")),
+    ("--web-dir", Some("web/dist")),
+    ("--demo", None),
+];
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let outcome = workspace_root().and_then(|root| match cli.command {
+        Task::Run { serve_args } => run(&root, &serve_args),
+        Task::Test => test(&root),
+        Task::Postgres { action } => postgres_by_hand(&root, action),
+    });
+    match outcome {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root: the parent of this crate's directory.
+fn workspace_root() -> Result<PathBuf> {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = manifest_dir.parent().with_context(|| format!("{} has no parent directory", manifest_dir.display()))?;
+    Ok(root.to_path_buf())
+}
+
+/// Builds what the server needs, then replaces this process with `collab serve`.
+fn run(root: &Path, serve_args: &[String]) -> Result<ExitCode> {
+    let mut ctx = steps::Context::new(root);
+    for &step in RUN_PLAN {
+        steps::run_step(step, &mut ctx)?;
+    }
+    let args = serve_command_args(serve_args);
+    let mut serve = std::process::Command::new(steps::collab_bin(root));
+    serve.args(&args).current_dir(root);
+    let listen = flag_value(&args, "--listen").unwrap_or("127.0.0.1:8080");
+    println!("\n==> starting the collab server on {listen}: {}", cmd::describe(&serve));
+    // `exec` only returns on failure; the server then owns the terminal and gets Ctrl-C itself.
+    let err = std::os::unix::process::CommandExt::exec(&mut serve);
+    Err(err).with_context(|| format!("cannot start {}", cmd::describe(&serve)))
+}
+
+/// `serve` followed by the default flags the extra arguments do not override, then the extras.
+fn serve_command_args(extra: &[String]) -> Vec<String> {
+    let mut args = vec!["serve".to_owned()];
+    for &(flag, value) in SERVE_DEFAULTS {
+        if flag_value(extra, flag).is_some() {
+            continue;
+        }
+        args.push(flag.to_owned());
+        args.extend(value.map(str::to_owned));
+    }
+    args.extend(extra.iter().cloned());
+    args
+}
+
+/// The value given to `flag` in `args` (`--flag value`, `--flag=value`, or "" for a bare `--flag`).
+fn flag_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+    args.iter().enumerate().find_map(|(i, arg)| {
+        if arg == flag {
+            let next = args.get(i + 1).map(String::as_str);
+            return Some(next.filter(|v| !v.starts_with("--")).unwrap_or(""));
+        }
+        arg.strip_prefix(flag)?.strip_prefix('=')
+    })
+}
+
+/// Runs `TEST_PLAN`, always stops PostgreSQL afterwards, and prints the summary.
+fn test(root: &Path) -> Result<ExitCode> {
+    steps::catch_ctrl_c()?;
+    let mut ctx = steps::Context::new(root);
+    let mut results = steps::run_plan(TEST_PLAN, &mut ctx);
+    let target_dir = steps::target_dir(root);
+    results.push(steps::run_cleanup("stop postgres", || postgres::stop(&target_dir)));
+    Ok(steps::print_summary(&results))
+}
+
+fn postgres_by_hand(root: &Path, action: PostgresAction) -> Result<ExitCode> {
+    let target_dir = steps::target_dir(root);
+    match action {
+        PostgresAction::Start => {
+            let port = postgres::start(&target_dir)?;
+            println!("export COLLAB_TEST_POSTGRES_URL={}", postgres::url(port));
+        }
+        PostgresAction::Stop => println!("{}", postgres::stop(&target_dir)?),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(args: &[&str]) -> Vec<String> {
+        args.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn serve_args_default_to_the_local_demo() {
+        assert_eq!(
+            serve_command_args(&[]),
+            strings(&["serve", "--listen", "127.0.0.1:8080", "--data-dir", "data", "--web-dir", "web/dist", "--demo"])
+        );
+    }
+
+    #[test]
+    fn extra_serve_args_replace_the_defaults_they_name() {
+        let extra = strings(&["--listen=0.0.0.0:9000", "--data-dir", "/tmp/d", "--allow-anonymous"]);
+        assert_eq!(
+            serve_command_args(&extra),
+            strings(&[
+                "serve",
+                "--web-dir",
+                "web/dist",
+                "--demo",
+                "--listen=0.0.0.0:9000",
+                "--data-dir",
+                "/tmp/d",
+                "--allow-anonymous"
+            ])
+        );
+    }
+
+    #[test]
+    fn flag_values_are_found_in_both_spellings() {
+        let args = strings(&["--listen", "1.2.3.4:5", "--demo", "--web-dir=x"]);
+        assert_eq!(flag_value(&args, "--listen"), Some("1.2.3.4:5"));
+        assert_eq!(flag_value(&args, "--demo"), Some(""));
+        assert_eq!(flag_value(&args, "--web-dir"), Some("x"));
+        assert_eq!(flag_value(&args, "--data-dir"), None);
+    }
+}
