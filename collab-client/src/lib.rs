@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use sync_core::wire::{self, ClientIn, DocMessage, HocusClientIn, OutMsg, SyncMsg};
+use sync_core::wire::{self, ClientIn, DocMessage, HocusClientIn, OutMsg, SyncMessage};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
@@ -110,15 +110,15 @@ impl Inner {
         };
         let mut replies = Vec::new();
         match msg {
-            ClientIn::Message(DocMessage::Sync(SyncMsg::Step1(sv))) => {
+            ClientIn::Message(DocMessage::Sync(SyncMessage::SyncStep1(sv))) => {
                 let diff = self.doc.transact().encode_state_as_update_v1(&sv);
                 replies.push(frame(OutMsg::SyncStep2(&diff)));
             }
-            ClientIn::Message(DocMessage::Sync(SyncMsg::Step2(bytes))) => {
+            ClientIn::Message(DocMessage::Sync(SyncMessage::SyncStep2(bytes))) => {
                 self.apply(&bytes);
                 self.status_mut(|s| s.synced = true);
             }
-            ClientIn::Message(DocMessage::Sync(SyncMsg::Update(bytes))) => self.apply(&bytes),
+            ClientIn::Message(DocMessage::Sync(SyncMessage::Update(bytes))) => self.apply(&bytes),
             ClientIn::Message(DocMessage::Awareness(update)) => {
                 let _ = self.awareness.lock().unwrap_or_else(|e| e.into_inner()).apply_update(update);
             }

@@ -14,7 +14,7 @@ use yrs::updates::encoder::Encode;
 use yrs::{ClientID, Doc, Options, ReadTxn, StateVector, Transact, Update};
 
 use crate::Role;
-use crate::wire::{DocMessage, SyncMsg};
+use crate::wire::{DocMessage, SyncMessage};
 
 /// Identifies one peer's attachment to one document (unique per server process).
 pub type PeerId = u64;
@@ -195,12 +195,12 @@ impl DocState {
             return;
         };
         match msg {
-            DocMessage::Sync(SyncMsg::Step1(sv)) => {
+            DocMessage::Sync(SyncMessage::SyncStep1(sv)) => {
                 self.flush(batch);
                 let diff = self.doc.transact().encode_state_as_update_v1(&sv);
                 batch.replies.push((peer, Reply::SyncStep2(diff)));
             }
-            DocMessage::Sync(SyncMsg::Step2(bytes) | SyncMsg::Update(bytes)) => {
+            DocMessage::Sync(SyncMessage::SyncStep2(bytes) | SyncMessage::Update(bytes)) => {
                 let update = match Update::decode_v1(&bytes) {
                     Ok(u) => u,
                     Err(e) => {
@@ -321,7 +321,7 @@ mod tests {
     }
 
     fn update_msg(peer: PeerId, bytes: Vec<u8>) -> Input {
-        Input::Message { peer, msg: DocMessage::Sync(SyncMsg::Update(bytes)) }
+        Input::Message { peer, msg: DocMessage::Sync(SyncMessage::Update(bytes)) }
     }
 
     #[test]
@@ -348,7 +348,7 @@ mod tests {
         assert!(out.update.is_none());
         assert_eq!(text_of(room.doc()), "");
         // A step 2 with nothing new (what every viewer sends after connecting) is not a violation.
-        let step2 = Input::Message { peer: 1, msg: DocMessage::Sync(SyncMsg::Step2(EMPTY_UPDATE.to_vec())) };
+        let step2 = Input::Message { peer: 1, msg: DocMessage::Sync(SyncMessage::SyncStep2(EMPTY_UPDATE.to_vec())) };
         let out = room.step([step2], now);
         assert_eq!(out.replies, vec![(1, Reply::WriteRefused { had_changes: false })]);
     }
@@ -397,7 +397,7 @@ mod tests {
         room.step([Input::Join { peer: 1, role: Role::Editor }], now);
         room.step([update_msg(1, edit(&Doc::new(), 0, "abc"))], now);
         room.step([Input::Join { peer: 2, role: Role::Viewer }], now);
-        let step1 = Input::Message { peer: 2, msg: DocMessage::Sync(SyncMsg::Step1(StateVector::default())) };
+        let step1 = Input::Message { peer: 2, msg: DocMessage::Sync(SyncMessage::SyncStep1(StateVector::default())) };
         let out = room.step([step1], now);
         let [(2, Reply::SyncStep2(diff))] = out.replies.as_slice() else { panic!("{:?}", out.replies) };
         let late = Doc::new();

@@ -9,6 +9,7 @@ use yrs::StateVector;
 use yrs::encoding::read::{Cursor, Read};
 use yrs::encoding::write::Write;
 use yrs::sync::AwarenessUpdate;
+pub use yrs::sync::SyncMessage;
 use yrs::sync::protocol::{MSG_SYNC_STEP_1, MSG_SYNC_STEP_2, MSG_SYNC_UPDATE};
 use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
@@ -48,18 +49,11 @@ impl From<yrs::encoding::read::Error> for WireError {
     }
 }
 
-/// A y-protocols sync message. Update payloads stay encoded (Yjs update v1 bytes).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SyncMsg {
-    Step1(StateVector),
-    Step2(Vec<u8>),
-    Update(Vec<u8>),
-}
-
 /// One message about one document, as a client sends it, whatever the framing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DocMessage {
-    Sync(SyncMsg),
+    /// A sync message as yrs's `sync` module defines it; update payloads stay encoded.
+    Sync(SyncMessage),
     Awareness(AwarenessUpdate),
     QueryAwareness,
 }
@@ -111,13 +105,13 @@ pub enum HocusOut<'a> {
     Close(&'a str),
 }
 
-fn read_sync(cur: &mut Cursor<'_>) -> Result<SyncMsg, WireError> {
+fn read_sync(cur: &mut Cursor<'_>) -> Result<SyncMessage, WireError> {
     let kind: u64 = cur.read_var()?;
     let payload = cur.read_buf()?;
     match kind {
-        k if k == u64::from(MSG_SYNC_STEP_1) => Ok(SyncMsg::Step1(StateVector::decode_v1(payload)?)),
-        k if k == u64::from(MSG_SYNC_STEP_2) => Ok(SyncMsg::Step2(payload.to_vec())),
-        k if k == u64::from(MSG_SYNC_UPDATE) => Ok(SyncMsg::Update(payload.to_vec())),
+        k if k == u64::from(MSG_SYNC_STEP_1) => Ok(SyncMessage::SyncStep1(StateVector::decode_v1(payload)?)),
+        k if k == u64::from(MSG_SYNC_STEP_2) => Ok(SyncMessage::SyncStep2(payload.to_vec())),
+        k if k == u64::from(MSG_SYNC_UPDATE) => Ok(SyncMessage::Update(payload.to_vec())),
         other => Err(WireError::UnsupportedSyncType(other)),
     }
 }
@@ -406,13 +400,13 @@ mod tests {
         assert_eq!(
             msgs,
             vec![
-                DocMessage::Sync(SyncMsg::Update(update.clone())),
-                DocMessage::Sync(SyncMsg::Step1(StateVector::default())),
+                DocMessage::Sync(SyncMessage::Update(update.clone())),
+                DocMessage::Sync(SyncMessage::SyncStep1(StateVector::default())),
                 DocMessage::QueryAwareness,
             ]
         );
         let doc = Doc::new();
-        let DocMessage::Sync(SyncMsg::Update(u)) = &msgs[0] else { unreachable!() };
+        let DocMessage::Sync(SyncMessage::Update(u)) = &msgs[0] else { unreachable!() };
         doc.transact_mut().apply_update(yrs::Update::decode_v1(u).unwrap()).unwrap();
         assert_eq!(doc.get_or_insert_text("content").get_string(&doc.transact()), "hello");
     }
@@ -436,7 +430,10 @@ mod tests {
         let frame = encode_hocus("p/doc", HocusOut::Doc(OutMsg::Update(&update)));
         assert_eq!(
             decode_hocus(&frame).unwrap(),
-            HocusIn::Doc { key: "p/doc".into(), msg: HocusDocIn::Message(DocMessage::Sync(SyncMsg::Update(update))) }
+            HocusIn::Doc {
+                key: "p/doc".into(),
+                msg: HocusDocIn::Message(DocMessage::Sync(SyncMessage::Update(update)))
+            }
         );
         // An auth token message exactly as @hocuspocus/provider 4 writes it: token then version.
         let mut auth = Vec::new();
