@@ -1,4 +1,4 @@
-//! A throwaway PostgreSQL cluster for the tests under `target/xtask/pg`, apart from any system service.
+//! A throwaway PostgreSQL cluster for the tests, in the system temp dir, apart from any system service.
 //!
 //! Layout: `data/` (the cluster), `postgres.log`, and `superuser-password` (the random password
 //! of the `postgres` superuser, used only by xtask to create the `collab` role). The server
@@ -33,7 +33,9 @@ pub fn url(port: u16) -> String {
     format!("postgres://{TEST_USER}:{TEST_USER}@127.0.0.1:{port}/{TEST_USER}")
 }
 
-/// Where the cluster lives, under `target_dir`.
+/// Where the cluster lives: a directory under the system temp dir named after the target
+/// directory. Not inside the checkout itself: the `postgres` user must be able to reach it, and a
+/// checkout under a private home (`/root/...`) is not reachable by other users.
 struct Paths {
     dir: PathBuf,
     data: PathBuf,
@@ -42,7 +44,10 @@ struct Paths {
 }
 
 fn paths(target_dir: &Path) -> Paths {
-    let dir = target_dir.join("xtask").join("pg");
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    target_dir.hash(&mut hasher);
+    let dir = std::env::temp_dir().join(format!("collab-xtask-pg-{:016x}", hasher.finish()));
     Paths { data: dir.join("data"), log: dir.join("postgres.log"), password: dir.join("superuser-password"), dir }
 }
 
