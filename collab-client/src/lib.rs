@@ -513,7 +513,13 @@ impl MuxConnection {
     /// Opens a document on this connection: sends the token, then sync step 1 (as the
     /// Hocuspocus provider does, without waiting for the reply to the token).
     pub async fn open(&self, doc: &str, token: &str) -> Result<DocPeer, ClientError> {
-        let inner = new_inner(Doc::new());
+        self.open_with(doc, token, Doc::new()).await
+    }
+
+    /// Like [`MuxConnection::open`], with an existing document: after a reconnect, the sync
+    /// handshake sends whatever the server lacks of it.
+    pub async fn open_with(&self, doc: &str, token: &str, ydoc: Doc) -> Result<DocPeer, ClientError> {
+        let inner = new_inner(ydoc);
         observe(&inner);
         self.socket.docs.lock().unwrap_or_else(|e| e.into_inner()).insert(doc.to_owned(), inner.clone());
         // The server says nothing about this document before it has the token sent below.

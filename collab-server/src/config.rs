@@ -91,6 +91,10 @@ pub struct Limits {
     /// Seconds a document stays loaded after its last peer leaves.
     #[arg(long, env = "COLLAB_UNLOAD_DELAY", value_parser = parse_secs, default_value = "10")]
     pub unload_delay: Duration,
+    /// Bytes of applied but unsaved updates one document may hold while the store is unreachable;
+    /// past it, new edits are refused (the connection closes with 1013) until the store catches up.
+    #[arg(long, env = "COLLAB_MAX_UNSAVED_BYTES", default_value_t = 64 << 20)]
+    pub max_unsaved_bytes: usize,
     /// Logged updates of a document before they are merged into its snapshot.
     #[arg(long, env = "COLLAB_COMPACT_THRESHOLD", default_value_t = 500)]
     pub compact_threshold: u64,

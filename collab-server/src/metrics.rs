@@ -20,6 +20,8 @@ pub struct Metrics {
     pub protocol_errors: Counter,
     pub auth_failures: Counter,
     pub persist_errors: Counter,
+    pub unsaved_bytes: Gauge,
+    pub writes_refused: Counter,
     pub persist_seconds: Histogram,
     pub awareness_swept: Counter,
 }
@@ -45,6 +47,8 @@ impl Metrics {
             protocol_errors: Counter::default(),
             auth_failures: Counter::default(),
             persist_errors: Counter::default(),
+            unsaved_bytes: Gauge::default(),
+            writes_refused: Counter::default(),
             persist_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             awareness_swept: Counter::default(),
             registry: Registry::default(),
@@ -64,6 +68,16 @@ impl Metrics {
         registry.register("protocol_errors", "Connections closed for malformed input", m.protocol_errors.clone());
         registry.register("auth_failures", "Refused tokens", m.auth_failures.clone());
         registry.register("persist_errors", "Failed writes to the document store", m.persist_errors.clone());
+        registry.register(
+            "unsaved_bytes",
+            "Bytes of applied updates not yet in the store (grows during a store outage)",
+            m.unsaved_bytes.clone(),
+        );
+        registry.register(
+            "writes_refused",
+            "Edits refused because a document's unsaved backlog reached its bound",
+            m.writes_refused.clone(),
+        );
         registry.register("persist_seconds", "Latency of writes to the document store", m.persist_seconds.clone());
         registry.register("awareness_swept", "Stale awareness states removed by the server", m.awareness_swept.clone());
         Metrics { registry, ..m }

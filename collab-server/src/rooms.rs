@@ -7,7 +7,7 @@
 //! count is checked and the entry removed under the registry lock, so a joiner either finds the
 //! running actor or starts a fresh one that loads everything saved.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,13 +15,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use doc_store::DocStore;
 use sync_core::room::Reply;
-use sync_core::wire::{self, DocMessage, HocusOut, OutMsg};
+use sync_core::wire::{self, DocMessage, HocusOut, OutMsg, SyncMessage};
 use sync_core::{DocName, DocState, Input, Output, PeerId, Role};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, error, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::close::{self, CloseReason};
 use crate::config::Limits;
@@ -129,6 +129,9 @@ impl Rooms {
             leases: leases.clone(),
             peers: HashMap::new(),
             unsaved: Vec::new(),
+            unsaved_bytes: 0,
+            awaiting: Vec::new(),
+            backoff: Duration::ZERO,
             log_len: 0,
             last_seq: 0,
             retry_at: None,
@@ -167,6 +170,10 @@ struct Actor {
     peers: HashMap<PeerId, PeerSlot>,
     /// Updates applied in memory but not yet in the store, oldest first.
     unsaved: Vec<Vec<u8>>,
+    unsaved_bytes: usize,
+    /// Confirmations (echoes, sync statuses) to send once `unsaved` is in the store.
+    awaiting: Vec<(PeerId, Bytes)>,
+    backoff: Duration,
     log_len: u64,
     last_seq: i64,
     retry_at: Option<Instant>,
@@ -256,6 +263,8 @@ impl Actor {
     }
 
     async fn process(&mut self, state: &mut DocState, cmds: impl Iterator<Item = RoomCmd>) {
+        let refusing = self.unsaved_bytes >= self.env().limits.max_unsaved_bytes;
+        let mut refused: HashSet<PeerId> = HashSet::new();
         let mut inputs = Vec::new();
         for cmd in cmds {
             match cmd {
@@ -264,30 +273,42 @@ impl Actor {
                     inputs.push(Input::Join { peer, role });
                 }
                 RoomCmd::Leave { peer } => inputs.push(Input::Leave { peer }),
+                RoomCmd::Msg { peer, .. } if refused.contains(&peer) => {}
+                RoomCmd::Msg { peer, msg } if refusing && is_write(&msg) => {
+                    // The store is behind by more than the bound: take no new edit. The client
+                    // still holds it and sends it again on reconnecting.
+                    self.env().metrics.writes_refused.inc();
+                    if let Some(slot) = self.peers.get(&peer) {
+                        slot.sink.killer().kill(CloseReason::new(
+                            close::TRY_AGAIN_LATER,
+                            "document store unavailable: edit not accepted, reconnect later",
+                        ));
+                    }
+                    refused.insert(peer);
+                    inputs.push(Input::Leave { peer });
+                }
                 RoomCmd::Msg { peer, msg } => inputs.push(Input::Message { peer, msg }),
             }
         }
         let out = state.step(inputs, Instant::now().into_std());
-        let updated = out.update.is_some();
-        if let Some(update) = &out.update {
-            self.unsaved.push(update.clone());
-        }
         self.broadcast(state, out);
         // Peers that left are dropped from the slot map once the core has forgotten them.
-        let live: Vec<PeerId> = self.peers.keys().copied().collect();
-        for peer in live {
-            if !state.has_peer(peer) {
-                self.peers.remove(&peer);
-            }
-        }
-        if updated && self.retry_at.is_none() {
+        self.peers.retain(|peer, _| state.has_peer(*peer));
+        if self.unsaved.is_empty() {
+            self.confirm();
+        } else if self.retry_at.is_none() {
             self.persist(state).await;
         }
     }
 
     /// Sends replies and relays; evicts peers whose connection is gone or too slow.
+    ///
+    /// Writers hear about their own writes (the echo of the update, and SyncStatus on the
+    /// multiplexed endpoint) only once the update is in the store: that is the confirmation.
+    /// Everyone else gets the update at once.
     fn broadcast(&mut self, state: &mut DocState, out: Output) {
         let mut evict = Vec::new();
+        let mut writers: HashSet<PeerId> = HashSet::new();
         for (peer, reply) in out.replies {
             let Some(slot) = self.peers.get(&peer) else { continue };
             let frame = match reply_frame(&slot.framing, &reply) {
@@ -300,26 +321,48 @@ impl Actor {
                     continue;
                 }
             };
-            if slot.sink.push(frame).is_err() {
+            if reply == Reply::WriteApplied {
+                writers.insert(peer);
+                self.awaiting.push((peer, frame));
+            } else if slot.sink.push(frame).is_err() {
                 evict.push(peer);
             }
         }
-        let relays = [out.update.as_deref().map(OutMsg::Update), out.awareness.as_deref().map(OutMsg::Awareness)];
-        for msg in relays.into_iter().flatten() {
+        if let Some(update) = out.update {
             let mut frames: HashMap<&Framing, Bytes> = HashMap::new();
             for (peer, slot) in &self.peers {
-                let frame = frames.entry(&slot.framing).or_insert_with(|| encode(&slot.framing, msg)).clone();
-                if slot.sink.push(frame).is_err() {
+                let frame =
+                    frames.entry(&slot.framing).or_insert_with(|| encode(&slot.framing, OutMsg::Update(&update)));
+                if writers.contains(peer) {
+                    self.awaiting.push((*peer, frame.clone()));
+                } else if slot.sink.push(frame.clone()).is_err() {
+                    evict.push(*peer);
+                }
+            }
+            self.unsaved_bytes += update.len();
+            self.unsaved.push(update);
+            self.env().metrics.unsaved_bytes.inc_by(self.unsaved.last().map_or(0, |u| u.len() as i64));
+        }
+        if let Some(awareness) = out.awareness {
+            let mut frames: HashMap<&Framing, Bytes> = HashMap::new();
+            for (peer, slot) in &self.peers {
+                let frame =
+                    frames.entry(&slot.framing).or_insert_with(|| encode(&slot.framing, OutMsg::Awareness(&awareness)));
+                if slot.sink.push(frame.clone()).is_err() {
                     evict.push(*peer);
                 }
             }
         }
+        self.evict(state, evict);
+    }
+
+    fn evict(&mut self, state: &mut DocState, evict: Vec<PeerId>) {
         if evict.is_empty() {
             return;
         }
         for peer in &evict {
             if let Some(slot) = self.peers.remove(peer) {
-                if slot.sink.killer().reason().is_some_and(|r| r.code == close::TRY_AGAIN_LATER) {
+                if slot.sink.killer().reason().is_some_and(|r| r.reason == CloseReason::too_slow().reason) {
                     self.env().metrics.queue_overflows.inc();
                     warn!(peer, "client too slow: disconnected");
                 }
@@ -332,9 +375,21 @@ impl Actor {
         }
     }
 
-    /// Appends unsaved updates to the store; on failure keeps them and retries with backoff.
+    /// Sends the confirmations held for writes whose updates are now in the store.
+    fn confirm(&mut self) {
+        for (peer, frame) in std::mem::take(&mut self.awaiting) {
+            if let Some(slot) = self.peers.get(&peer) {
+                // A full queue ends that connection; its client resyncs and loses nothing.
+                let _ = slot.sink.push(frame);
+            }
+        }
+    }
+
+    /// Appends unsaved updates to the store in one transaction, then confirms them. On failure
+    /// keeps them, and retries with exponential backoff (0.1 s doubling to 5 s).
     async fn persist(&mut self, state: &DocState) {
         if self.unsaved.is_empty() {
+            self.confirm();
             return;
         }
         let started = Instant::now();
@@ -342,14 +397,22 @@ impl Actor {
         self.env().metrics.persist_seconds.observe(started.elapsed().as_secs_f64());
         match result {
             Ok(seq) => {
+                if !self.backoff.is_zero() {
+                    info!(unsaved = self.unsaved.len(), "document store reachable again; backlog saved");
+                }
+                self.backoff = Duration::ZERO;
                 self.log_len += self.unsaved.len() as u64;
                 self.last_seq = seq;
+                self.env().metrics.unsaved_bytes.dec_by(self.unsaved_bytes as i64);
                 self.unsaved.clear();
+                self.unsaved_bytes = 0;
+                self.confirm();
             }
             Err(e) => {
                 self.env().metrics.persist_errors.inc();
-                error!(error = %e, unsaved = self.unsaved.len(), "could not save document; retrying");
-                self.retry_at = Some(Instant::now() + Duration::from_millis(500));
+                self.backoff = (self.backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(5));
+                error!(error = %e, unsaved = self.unsaved.len(), retry_in = ?self.backoff, "could not save document; holding updates");
+                self.retry_at = Some(Instant::now() + self.backoff);
                 return;
             }
         }
@@ -374,8 +437,16 @@ impl Actor {
             }
             tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt + 1))).await;
         }
-        error!(unsaved = self.unsaved.len(), "updates could not be saved before unloading");
+        error!(
+            unsaved = self.unsaved.len(),
+            "updates could not be saved before unloading; their clients still hold them"
+        );
+        self.env().metrics.unsaved_bytes.dec_by(self.unsaved_bytes as i64);
     }
+}
+
+fn is_write(msg: &DocMessage) -> bool {
+    matches!(msg, DocMessage::Sync(SyncMessage::SyncStep2(_) | SyncMessage::Update(_)))
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {

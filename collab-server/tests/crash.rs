@@ -1,0 +1,144 @@
+//! Confirmed saves survive SIGKILL: a real `collab` process under write load is killed, and
+//! after a restart every update it had confirmed is there; the clients resend the rest.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use collab_client::{DocPeer, MuxConnection};
+use collab_server::auth::{Identity, Keys};
+use common::WAIT;
+use rand::Rng;
+use sync_core::Role;
+
+struct Process {
+    child: Child,
+    url: String,
+}
+
+fn spawn(data_dir: &std::path::Path, database_url: Option<&str>) -> Process {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_collab"));
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--web-dir", "/nonexistent", "--rate-messages", "0"]);
+    cmd.arg("--data-dir").arg(data_dir);
+    if let Some(url) = database_url {
+        cmd.args(["--database-url", url]);
+    }
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn collab");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("first line");
+    let addr = line.trim().strip_prefix("collab listening on http://").unwrap_or_else(|| panic!("unexpected {line:?}"));
+    Process { child, url: format!("ws://{addr}") }
+}
+
+/// Each writer inserts items `w{i}:{n};`; SyncStatus acknowledgements come in order, one per
+/// update, after the update is committed, so the first `applied - 1` items are confirmed
+/// (the first acknowledgement is for the empty sync step 2 sent on joining).
+fn confirmed(peer: &DocPeer) -> u64 {
+    peer.status().applied.saturating_sub(1)
+}
+
+async fn crash_and_recover(database_url: Option<&str>) {
+    let dir = tempfile::tempdir().unwrap();
+    let project = format!("crash{}", rand::rng().random_range(0..u32::MAX));
+    let doc = format!("{project}/file");
+    let keys = Keys::load_or_create(dir.path()).unwrap();
+    let identity = Identity { user: "w".into(), name: "W".into(), project: project.clone(), role: Role::Editor };
+    let token = keys.sign(&identity, Duration::from_secs(600)).unwrap();
+
+    let mut server = spawn(dir.path(), database_url);
+    let mut writers = Vec::new();
+    for _ in 0..4 {
+        let mux = MuxConnection::connect(&server.url).await.unwrap();
+        let peer = mux.open(&doc, &token).await.unwrap();
+        peer.wait_synced(WAIT).await.unwrap();
+        writers.push((mux, peer, 0u64));
+    }
+    // Type until a good number of edits are confirmed, then kill -9 mid-stream.
+    let mut round = 0u64;
+    loop {
+        for (i, (_, peer, sent)) in writers.iter_mut().enumerate() {
+            peer.insert(0, &format!("w{i}:{sent};"));
+            *sent += 1;
+        }
+        round += 1;
+        if round % 10 == 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let total: u64 = writers.iter().map(|(_, p, _)| confirmed(p)).sum();
+        if total >= 400 {
+            break;
+        }
+        assert!(round < 100_000, "edits are not being confirmed");
+    }
+    // A last burst, killed before it can all be confirmed: those the clients must resend.
+    for _ in 0..20 {
+        for (i, (_, peer, sent)) in writers.iter_mut().enumerate() {
+            peer.insert(0, &format!("w{i}:{sent};"));
+            *sent += 1;
+        }
+    }
+    tokio::task::yield_now().await;
+    server.child.kill().expect("SIGKILL");
+    server.child.wait().unwrap();
+    for (_, peer, _) in &writers {
+        peer.wait_until("socket closed", WAIT, |p| !p.status().connected).await.unwrap();
+    }
+    let confirmed_at_kill: Vec<u64> = writers.iter().map(|(_, p, _)| confirmed(p)).collect();
+    let sent: Vec<u64> = writers.iter().map(|(_, _, s)| *s).collect();
+
+    let restarted = spawn(dir.path(), database_url);
+    let checker_mux = MuxConnection::connect(&restarted.url).await.unwrap();
+    let checker = checker_mux.open(&doc, &token).await.unwrap();
+    checker.wait_synced(WAIT).await.unwrap();
+    let text = checker.text();
+    let mut present = 0;
+    for (i, n) in confirmed_at_kill.iter().enumerate() {
+        for k in 0..*n {
+            assert!(text.contains(&format!("w{i}:{k};")), "confirmed item w{i}:{k} lost after SIGKILL");
+            present += 1;
+        }
+    }
+    eprintln!("sent {sent:?}, confirmed {confirmed_at_kill:?}: all {present} confirmed items survived kill -9");
+
+    // The surviving clients reconnect with their documents; the sync handshake resends the rest.
+    let mut again = Vec::new();
+    for (mux, peer, _) in writers {
+        let ydoc = peer.doc().clone();
+        drop(peer);
+        drop(mux);
+        let mux = MuxConnection::connect(&restarted.url).await.unwrap();
+        let peer = mux.open_with(&doc, &token, ydoc).await.unwrap();
+        peer.wait_synced(WAIT).await.unwrap();
+        again.push((mux, peer));
+    }
+    let has_all = |t: &str| sent.iter().enumerate().all(|(i, n)| (0..*n).all(|k| t.contains(&format!("w{i}:{k};"))));
+    checker
+        .wait_until("convergence after resend", WAIT, |c| {
+            let t = c.text();
+            again.iter().all(|(_, p)| p.text() == t) && has_all(&t)
+        })
+        .await
+        .expect("all peers converge on every item sent, confirmed or not");
+    drop(restarted);
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirmed_updates_survive_sigkill_on_sqlite() {
+    crash_and_recover(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirmed_updates_survive_sigkill_on_postgres() {
+    let url = std::env::var("COLLAB_TEST_POSTGRES_URL")
+        .expect("COLLAB_TEST_POSTGRES_URL must point at a PostgreSQL server (cargo xtask test starts one)");
+    crash_and_recover(Some(&url)).await;
+}

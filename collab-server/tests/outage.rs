@@ -1,0 +1,175 @@
+//! A PostgreSQL outage under load: the server keeps serving from memory, holds and retries what
+//! it could not save, refuses new edits past its backlog bound, and loses nothing.
+//!
+//! The outage is made by a TCP proxy between the server and PostgreSQL that the test cuts:
+//! every connection drops and new ones are refused, as when the database goes away. The shared
+//! test database itself keeps running for the other tests.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use collab_client::MuxConnection;
+use common::{TestServer, WAIT};
+use rand::Rng;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+struct Proxy {
+    addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+    links: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl Proxy {
+    async fn start(upstream: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let links: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let (cut2, links2) = (cut.clone(), links.clone());
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if cut2.load(Ordering::SeqCst) {
+                    continue; // dropped: connection refused by a dead database
+                }
+                let link = tokio::spawn(async move {
+                    if let Ok(mut server) = TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                links2.lock().unwrap().push(link);
+            }
+        });
+        Proxy { addr, cut, links }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for link in self.links.lock().unwrap().drain(..) {
+            link.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+/// The test database URL, split around its `host:port`.
+fn database_url_parts() -> (String, SocketAddr, String) {
+    let url = std::env::var("COLLAB_TEST_POSTGRES_URL")
+        .expect("COLLAB_TEST_POSTGRES_URL must point at a PostgreSQL server (cargo xtask test starts one)");
+    let at = url.rfind('@').expect("url with credentials") + 1;
+    let slash = at + url[at..].find('/').expect("url with a database");
+    let upstream = url[at..slash].replace("localhost", "127.0.0.1").parse().expect("host:port");
+    (url[..at].to_owned(), upstream, url[slash..].to_owned())
+}
+
+/// A server whose PostgreSQL connections all go through a proxy the test can cut.
+async fn proxied_server(tweak: impl FnOnce(&mut collab_server::Config)) -> (TestServer, Proxy) {
+    let (head, upstream, tail) = database_url_parts();
+    let proxy = Proxy::start(upstream).await;
+    let url = format!("{head}{}{tail}", proxy.addr);
+    let server = TestServer::start_with(|c| {
+        c.database_url = Some(url);
+        tweak(c);
+    })
+    .await;
+    (server, proxy)
+}
+
+fn project() -> String {
+    format!("outage{}", rand::rng().random_range(0..u32::MAX))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_loses_nothing_and_is_visible_in_metrics() {
+    let (mut server, proxy) = proxied_server(|_| {}).await;
+    let project = project();
+    let doc = format!("{project}/file");
+    let token = server.editor(&project, "w");
+    let mux = MuxConnection::connect(&server.url).await.unwrap();
+    let writer = mux.open(&doc, &token).await.unwrap();
+    writer.wait_synced(WAIT).await.unwrap();
+    let reader = server.connect(&doc, "reader").await;
+    let mut sent = 0;
+    let mut type_some = |n: usize| {
+        for _ in 0..n {
+            writer.insert(0, &format!("item{sent};"));
+            sent += 1;
+        }
+        sent
+    };
+    let before = type_some(20);
+    writer.wait_until("confirmed", WAIT, |p| p.status().applied == before as u64 + 1).await.unwrap();
+
+    proxy.cut();
+    let during = type_some(30);
+    // Still served from memory: the reader sees every edit at once.
+    reader
+        .wait_until("live edits during the outage", WAIT, |p| p.text().contains(&format!("item{};", during - 1)))
+        .await
+        .unwrap();
+    server.eventually("outage seen in metrics", |s| s.metric("collab_persist_errors_total") >= 1.0).await;
+    assert!(server.metric("collab_unsaved_bytes") > 0.0, "the backlog is visible");
+    assert_eq!(writer.status().applied, before as u64 + 1, "nothing is confirmed while the store is down");
+
+    tokio::time::sleep(Duration::from_secs(2)).await; // several retries fail while the database is away
+    proxy.restore();
+    writer.wait_until("backlog confirmed", WAIT, |p| p.status().applied == during as u64 + 1).await.unwrap();
+    assert_eq!(server.metric("collab_unsaved_bytes"), 0.0);
+
+    server.restart().await;
+    let checker = server.connect(&doc, "checker").await;
+    for k in 0..during {
+        assert!(checker.text().contains(&format!("item{k};")), "item{k} lost in the outage");
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_backlog_bound_new_edits_are_refused_and_nothing_is_lost() {
+    let (mut server, proxy) = proxied_server(|c| c.limits.max_unsaved_bytes = 2048).await;
+    let project = project();
+    let doc = format!("{project}/file");
+    let token = server.editor(&project, "w");
+    let mux = MuxConnection::connect(&server.url).await.unwrap();
+    let writer = mux.open(&doc, &token).await.unwrap();
+    writer.wait_synced(WAIT).await.unwrap();
+
+    proxy.cut();
+    let line = "x".repeat(200);
+    for i in 0..40 {
+        writer.insert(0, &format!("{i}:{line};"));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        if !writer.status().connected {
+            break;
+        }
+    }
+    let close = writer.wait_closed(WAIT).await.expect("refused writer is disconnected");
+    assert_eq!(close.code, 1013, "{close:?}");
+    assert!(close.reason.contains("document store unavailable"), "{close:?}");
+    assert!(server.metric("collab_writes_refused_total") >= 1.0);
+    let mine = writer.text();
+
+    proxy.restore();
+    let ydoc = writer.doc().clone();
+    drop(writer);
+    drop(mux);
+    // The refused client reconnects once the store is back; the handshake resends its edits.
+    let mux = MuxConnection::connect(&server.url).await.unwrap();
+    let writer = mux.open_with(&doc, &token, ydoc).await.unwrap();
+    writer.wait_synced(WAIT).await.unwrap();
+    server.eventually("backlog saved", |s| s.metric("collab_unsaved_bytes") == 0.0).await;
+    let checker = server.connect(&doc, "checker").await;
+    checker.wait_text(&mine, WAIT).await.expect("every edit, refused or not, reaches the server");
+    drop((writer, mux, checker));
+    server.restart().await;
+    let after = server.connect(&doc, "after").await;
+    after.wait_text(&mine, WAIT).await.expect("and the store");
+    server.stop().await;
+}
