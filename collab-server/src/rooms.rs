@@ -8,7 +8,7 @@
 //! running actor or starts a fresh one that loads everything saved.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -132,6 +132,7 @@ impl Rooms {
             unsaved_bytes: 0,
             awaiting: Vec::new(),
             backoff: Duration::ZERO,
+            compacting: Arc::default(),
             log_len: 0,
             last_seq: 0,
             retry_at: None,
@@ -174,6 +175,7 @@ struct Actor {
     /// Confirmations (echoes, sync statuses) to send once `unsaved` is in the store.
     awaiting: Vec<(PeerId, Bytes)>,
     backoff: Duration,
+    compacting: Arc<AtomicBool>,
     log_len: u64,
     last_seq: i64,
     retry_at: Option<Instant>,
@@ -417,16 +419,31 @@ impl Actor {
             }
         }
         if self.log_len >= self.env().limits.compact_threshold {
-            self.compact(state).await;
+            self.compact(state);
         }
     }
 
-    async fn compact(&mut self, state: &DocState) {
-        let snapshot = state.encode_state();
-        match self.env().store.compact(self.doc.as_str(), &snapshot, self.last_seq).await {
-            Ok(_) => self.log_len = 0,
-            Err(e) => warn!(error = %e, "compaction failed; the log stays as it is"),
+    /// Merges the log into a snapshot in the background: the room keeps applying and saving
+    /// while the snapshot is written. One compaction per document at a time.
+    fn compact(&mut self, state: &DocState) {
+        if self.compacting.load(Ordering::Acquire) {
+            return;
         }
+        self.compacting.store(true, Ordering::Release);
+        let snapshot = state.encode_state();
+        let (store, doc, upto) = (self.env().store.clone(), self.doc.clone(), self.last_seq);
+        let flag = self.compacting.clone();
+        self.log_len = 0;
+        let span = tracing::Span::current();
+        self.env().tracker.spawn(
+            async move {
+                if let Err(e) = store.compact(doc.as_str(), &snapshot, upto).await {
+                    warn!(error = %e, "compaction failed; the log stays as it is");
+                }
+                flag.store(false, Ordering::Release);
+            }
+            .instrument(span),
+        );
     }
 
     async fn flush_before_exit(&mut self, state: &DocState) {
