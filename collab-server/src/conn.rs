@@ -58,14 +58,23 @@ impl Throttle {
         Throttle { messages, bytes }
     }
 
-    async fn wait(&self, len: usize) {
+    /// Waits until the frame fits the connection's rates; returns whether it had to wait.
+    async fn wait(&self, len: usize) -> bool {
+        let mut waited = false;
         if let Some(m) = &self.messages {
-            m.until_ready().await;
+            if m.check().is_err() {
+                waited = true;
+                m.until_ready().await;
+            }
         }
         if let (Some(b), Some(n)) = (&self.bytes, NonZeroU32::new(u32::try_from(len).unwrap_or(u32::MAX))) {
             // A frame never exceeds the burst (it is at least the message size limit).
-            let _ = b.until_n_ready(n).await;
+            if !matches!(b.check_n(n), Ok(Ok(()))) {
+                waited = true;
+                let _ = b.until_n_ready(n).await;
+            }
         }
+        waited
     }
 }
 
@@ -114,7 +123,9 @@ pub async fn run<H: Handler>(socket: WebSocket, app: Arc<AppState>, mut handler:
                     last_seen = Instant::now();
                     metrics.messages_in.inc();
                     metrics.bytes_in.inc_by(data.len() as u64);
-                    throttle.wait(data.len()).await;
+                    if throttle.wait(data.len()).await {
+                        metrics.throttled.inc();
+                    }
                     if let Err(reason) = handler.frame(&data, &sink).await {
                         if reason.code == close::INVALID_PAYLOAD || reason.code == close::POLICY_VIOLATION {
                             metrics.protocol_errors.inc();

@@ -19,6 +19,7 @@ pub struct Metrics {
     pub queue_overflows: Counter,
     pub protocol_errors: Counter,
     pub auth_failures: Counter,
+    pub throttled: Counter,
     pub persist_errors: Counter,
     pub unsaved_bytes: Gauge,
     pub writes_refused: Counter,
@@ -46,6 +47,7 @@ impl Metrics {
             queue_overflows: Counter::default(),
             protocol_errors: Counter::default(),
             auth_failures: Counter::default(),
+            throttled: Counter::default(),
             persist_errors: Counter::default(),
             unsaved_bytes: Gauge::default(),
             writes_refused: Counter::default(),
@@ -67,6 +69,11 @@ impl Metrics {
         );
         registry.register("protocol_errors", "Connections closed for malformed input", m.protocol_errors.clone());
         registry.register("auth_failures", "Refused tokens", m.auth_failures.clone());
+        registry.register(
+            "throttled",
+            "Frames a client sent faster than its rate limit; reading paused until they fit",
+            m.throttled.clone(),
+        );
         registry.register("persist_errors", "Failed writes to the document store", m.persist_errors.clone());
         registry.register(
             "unsaved_bytes",

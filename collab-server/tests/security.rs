@@ -229,3 +229,46 @@ async fn anonymous_access_is_off_by_default() {
     assert_eq!(refused_status(format!("{}/sync/anon/doc?token=bad", open.url)).await, "401 Unauthorized");
     open.stop().await;
 }
+
+#[tokio::test]
+async fn a_fast_sender_is_throttled_and_loses_nothing() {
+    let server = TestServer::start_with(|c| {
+        c.limits.rate_messages = 100;
+        c.limits.rate_burst = 20;
+    })
+    .await;
+    let doc = "flood/doc";
+    let mut ws = raw(&server, doc).await;
+    let writer = yrs::Doc::new();
+    let text = writer.get_or_insert_text("content");
+    for i in 0..150 {
+        let mut txn = yrs::Transact::transact_mut(&writer);
+        yrs::Text::push(&text, &mut txn, &format!("{i},"));
+        let frame = wire::encode_ywebsocket(OutMsg::Update(&txn.encode_update_v1()));
+        drop(txn);
+        ws.send(Message::Binary(frame.into())).await.expect("send");
+    }
+    let expected = yrs::GetString::get_string(&text, &yrs::Transact::transact(&writer));
+    let reader = server.connect(doc, "reader").await;
+    reader.wait_text(&expected, WAIT).await.expect("every throttled frame is applied, none dropped");
+    assert!(server.metric("collab_throttled_total") >= 1.0, "the flood was throttled");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn connection_attempts_are_rate_limited_per_ip() {
+    let server = TestServer::start_with(|c| c.limits.connect_rate = 1).await;
+    let url = format!("{}/sync/p/doc?token={}", server.url, server.editor("p", "x"));
+    let mut limited = 0;
+    let mut sockets = Vec::new();
+    for _ in 0..30 {
+        match tokio_tungstenite::connect_async(&url).await {
+            Ok((ws, _)) => sockets.push(ws),
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) if resp.status() == 429 => limited += 1,
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+    assert!(limited >= 10, "only {limited} of 30 rapid connection attempts were refused with 429");
+    assert!(!sockets.is_empty(), "the burst allowance let some through");
+    server.stop().await;
+}
