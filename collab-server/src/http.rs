@@ -4,10 +4,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Router;
+use axum::body::Bytes;
+use axum::extract::DefaultBodyLimit;
 use axum::extract::{Path, Query, State, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use sync_core::DocName;
 use tower_governor::GovernorLayer;
 use tower_governor::governor::GovernorConfigBuilder;
@@ -15,8 +17,10 @@ use tower_http::services::{ServeDir, ServeFile};
 use tracing::info;
 
 use crate::AppState;
-use crate::auth::AuthError;
+use crate::archive::{self, ArchiveError, ArchiveLimits};
+use crate::auth::{AuthError, Identity};
 use crate::conn::{self, MuxHandler, YwsHandler};
+use crate::project::{self, ProjectError};
 
 /// Errors at the HTTP edge; each maps to a status and a message safe for clients.
 #[derive(Debug, thiserror::Error)]
@@ -25,13 +29,25 @@ pub enum AppError {
     BadRequest(String),
     #[error("{0}")]
     Unauthorized(AuthError),
+    #[error("this needs the editor role")]
+    Forbidden,
+    #[error("{0}")]
+    Archive(#[from] ArchiveError),
+    #[error("{0}")]
+    Project(#[from] ProjectError),
+    #[error("could not build the archive")]
+    Export,
 }
 
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
-        let status = match self {
-            AppError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        let status = match &self {
+            AppError::BadRequest(_) | AppError::Archive(_) => StatusCode::BAD_REQUEST,
+            AppError::Project(ProjectError::Tree(_) | ProjectError::BadName) => StatusCode::BAD_REQUEST,
             AppError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            AppError::Forbidden => StatusCode::FORBIDDEN,
+            AppError::Project(ProjectError::Unavailable) => StatusCode::SERVICE_UNAVAILABLE,
+            AppError::Export => StatusCode::INTERNAL_SERVER_ERROR,
         };
         (status, self.to_string()).into_response()
     }
@@ -61,8 +77,13 @@ pub fn router(app: Arc<AppState>) -> Router {
             Html("<h1>collab</h1><p>The web front end is not built. Run <code>cargo xtask run</code>.</p>")
         })
     };
+    let api = Router::new()
+        .route("/api/projects/{project}/export", get(export))
+        .route("/api/projects/{project}/import", post(import))
+        .layer(DefaultBodyLimit::max(IMPORT_BODY_LIMIT));
     Router::new()
         .merge(sync)
+        .merge(api)
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .merge(web)
@@ -110,4 +131,66 @@ async fn mux_upgrade(State(app): State<Arc<AppState>>, ws: WebSocketUpgrade) -> 
         let task = app.tracker.track_future(conn::run(socket, app.clone(), handler));
         tracing::Instrument::instrument(task, span)
     })
+}
+
+/// Largest accepted import upload (compressed), in bytes.
+const IMPORT_BODY_LIMIT: usize = 32 << 20;
+
+/// Verifies the request's token (`?token=` or `Authorization: Bearer`) for a project's root.
+fn project_identity(
+    app: &AppState,
+    project: &str,
+    params: &HashMap<String, String>,
+    headers: &HeaderMap,
+) -> Result<(DocName, Identity), AppError> {
+    let root = DocName::parse(project).map_err(|e| AppError::BadRequest(format!("invalid project: {e}")))?;
+    let token = params.get("token").map(String::as_str).or_else(|| bearer(headers)).unwrap_or("");
+    let identity = app.authorize(token, &root).map_err(|e| {
+        app.metrics.auth_failures.inc();
+        AppError::Unauthorized(e)
+    })?;
+    Ok((root, identity))
+}
+
+/// `GET /api/projects/{project}/export?format=tar.gz|zip`: the project's files as an archive.
+async fn export(
+    State(app): State<Arc<AppState>>,
+    Path(project): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Result<Response, AppError> {
+    let (root, _) = project_identity(&app, &project, &params, &headers)?;
+    let files = project::read_files(&app.rooms, root.as_str()).await?;
+    let format = params.get("format").map(String::as_str).unwrap_or("tar.gz");
+    let (bytes, content_type) = match format {
+        "tar.gz" => {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            (archive::write_tar_gz(&files, now).map_err(|_| AppError::Export)?, "application/gzip")
+        }
+        "zip" => (archive::write_zip(&files).map_err(|_| AppError::Export)?, "application/zip"),
+        other => return Err(AppError::BadRequest(format!("unknown format {other:?}: use tar.gz or zip"))),
+    };
+    let disposition = format!("attachment; filename=\"{project}.{format}\"");
+    Ok(([(header::CONTENT_TYPE, content_type.to_owned()), (header::CONTENT_DISPOSITION, disposition)], bytes)
+        .into_response())
+}
+
+/// `POST /api/projects/{project}/import`: adds or replaces files from a `.tar.gz` or `.zip` body,
+/// as live edits every connected peer sees. All-or-nothing on bad archives: nothing is written
+/// unless the whole archive passes the checks.
+async fn import(
+    State(app): State<Arc<AppState>>,
+    Path(project): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<String, AppError> {
+    let (root, identity) = project_identity(&app, &project, &params, &headers)?;
+    if !identity.role.can_write() {
+        return Err(AppError::Forbidden);
+    }
+    let files = archive::read(&body, ArchiveLimits::default())?;
+    let count = project::write_files(&app.rooms, root.as_str(), &files).await?;
+    info!(project = %root, user_id = %identity.user, files = count, "project imported");
+    Ok(format!("imported {count} files\n"))
 }

@@ -1,6 +1,7 @@
 //! The collaboration server: y-websocket and Hocuspocus compatible sync over WebSockets, with
 //! documents persisted through `doc-store`. The binary `collab` is a thin shell over [`start`].
 
+pub mod archive;
 pub mod auth;
 pub mod close;
 pub mod config;
@@ -9,6 +10,7 @@ pub mod conn_sink;
 pub mod demo;
 pub mod http;
 pub mod metrics;
+pub mod project;
 pub mod rooms;
 
 use std::net::SocketAddr;

@@ -17,7 +17,7 @@ use doc_store::DocStore;
 use sync_core::room::Reply;
 use sync_core::wire::{self, DocMessage, HocusOut, OutMsg, SyncMessage};
 use sync_core::{DocName, DocState, Input, Output, PeerId, Role};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -37,9 +37,28 @@ pub enum Framing {
 
 #[derive(Debug)]
 pub enum RoomCmd {
-    Join { peer: PeerId, role: Role, sink: ConnSink, framing: Framing },
-    Leave { peer: PeerId },
-    Msg { peer: PeerId, msg: DocMessage },
+    Join {
+        peer: PeerId,
+        role: Role,
+        sink: ConnSink,
+        framing: Framing,
+    },
+    Leave {
+        peer: PeerId,
+    },
+    Msg {
+        peer: PeerId,
+        msg: DocMessage,
+    },
+    /// The whole document, encoded as one update.
+    Snapshot {
+        reply: oneshot::Sender<Vec<u8>>,
+    },
+    /// A write made by the server itself (imports, restores); `done` fires once it is committed.
+    Apply {
+        update: Vec<u8>,
+        done: oneshot::Sender<()>,
+    },
 }
 
 /// What a room needs from the server around it.
@@ -101,6 +120,8 @@ impl RoomLease {
 pub struct RoomGone;
 
 const INBOX: usize = 4096;
+/// The peer id of the server's own writes: joined as an editor, with no connection.
+const SERVER_PEER: PeerId = 0;
 const BATCH: usize = 1024;
 
 impl Rooms {
@@ -132,6 +153,7 @@ impl Rooms {
             unsaved_bytes: 0,
             awaiting: Vec::new(),
             backoff: Duration::ZERO,
+            server_awaiting: Vec::new(),
             compacting: Arc::default(),
             log_len: 0,
             last_seq: 0,
@@ -175,6 +197,8 @@ struct Actor {
     /// Confirmations (echoes, sync statuses) to send once `unsaved` is in the store.
     awaiting: Vec<(PeerId, Bytes)>,
     backoff: Duration,
+    /// Server-side writes waiting for their commit.
+    server_awaiting: Vec<oneshot::Sender<()>>,
     compacting: Arc<AtomicBool>,
     log_len: u64,
     last_seq: i64,
@@ -202,6 +226,7 @@ impl Actor {
                 return;
             }
         };
+        state.step([Input::Join { peer: SERVER_PEER, role: Role::Editor }], Instant::now().into_std());
         let limits = self.env().limits.clone();
         let sweep_every = (limits.awareness_timeout / 3).clamp(Duration::from_millis(50), Duration::from_secs(10));
         let mut sweep = tokio::time::interval(sweep_every);
@@ -246,9 +271,9 @@ impl Actor {
                     break;
                 }
             }
-            if state.peer_count() == 0 && idle_since.is_none() {
+            if self.peers.is_empty() && idle_since.is_none() {
                 idle_since = Some(Instant::now());
-            } else if state.peer_count() > 0 {
+            } else if !self.peers.is_empty() {
                 idle_since = None;
             }
         }
@@ -290,6 +315,17 @@ impl Actor {
                     inputs.push(Input::Leave { peer });
                 }
                 RoomCmd::Msg { peer, msg } => inputs.push(Input::Message { peer, msg }),
+                RoomCmd::Snapshot { reply } => {
+                    // Earlier inputs of this batch first, so the snapshot includes them.
+                    let out = state.step(inputs.drain(..), Instant::now().into_std());
+                    self.broadcast(state, out);
+                    let _ = reply.send(state.encode_state());
+                }
+                RoomCmd::Apply { update, done } => {
+                    let msg = DocMessage::Sync(SyncMessage::Update(update));
+                    inputs.push(Input::Message { peer: SERVER_PEER, msg });
+                    self.server_awaiting.push(done);
+                }
             }
         }
         let out = state.step(inputs, Instant::now().into_std());
@@ -379,6 +415,9 @@ impl Actor {
 
     /// Sends the confirmations held for writes whose updates are now in the store.
     fn confirm(&mut self) {
+        for done in self.server_awaiting.drain(..) {
+            let _ = done.send(());
+        }
         for (peer, frame) in std::mem::take(&mut self.awaiting) {
             if let Some(slot) = self.peers.get(&peer) {
                 // A full queue ends that connection; its client resyncs and loses nothing.

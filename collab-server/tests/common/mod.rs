@@ -113,3 +113,36 @@ pub fn seed(test: &str) -> u64 {
     eprintln!("{test}: seed {seed} (replay with TEST_SEED={seed})");
     seed
 }
+
+/// A minimal HTTP/1.1 request over a fresh connection; returns the status and the body.
+pub async fn http(server: &TestServer, method: &str, path: &str, token: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = server.url.trim_start_matches("ws://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.expect("write");
+    stream.write_all(body).await.expect("write body");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.expect("read");
+    let split = response.windows(4).position(|w| w == b"\r\n\r\n").expect("end of headers");
+    let headers = String::from_utf8_lossy(&response[..split]).to_lowercase();
+    let status = headers.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("status");
+    let mut rest = &response[split + 4..];
+    if !headers.contains("transfer-encoding: chunked") {
+        return (status, rest.to_vec());
+    }
+    let mut body = Vec::new();
+    loop {
+        let line_end = rest.windows(2).position(|w| w == b"\r\n").expect("chunk size");
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&rest[..line_end]).expect("hex").trim(), 16).expect("size");
+        if size == 0 {
+            return (status, body);
+        }
+        body.extend_from_slice(&rest[line_end + 2..line_end + 2 + size]);
+        rest = &rest[line_end + 2 + size + 2..];
+    }
+}
