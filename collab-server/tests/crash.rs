@@ -114,13 +114,11 @@ async fn crash_and_recover(database_url: Option<&str>) {
         again.push((mux, peer));
     }
     let has_all = |t: &str| sent.iter().enumerate().all(|(i, n)| (0..*n).all(|k| t.contains(&format!("w{i}:{k};"))));
-    checker
-        .wait_until("convergence after resend", WAIT, |c| {
-            let t = c.text();
-            again.iter().all(|(_, p)| p.text() == t) && has_all(&t)
-        })
-        .await
-        .expect("all peers converge on every item sent, confirmed or not");
+    common::until("convergence on every item sent, confirmed or not", || {
+        let t = checker.text();
+        again.iter().all(|(_, p)| p.text() == t) && has_all(&t)
+    })
+    .await;
     drop(restarted);
 }
 

@@ -107,6 +107,16 @@ impl TestServer {
     }
 }
 
+/// Polls `cond` until it holds; for conditions that span several peers (no one peer's
+/// notifications cover them).
+pub async fn until(what: &str, cond: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// A fixed seed from `TEST_SEED`, or a fresh one; printed so a failing run can be replayed.
 pub fn seed(test: &str) -> u64 {
     let seed = std::env::var("TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
