@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::{DocStore, StoreError, StoredDoc};
+use crate::{DocStore, NewCheckpoint, StoreError, StoredDoc};
 
 /// Runs every case in turn; `a` and `b` must be two handles to one database.
 pub async fn run_all(a: Arc<dyn DocStore>, b: Arc<dyn DocStore>) {
@@ -34,6 +34,7 @@ pub async fn run_all(a: Arc<dyn DocStore>, b: Arc<dyn DocStore>) {
         names_with_slashes_and_unicode,
         list_by_prefix,
         delete_removes_everything,
+        checkpoints_round_trip,
     );
 }
 
@@ -421,4 +422,48 @@ pub async fn delete_removes_everything(a: Arc<dyn DocStore>, b: Arc<dyn DocStore
     a.delete(&doomed).await.unwrap();
     assert_eq!(b.append(&doomed, &blobs(&["new"])).await.unwrap(), 1);
     assert_eq!(a.load(&doomed).await.unwrap(), StoredDoc { snapshot: None, updates: blobs(&["new"]), last_seq: 1 });
+}
+
+pub async fn checkpoints_round_trip(a: Arc<dyn DocStore>, b: Arc<dyn DocStore>) {
+    let project = unique_name("checkpoints").replace('/', "-");
+    let docs = vec![(project.clone(), b"root".to_vec()), (format!("{project}/f1"), vec![0u8, 1, 2, 255])];
+    let first = a
+        .create_checkpoint(&NewCheckpoint {
+            project: &project,
+            name: "before lunch",
+            author: "ada",
+            created_at: 1_000,
+            docs: &docs,
+        })
+        .await
+        .expect("create");
+    let second = b
+        .create_checkpoint(&NewCheckpoint {
+            project: &project,
+            name: "auto",
+            author: "server",
+            created_at: 2_000,
+            docs: &docs[..1],
+        })
+        .await
+        .expect("create from the other handle");
+    assert!(second > first, "ids increase");
+    let listed = a.list_checkpoints(&project).await.expect("list");
+    let summary: Vec<(i64, &str, &str, i64, i64)> =
+        listed.iter().map(|c| (c.id, c.name.as_str(), c.author.as_str(), c.created_at, c.docs)).collect();
+    assert_eq!(summary, vec![(first, "before lunch", "ada", 1_000, 2), (second, "auto", "server", 2_000, 1)]);
+    assert_eq!(b.load_checkpoint(&project, first).await.expect("load"), Some(docs.clone()));
+    assert_eq!(a.load_checkpoint("another-project", first).await.expect("load"), None, "scoped to its project");
+    assert_eq!(a.load_checkpoint(&project, second + 1000).await.expect("load"), None);
+    a.delete_checkpoint("another-project", first).await.expect("delete elsewhere is a no-op");
+    assert_eq!(a.list_checkpoints(&project).await.expect("list").len(), 2);
+    b.delete_checkpoint(&project, first).await.expect("delete");
+    assert_eq!(a.load_checkpoint(&project, first).await.expect("load"), None);
+    assert_eq!(a.list_checkpoints(&project).await.expect("list").len(), 1);
+    let bad = vec![(String::new(), Vec::new())];
+    assert_invalid(
+        a.create_checkpoint(&NewCheckpoint { project: &project, name: "x", author: "y", created_at: 0, docs: &bad })
+            .await,
+        "empty document name in a checkpoint",
+    );
 }

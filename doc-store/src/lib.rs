@@ -83,6 +83,43 @@ pub trait DocStore: Send + Sync + 'static {
     /// Names of stored documents starting with `prefix` (compared exactly, case-sensitively),
     /// sorted by their UTF-8 bytes, as `str`'s `Ord` does.
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
+
+    /// Saves a named checkpoint of a project: the full state of each of its documents, in one
+    /// transaction. Returns the checkpoint's id (increasing).
+    async fn create_checkpoint(&self, checkpoint: &NewCheckpoint<'_>) -> Result<i64, StoreError>;
+
+    /// A project's checkpoints, oldest first.
+    async fn list_checkpoints(&self, project: &str) -> Result<Vec<CheckpointInfo>, StoreError>;
+
+    /// The documents saved in one checkpoint of `project`, sorted by name; `None` if there is no
+    /// such checkpoint in that project.
+    async fn load_checkpoint(&self, project: &str, id: i64) -> Result<Option<Vec<(String, Vec<u8>)>>, StoreError>;
+
+    /// Deletes a checkpoint of `project` (for retention); deleting a missing one is not an error.
+    async fn delete_checkpoint(&self, project: &str, id: i64) -> Result<(), StoreError>;
+}
+
+/// A checkpoint to save.
+#[derive(Debug, Clone)]
+pub struct NewCheckpoint<'a> {
+    pub project: &'a str,
+    pub name: &'a str,
+    pub author: &'a str,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    /// Each document's full state.
+    pub docs: &'a [(String, Vec<u8>)],
+}
+
+/// A saved checkpoint, without its documents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointInfo {
+    pub id: i64,
+    pub name: String,
+    pub author: String,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    pub docs: i64,
 }
 
 /// Opens the store named by `url`, creating the database schema if needed.
@@ -103,6 +140,11 @@ pub async fn open_store(url: &str) -> Result<Arc<dyn DocStore>, StoreError> {
             "unsupported store url scheme `{scheme}`: expected sqlite:, postgres: or postgresql:"
         ))),
     }
+}
+
+/// A `checkpoints` row with its document count, as both backends select it.
+fn checkpoint_info((id, name, author, created_at, docs): (i64, String, String, i64, i64)) -> CheckpointInfo {
+    CheckpointInfo { id, name, author, created_at, docs }
 }
 
 /// Rejects names that one backend could not store the same way as the other.

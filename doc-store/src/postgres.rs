@@ -10,7 +10,8 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 
 use crate::error::{from_migrate, from_sqlx};
 use crate::{
-    DocStore, StoreError, StoredDoc, compaction_past_end, prefix_can_match, validate_doc_name, validate_upto_seq,
+    CheckpointInfo, DocStore, NewCheckpoint, StoreError, StoredDoc, checkpoint_info, compaction_past_end,
+    prefix_can_match, validate_doc_name, validate_upto_seq,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
@@ -226,6 +227,80 @@ impl DocStore for PostgresStore {
         }
         tx.commit().await.map_err(pg_error)?;
         tracing::debug!(doc_id = doc, "deleted document");
+        Ok(())
+    }
+
+    async fn create_checkpoint(&self, c: &NewCheckpoint<'_>) -> Result<i64, StoreError> {
+        for (doc, _) in c.docs {
+            validate_doc_name(doc)?;
+        }
+        let mut tx = self.pool.begin().await.map_err(pg_error)?;
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO checkpoints (project, name, author, created_at) VALUES ($1, $2, $3, $4) RETURNING id",
+        )
+        .bind(c.project)
+        .bind(c.name)
+        .bind(c.author)
+        .bind(c.created_at)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(pg_error)?;
+        let names: Vec<&str> = c.docs.iter().map(|(d, _)| d.as_str()).collect();
+        let datas: Vec<&[u8]> = c.docs.iter().map(|(_, b)| b.as_slice()).collect();
+        sqlx::query(
+            "INSERT INTO checkpoint_docs (checkpoint_id, doc, data) SELECT $1, d, b FROM UNNEST($2::text[], $3::bytea[]) AS t(d, b)",
+        )
+        .bind(id)
+        .bind(&names)
+        .bind(&datas)
+        .execute(&mut *tx)
+        .await
+        .map_err(pg_error)?;
+        tx.commit().await.map_err(pg_error)?;
+        Ok(id)
+    }
+
+    async fn list_checkpoints(&self, project: &str) -> Result<Vec<CheckpointInfo>, StoreError> {
+        let rows: Vec<(i64, String, String, i64, i64)> = sqlx::query_as(
+            "SELECT c.id, c.name, c.author, c.created_at, \
+             (SELECT COUNT(*) FROM checkpoint_docs d WHERE d.checkpoint_id = c.id) \
+             FROM checkpoints c WHERE c.project = $1 ORDER BY c.id",
+        )
+        .bind(project)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(pg_error)?;
+        Ok(rows.into_iter().map(checkpoint_info).collect())
+    }
+
+    async fn load_checkpoint(&self, project: &str, id: i64) -> Result<Option<Vec<(String, Vec<u8>)>>, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(pg_error)?;
+        let found: Option<i64> = sqlx::query_scalar("SELECT id FROM checkpoints WHERE id = $1 AND project = $2")
+            .bind(id)
+            .bind(project)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(pg_error)?;
+        if found.is_none() {
+            return Ok(None);
+        }
+        let docs =
+            sqlx::query_as("SELECT doc, data FROM checkpoint_docs WHERE checkpoint_id = $1 ORDER BY doc COLLATE \"C\"")
+                .bind(id)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(pg_error)?;
+        Ok(Some(docs))
+    }
+
+    async fn delete_checkpoint(&self, project: &str, id: i64) -> Result<(), StoreError> {
+        // checkpoint_docs rows go with it (ON DELETE CASCADE).
+        sqlx::query("DELETE FROM checkpoints WHERE id = $1 AND project = $2")
+            .bind(id)
+            .bind(project)
+            .execute(&self.pool)
+            .await
+            .map_err(pg_error)?;
         Ok(())
     }
 

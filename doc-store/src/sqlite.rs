@@ -12,7 +12,8 @@ use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
 
 use crate::error::{from_migrate, from_sqlx};
 use crate::{
-    DocStore, StoreError, StoredDoc, compaction_past_end, prefix_can_match, validate_doc_name, validate_upto_seq,
+    CheckpointInfo, DocStore, NewCheckpoint, StoreError, StoredDoc, checkpoint_info, compaction_past_end,
+    prefix_can_match, validate_doc_name, validate_upto_seq,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -298,6 +299,91 @@ impl DocStore for SqliteStore {
         }
         tx.commit().await.map_err(sqlite_error)?;
         tracing::debug!(doc_id = doc, "deleted document");
+        Ok(())
+    }
+
+    async fn create_checkpoint(&self, c: &NewCheckpoint<'_>) -> Result<i64, StoreError> {
+        for (doc, _) in c.docs {
+            validate_doc_name(doc)?;
+        }
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(sqlite_error)?;
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO checkpoints (project, name, author, created_at) VALUES (?1, ?2, ?3, ?4) RETURNING id",
+        )
+        .bind(c.project)
+        .bind(c.name)
+        .bind(c.author)
+        .bind(c.created_at)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(sqlite_error)?;
+        for (doc, data) in c.docs {
+            sqlx::query("INSERT INTO checkpoint_docs (checkpoint_id, doc, data) VALUES (?1, ?2, ?3)")
+                .bind(id)
+                .bind(doc)
+                .bind(data)
+                .execute(&mut *tx)
+                .await
+                .map_err(sqlite_error)?;
+        }
+        tx.commit().await.map_err(sqlite_error)?;
+        Ok(id)
+    }
+
+    async fn list_checkpoints(&self, project: &str) -> Result<Vec<CheckpointInfo>, StoreError> {
+        let rows: Vec<(i64, String, String, i64, i64)> = sqlx::query_as(
+            "SELECT c.id, c.name, c.author, c.created_at, \
+             (SELECT COUNT(*) FROM checkpoint_docs d WHERE d.checkpoint_id = c.id) \
+             FROM checkpoints c WHERE c.project = ?1 ORDER BY c.id",
+        )
+        .bind(project)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(sqlite_error)?;
+        Ok(rows.into_iter().map(checkpoint_info).collect())
+    }
+
+    async fn load_checkpoint(&self, project: &str, id: i64) -> Result<Option<Vec<(String, Vec<u8>)>>, StoreError> {
+        let mut tx = self.reader.begin().await.map_err(sqlite_error)?;
+        let found: Option<i64> = sqlx::query_scalar("SELECT id FROM checkpoints WHERE id = ?1 AND project = ?2")
+            .bind(id)
+            .bind(project)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(sqlite_error)?;
+        if found.is_none() {
+            return Ok(None);
+        }
+        let docs = sqlx::query_as("SELECT doc, data FROM checkpoint_docs WHERE checkpoint_id = ?1 ORDER BY doc")
+            .bind(id)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(sqlite_error)?;
+        Ok(Some(docs))
+    }
+
+    async fn delete_checkpoint(&self, project: &str, id: i64) -> Result<(), StoreError> {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(sqlite_error)?;
+        let found: Option<i64> = sqlx::query_scalar("SELECT id FROM checkpoints WHERE id = ?1 AND project = ?2")
+            .bind(id)
+            .bind(project)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(sqlite_error)?;
+        if found.is_some() {
+            // Explicit rather than relying on foreign-key enforcement being switched on.
+            sqlx::query("DELETE FROM checkpoint_docs WHERE checkpoint_id = ?1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(sqlite_error)?;
+            sqlx::query("DELETE FROM checkpoints WHERE id = ?1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(sqlite_error)?;
+        }
+        tx.commit().await.map_err(sqlite_error)?;
         Ok(())
     }
 

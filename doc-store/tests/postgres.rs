@@ -85,7 +85,7 @@ async fn migrations_are_idempotent_and_tables_live_in_the_schema() {
     .fetch_all(&schema.admin)
     .await
     .unwrap();
-    assert_eq!(tables, ["_sqlx_migrations", "doc_snapshots", "doc_updates"]);
+    assert_eq!(tables, ["_sqlx_migrations", "checkpoint_docs", "checkpoints", "doc_snapshots", "doc_updates"]);
     schema.drop().await;
 }
 

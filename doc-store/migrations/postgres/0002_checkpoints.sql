@@ -1,0 +1,18 @@
+-- Named checkpoints of whole projects (PostgreSQL): one row per checkpoint, and the full state of
+-- every document of the project at that moment.
+CREATE TABLE checkpoints (
+    id         BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    project    TEXT   NOT NULL,
+    name       TEXT   NOT NULL,
+    author     TEXT   NOT NULL,
+    -- Unix milliseconds.
+    created_at BIGINT NOT NULL
+);
+CREATE INDEX checkpoints_by_project ON checkpoints (project, id);
+
+CREATE TABLE checkpoint_docs (
+    checkpoint_id BIGINT NOT NULL REFERENCES checkpoints (id) ON DELETE CASCADE,
+    doc           TEXT   NOT NULL,
+    data          BYTEA  NOT NULL,
+    PRIMARY KEY (checkpoint_id, doc)
+);
