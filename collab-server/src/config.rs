@@ -41,6 +41,13 @@ pub struct Config {
     /// Create the `demo` project if it does not exist and print URLs to open it.
     #[arg(long, env = "COLLAB_DEMO", default_value_t = false)]
     pub demo: bool,
+    /// Seconds between automatic checkpoints of projects that changed since the last one; 0 turns
+    /// them off.
+    #[arg(long, env = "COLLAB_AUTO_CHECKPOINT_INTERVAL", value_parser = parse_secs, default_value = "600")]
+    pub auto_checkpoint_interval: Duration,
+    /// Automatic checkpoints kept per project (older ones are deleted; named ones never are).
+    #[arg(long, env = "COLLAB_AUTO_CHECKPOINTS_KEPT", default_value_t = 20)]
+    pub auto_checkpoints_kept: usize,
     #[command(flatten)]
     pub limits: Limits,
 }

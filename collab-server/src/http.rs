@@ -19,6 +19,7 @@ use tracing::info;
 use crate::AppState;
 use crate::archive::{self, ArchiveError, ArchiveLimits};
 use crate::auth::{AuthError, Identity};
+use crate::checkpoints::{self, CheckpointError};
 use crate::conn::{self, MuxHandler, YwsHandler};
 use crate::project::{self, ProjectError};
 
@@ -37,6 +38,8 @@ pub enum AppError {
     Project(#[from] ProjectError),
     #[error("could not build the archive")]
     Export,
+    #[error("{0}")]
+    Checkpoint(#[from] CheckpointError),
 }
 
 impl IntoResponse for AppError {
@@ -48,6 +51,11 @@ impl IntoResponse for AppError {
             AppError::Forbidden => StatusCode::FORBIDDEN,
             AppError::Project(ProjectError::Unavailable) => StatusCode::SERVICE_UNAVAILABLE,
             AppError::Export => StatusCode::INTERNAL_SERVER_ERROR,
+            AppError::Checkpoint(CheckpointError::NotFound | CheckpointError::NoSuchFile(_)) => StatusCode::NOT_FOUND,
+            AppError::Checkpoint(CheckpointError::Project(ProjectError::Tree(_) | ProjectError::BadName)) => {
+                StatusCode::BAD_REQUEST
+            }
+            AppError::Checkpoint(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         (status, self.to_string()).into_response()
     }
@@ -80,6 +88,9 @@ pub fn router(app: Arc<AppState>) -> Router {
     let api = Router::new()
         .route("/api/projects/{project}/export", get(export))
         .route("/api/projects/{project}/import", post(import))
+        .route("/api/projects/{project}/checkpoints", get(list_checkpoints).post(create_checkpoint))
+        .route("/api/projects/{project}/checkpoints/{id}/restore", post(restore_checkpoint))
+        .route("/api/projects/{project}/checkpoints/{id}/diff", get(diff_checkpoint))
         .layer(DefaultBodyLimit::max(IMPORT_BODY_LIMIT));
     Router::new()
         .merge(sync)
@@ -193,4 +204,94 @@ async fn import(
     let count = project::write_files(&app.rooms, root.as_str(), &files).await?;
     info!(project = %root, user_id = %identity.user, files = count, "project imported");
     Ok(format!("imported {count} files\n"))
+}
+
+/// A checkpoint as the API lists it (wire type).
+#[derive(Debug, serde::Serialize)]
+struct CheckpointJson {
+    id: i64,
+    name: String,
+    author: String,
+    created_at: i64,
+    documents: i64,
+}
+
+/// `GET /api/projects/{project}/checkpoints`: every checkpoint, oldest first.
+async fn list_checkpoints(
+    State(app): State<Arc<AppState>>,
+    Path(project): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Result<axum::Json<Vec<CheckpointJson>>, AppError> {
+    let (root, _) = project_identity(&app, &project, &params, &headers)?;
+    let list = checkpoints::list(&app.rooms, root.as_str()).await?;
+    Ok(axum::Json(
+        list.into_iter()
+            .map(|c| CheckpointJson {
+                id: c.id,
+                name: c.name,
+                author: c.author,
+                created_at: c.created_at,
+                documents: c.docs,
+            })
+            .collect(),
+    ))
+}
+
+fn editor(
+    app: &AppState,
+    project: &str,
+    params: &HashMap<String, String>,
+    headers: &HeaderMap,
+) -> Result<(DocName, Identity), AppError> {
+    let (root, identity) = project_identity(app, project, params, headers)?;
+    if !identity.role.can_write() {
+        return Err(AppError::Forbidden);
+    }
+    Ok((root, identity))
+}
+
+/// `POST /api/projects/{project}/checkpoints?name=...`: saves a named checkpoint now.
+async fn create_checkpoint(
+    State(app): State<Arc<AppState>>,
+    Path(project): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Result<axum::Json<serde_json::Value>, AppError> {
+    let (root, identity) = editor(&app, &project, &params, &headers)?;
+    let name = params.get("name").map(|n| n.trim()).filter(|n| !n.is_empty()).unwrap_or("checkpoint");
+    if name.len() > 200 || name.starts_with(checkpoints::AUTO_PREFIX.trim_end()) {
+        return Err(AppError::BadRequest(
+            "checkpoint names are at most 200 bytes and may not start with \"auto:\"".into(),
+        ));
+    }
+    let id = checkpoints::create(&app.rooms, root.as_str(), name, &identity.name).await?;
+    info!(project = %root, user_id = %identity.user, checkpoint = id, "checkpoint saved");
+    Ok(axum::Json(serde_json::json!({ "id": id })))
+}
+
+/// `POST /api/projects/{project}/checkpoints/{id}/restore`: brings every file back to the
+/// checkpoint, live, as a new change; answers with the id of the checkpoint saved just before.
+async fn restore_checkpoint(
+    State(app): State<Arc<AppState>>,
+    Path((project, id)): Path<(String, i64)>,
+    Query(params): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Result<axum::Json<serde_json::Value>, AppError> {
+    let (root, identity) = editor(&app, &project, &params, &headers)?;
+    let before = checkpoints::restore(&app.rooms, root.as_str(), id, &identity.name).await?;
+    info!(project = %root, user_id = %identity.user, checkpoint = id, "checkpoint restored");
+    Ok(axum::Json(serde_json::json!({ "restored": id, "saved_before": before })))
+}
+
+/// `GET /api/projects/{project}/checkpoints/{id}/diff?path=...`: unified diff, checkpoint to now.
+async fn diff_checkpoint(
+    State(app): State<Arc<AppState>>,
+    Path((project, id)): Path<(String, i64)>,
+    Query(params): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Result<String, AppError> {
+    let (root, _) = project_identity(&app, &project, &params, &headers)?;
+    let path = params.get("path").ok_or_else(|| AppError::BadRequest("the path parameter is required".into()))?;
+    Ok(checkpoints::diff(&app.rooms, root.as_str(), id, path).await?)
 }

@@ -3,6 +3,7 @@
 
 pub mod archive;
 pub mod auth;
+pub mod checkpoints;
 pub mod close;
 pub mod config;
 pub mod conn;
@@ -104,6 +105,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         next_peer: AtomicU64::new(1),
         config,
     });
+    if !app.config.auto_checkpoint_interval.is_zero() {
+        app.tracker.spawn(auto_checkpoints(app.clone()));
+    }
     let router = http::router(app.clone());
     let service = router.into_make_service_with_connect_info::<SocketAddr>();
     let stop = shutdown.clone();
@@ -112,4 +116,29 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     });
     info!(%addr, "listening");
     Ok(Running { addr, app, serve })
+}
+
+/// Checkpoints every project that saved changes during the last interval, then prunes the
+/// automatic checkpoints past the retention count.
+async fn auto_checkpoints(app: Arc<AppState>) {
+    let mut tick = tokio::time::interval(app.config.auto_checkpoint_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = app.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for project in app.rooms.take_active_projects() {
+            let name = format!("{}after activity", checkpoints::AUTO_PREFIX);
+            let made = checkpoints::create(&app.rooms, &project, &name, "server").await;
+            let pruned = match made {
+                Ok(_) => checkpoints::prune_automatic(&app.rooms, &project, app.config.auto_checkpoints_kept).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = pruned {
+                tracing::warn!(project = %project, error = %e, "automatic checkpoint failed");
+            }
+        }
+    }
 }

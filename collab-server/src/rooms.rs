@@ -87,6 +87,8 @@ struct Entry {
 pub struct Rooms {
     inner: Arc<Mutex<HashMap<DocName, Entry>>>,
     env: RoomEnv,
+    /// Projects with saved changes since the last automatic checkpoint.
+    active: Arc<Mutex<std::collections::BTreeSet<String>>>,
 }
 
 impl std::fmt::Debug for Rooms {
@@ -126,7 +128,7 @@ const BATCH: usize = 1024;
 
 impl Rooms {
     pub fn new(env: RoomEnv) -> Rooms {
-        Rooms { inner: Arc::new(Mutex::new(HashMap::new())), env }
+        Rooms { inner: Arc::new(Mutex::new(HashMap::new())), env, active: Arc::default() }
     }
 
     /// Takes a lease on `doc`, starting its actor (which loads it) if it is not loaded.
@@ -135,6 +137,22 @@ impl Rooms {
         let entry = map.entry(doc.clone()).or_insert_with(|| self.spawn(doc.clone()));
         entry.leases.fetch_add(1, Ordering::AcqRel);
         RoomLease { tx: entry.tx.clone(), leases: entry.leases.clone() }
+    }
+
+    /// Takes the projects that saved changes since the last call.
+    pub fn take_active_projects(&self) -> Vec<String> {
+        std::mem::take(&mut *self.active.lock().unwrap_or_else(|e| e.into_inner())).into_iter().collect()
+    }
+
+    fn mark_active(&self, project: &str) {
+        let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        if !active.contains(project) {
+            active.insert(project.to_owned());
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn DocStore> {
+        &self.env.store
     }
 
     pub fn loaded(&self) -> usize {
@@ -445,6 +463,7 @@ impl Actor {
                 self.log_len += self.unsaved.len() as u64;
                 self.last_seq = seq;
                 self.env().metrics.unsaved_bytes.dec_by(self.unsaved_bytes as i64);
+                self.rooms.mark_active(self.doc.project());
                 self.unsaved.clear();
                 self.unsaved_bytes = 0;
                 self.confirm();

@@ -179,6 +179,18 @@ pub fn create(txn: &mut TransactionMut, path: &str, kind: EntryKind) -> Result<S
     Ok(id)
 }
 
+/// Puts an entry back under a known id (restoring a checkpoint), replacing any entry with that id.
+pub fn put_entry(txn: &mut TransactionMut, id: &str, path: &str, kind: EntryKind) -> Result<(), TreeError> {
+    validate_path(path)?;
+    let files = txn.get_or_insert_map(FILES);
+    files.insert(
+        txn,
+        id.to_owned(),
+        MapPrelim::from([("path".to_owned(), Any::from(path)), ("kind".to_owned(), Any::from(kind.as_str()))]),
+    );
+    Ok(())
+}
+
 fn entry_map<T: ReadTxn>(txn: &T, id: &str) -> Result<MapRef, TreeError> {
     let files = txn.get_map(FILES).ok_or_else(|| TreeError::NotFound(id.to_owned()))?;
     match files.get(txn, id) {
