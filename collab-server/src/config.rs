@@ -102,6 +102,13 @@ pub struct Limits {
     /// past it, new edits are refused (the connection closes with 1013) until the store catches up.
     #[arg(long, env = "COLLAB_MAX_UNSAVED_BYTES", default_value_t = 64 << 20)]
     pub max_unsaved_bytes: usize,
+    /// Most appends (from any documents) written in one store transaction.
+    #[arg(long, env = "COLLAB_COMMIT_BATCH", default_value_t = 256)]
+    pub commit_batch: usize,
+    /// Seconds a group commit waits to gather more appends once one is queued; 0 (the default)
+    /// commits at once, gathering whatever queued during the previous commit.
+    #[arg(long, env = "COLLAB_COMMIT_INTERVAL", value_parser = parse_secs, default_value = "0")]
+    pub commit_interval: Duration,
     /// Logged updates of a document before they are merged into its snapshot.
     #[arg(long, env = "COLLAB_COMPACT_THRESHOLD", default_value_t = 500)]
     pub compact_threshold: u64,

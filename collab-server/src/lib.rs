@@ -5,6 +5,7 @@ pub mod archive;
 pub mod auth;
 pub mod checkpoints;
 pub mod close;
+pub mod commit;
 pub mod config;
 pub mod conn;
 pub mod conn_sink;
@@ -87,7 +88,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     let metrics = Arc::new(Metrics::new());
+    let committer = commit::Committer::start(
+        store.clone(),
+        metrics.clone(),
+        config.limits.commit_interval,
+        config.limits.commit_batch,
+    );
     let env = RoomEnv {
+        committer,
         store,
         metrics: metrics.clone(),
         limits: config.limits.clone(),

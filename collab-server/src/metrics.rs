@@ -21,6 +21,8 @@ pub struct Metrics {
     pub auth_failures: Counter,
     pub throttled: Counter,
     pub persist_errors: Counter,
+    pub commits: Counter,
+    pub commit_appends: Counter,
     pub unsaved_bytes: Gauge,
     pub writes_refused: Counter,
     pub persist_seconds: Histogram,
@@ -49,6 +51,8 @@ impl Metrics {
             auth_failures: Counter::default(),
             throttled: Counter::default(),
             persist_errors: Counter::default(),
+            commits: Counter::default(),
+            commit_appends: Counter::default(),
             unsaved_bytes: Gauge::default(),
             writes_refused: Counter::default(),
             persist_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
@@ -84,6 +88,12 @@ impl Metrics {
             "writes_refused",
             "Edits refused because a document's unsaved backlog reached its bound",
             m.writes_refused.clone(),
+        );
+        registry.register("store_commits", "Store transactions written by the group committer", m.commits.clone());
+        registry.register(
+            "store_commit_appends",
+            "Document appends written by the group committer (several per transaction under load)",
+            m.commit_appends.clone(),
         );
         registry.register("persist_seconds", "Latency of writes to the document store", m.persist_seconds.clone());
         registry.register("awareness_swept", "Stale awareness states removed by the server", m.awareness_swept.clone());

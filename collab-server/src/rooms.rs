@@ -65,6 +65,7 @@ pub enum RoomCmd {
 #[derive(Clone)]
 pub struct RoomEnv {
     pub store: Arc<dyn DocStore>,
+    pub committer: crate::commit::Committer,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
     pub shutdown: CancellationToken,
@@ -452,7 +453,7 @@ impl Actor {
             return;
         }
         let started = Instant::now();
-        let result = self.env().store.append(self.doc.as_str(), &self.unsaved).await;
+        let result = self.env().committer.append(self.doc.as_str(), self.unsaved.clone()).await;
         self.env().metrics.persist_seconds.observe(started.elapsed().as_secs_f64());
         match result {
             Ok(seq) => {

@@ -195,3 +195,28 @@ async fn joining_while_a_document_unloads_loses_nothing() {
     }
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_from_many_documents_share_store_transactions() {
+    let server = TestServer::start_with(|c| c.limits.commit_interval = Duration::from_millis(5)).await;
+    let mut peers = Vec::new();
+    for i in 0..20 {
+        peers.push(server.connect(&format!("group/doc{i}"), "w").await);
+    }
+    for round in 0..5 {
+        for peer in &peers {
+            peer.insert(0, &format!("{round};"));
+        }
+        let checkers: Vec<_> = peers.iter().map(|p| p.text()).collect();
+        for (i, text) in checkers.iter().enumerate() {
+            let check = server.connect(&format!("group/doc{i}"), "c").await;
+            check.wait_text(text, WAIT).await.expect("edit applied");
+        }
+    }
+    server.eventually("all saved", |s| s.metric("collab_unsaved_bytes") == 0.0).await;
+    let commits = server.metric("collab_store_commits_total");
+    let appends = server.metric("collab_store_commit_appends_total");
+    assert!(appends >= 100.0, "every edit was appended: {appends}");
+    assert!(commits < appends / 2.0, "{commits} transactions for {appends} appends: no group commit");
+    server.stop().await;
+}

@@ -35,6 +35,7 @@ pub async fn run_all(a: Arc<dyn DocStore>, b: Arc<dyn DocStore>) {
         list_by_prefix,
         delete_removes_everything,
         checkpoints_round_trip,
+        append_many_is_one_transaction,
     );
 }
 
@@ -466,4 +467,18 @@ pub async fn checkpoints_round_trip(a: Arc<dyn DocStore>, b: Arc<dyn DocStore>) 
             .await,
         "empty document name in a checkpoint",
     );
+}
+
+pub async fn append_many_is_one_transaction(a: Arc<dyn DocStore>, b: Arc<dyn DocStore>) {
+    let (x, y) = (unique_name("group-x"), unique_name("group-y"));
+    a.append(&x, &blobs(&["x1"])).await.expect("append");
+    let batch = vec![(x.clone(), blobs(&["x2", "x3"])), (y.clone(), blobs(&["y1"])), (x.clone(), blobs(&["x4"]))];
+    assert_eq!(b.append_many(&batch).await.expect("group"), vec![3, 1, 4]);
+    assert_eq!(a.load(&x).await.expect("load").updates, blobs(&["x1", "x2", "x3", "x4"]));
+    assert_eq!(a.load(&y).await.expect("load").updates, blobs(&["y1"]));
+    let z = unique_name("group-z");
+    let bad = vec![(z.clone(), blobs(&["z1"])), (String::new(), blobs(&["never"]))];
+    assert_invalid(a.append_many(&bad).await, "a group with an empty name");
+    assert_eq!(a.load(&z).await.expect("load"), StoredDoc::default(), "all or nothing");
+    assert_eq!(a.append_many(&[]).await.expect("empty group"), Vec::<i64>::new());
 }

@@ -162,6 +162,46 @@ impl DocStore for PostgresStore {
         Ok(seq)
     }
 
+    async fn append_many(&self, batch: &[(String, Vec<Vec<u8>>)]) -> Result<Vec<i64>, StoreError> {
+        for (doc, _) in batch {
+            validate_doc_name(doc)?;
+        }
+        let mut tx = self.pool.begin().await.map_err(pg_error)?;
+        // Per-document locks in one global order, so two processes' groups cannot deadlock.
+        let mut names: Vec<&str> = batch.iter().map(|(d, _)| d.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        for doc in names {
+            sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
+                .bind(DOC_LOCK_CLASS)
+                .bind(doc)
+                .execute(&mut *tx)
+                .await
+                .map_err(pg_error)?;
+        }
+        let mut seqs = Vec::with_capacity(batch.len());
+        for (doc, updates) in batch {
+            let first_seq = last_seq(&mut tx, doc).await? + 1;
+            if !updates.is_empty() {
+                sqlx::query(
+                    "INSERT INTO doc_updates (doc, seq, data) \
+                     SELECT $1, $2 + t.ord - 1, t.data \
+                     FROM UNNEST($3::bytea[]) WITH ORDINALITY AS t(data, ord)",
+                )
+                .bind(doc)
+                .bind(first_seq)
+                .bind(updates)
+                .execute(&mut *tx)
+                .await
+                .map_err(pg_error)?;
+            }
+            seqs.push(first_seq + i64::try_from(updates.len()).unwrap_or(i64::MAX) - 1);
+        }
+        tx.commit().await.map_err(pg_error)?;
+        tracing::debug!(docs = batch.len(), "appended a group of updates");
+        Ok(seqs)
+    }
+
     async fn compact(&self, doc: &str, snapshot: &[u8], upto_seq: i64) -> Result<bool, StoreError> {
         validate_doc_name(doc)?;
         if !validate_upto_seq(upto_seq)? {

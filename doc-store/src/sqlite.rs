@@ -234,6 +234,29 @@ impl DocStore for SqliteStore {
         Ok(seq)
     }
 
+    async fn append_many(&self, batch: &[(String, Vec<Vec<u8>>)]) -> Result<Vec<i64>, StoreError> {
+        for (doc, _) in batch {
+            validate_doc_name(doc)?;
+        }
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(sqlite_error)?;
+        let mut seqs = Vec::with_capacity(batch.len());
+        for (doc, updates) in batch {
+            let mut seq = last_seq(&mut tx, doc).await?;
+            for chunk in updates.chunks(INSERT_CHUNK_ROWS) {
+                let mut insert = QueryBuilder::<Sqlite>::new("INSERT INTO doc_updates (doc, seq, data) ");
+                insert.push_values(chunk, |mut row, data| {
+                    seq += 1;
+                    row.push_bind(doc).push_bind(seq).push_bind(data.as_slice());
+                });
+                insert.build().execute(&mut *tx).await.map_err(sqlite_error)?;
+            }
+            seqs.push(seq);
+        }
+        tx.commit().await.map_err(sqlite_error)?;
+        tracing::debug!(docs = batch.len(), "appended a group of updates");
+        Ok(seqs)
+    }
+
     async fn compact(&self, doc: &str, snapshot: &[u8], upto_seq: i64) -> Result<bool, StoreError> {
         validate_doc_name(doc)?;
         if !validate_upto_seq(upto_seq)? {
