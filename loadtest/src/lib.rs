@@ -1,5 +1,8 @@
-//! loadtest: the load generator and benchmark scenarios (classroom, hot document, trace replay,
-//! idle connections, reconnect storm) side by side with the reference Yjs servers.
+//! loadtest: benchmarks of the collaboration engine, run by `cargo xtask bench`.
 //!
-//! Not built yet (issue #4). It will drive thousands of `collab-client` peers from one process;
-//! today the trace replay lives as an integration test in `collab-server/tests/trace_replay.rs`.
+//! Today it measures document loading and the cost of applying edits (`collab-bench load`),
+//! replaying the real editing traces in `../shared/data/editing-traces` (CC BY 4.0). The load
+//! generator with thousands of peers and the side-by-side runs against the reference Yjs
+//! servers (issue #4) are not built yet.
+
+pub mod trace;

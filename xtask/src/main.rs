@@ -31,6 +31,9 @@ enum Task {
     /// Install and start the services the tests need, then run every check and test, stopping at
     /// the first failure.
     Test,
+    /// Run the benchmarks (release build) against SQLite and the throwaway PostgreSQL, printing
+    /// the tables BENCHMARKS.md records.
+    Bench,
     /// Start or stop the tests' throwaway PostgreSQL cluster by hand, e.g. to run one test.
     Postgres {
         #[command(subcommand)]
@@ -85,6 +88,7 @@ fn main() -> ExitCode {
     let outcome = workspace_root().and_then(|root| match cli.command {
         Task::Run { serve_args } => run(&root, &serve_args),
         Task::Test => test(&root),
+        Task::Bench => bench(&root),
         Task::Postgres { action } => postgres_by_hand(&root, action),
     });
     match outcome {
@@ -152,6 +156,22 @@ fn test(root: &Path) -> Result<ExitCode> {
     let target_dir = steps::target_dir(root);
     results.push(steps::run_cleanup("stop postgres", || postgres::stop(&target_dir)));
     Ok(steps::print_summary(&results))
+}
+
+/// Starts PostgreSQL, runs `collab-bench load` in release mode against SQLite and PostgreSQL,
+/// and stops PostgreSQL again whatever happened.
+fn bench(root: &Path) -> Result<ExitCode> {
+    let target_dir = steps::target_dir(root);
+    let port = postgres::start(&target_dir)?;
+    let mut cmd = std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.args(["run", "--release", "-p", "loadtest", "--bin", "collab-bench", "--", "load"])
+        .arg(postgres::url(port))
+        .current_dir(root);
+    println!("==> {}", cmd::describe(&cmd));
+    let result = cmd::run(&mut cmd);
+    postgres::stop(&target_dir)?;
+    result?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn postgres_by_hand(root: &Path, action: PostgresAction) -> Result<ExitCode> {
