@@ -101,7 +101,7 @@ async fn main() -> anyhow::Result<()> {
         let store = doc_store::open_store(&url).await?;
         let name = format!("bench/paper-{}", std::process::id());
         store.delete(&name).await?;
-        let seq = store.append(&name, &[snapshot.clone()]).await?;
+        let seq = store.append(&name, std::slice::from_ref(&snapshot)).await?;
         store.compact(&name, &snapshot, seq).await?;
         let mut times = Vec::with_capacity(RUNS);
         for _ in 0..RUNS {
