@@ -1,11 +1,14 @@
 //! A PostgreSQL outage under load: the server keeps serving from memory, holds and retries what
 //! it could not save, refuses new edits past its backlog bound, and loses nothing.
 //!
-//! The outage is made by a TCP proxy between the server and PostgreSQL that the test cuts:
-//! every connection drops and new ones are refused, as when the database goes away. The shared
-//! test database itself keeps running for the other tests.
+//! The first test stops a private PostgreSQL server for several seconds and starts it again.
+//! The second cuts a TCP proxy between the server and the shared test database (every
+//! connection drops, new ones are refused), which leaves that database running for the other
+//! tests.
 
 mod common;
+#[path = "common/pg.rs"]
+mod pg;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -88,7 +91,9 @@ fn project() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_outage_loses_nothing_and_is_visible_in_metrics() {
-    let (mut server, proxy) = proxied_server(|_| {}).await;
+    let postgres = pg::PrivatePostgres::start();
+    let url = postgres.url();
+    let mut server = TestServer::start_with(|c| c.database_url = Some(url)).await;
     let project = project();
     let doc = format!("{project}/file");
     let token = server.editor(&project, "w");
@@ -107,7 +112,7 @@ async fn a_database_outage_loses_nothing_and_is_visible_in_metrics() {
     let before = type_some(20);
     writer.wait_until("confirmed", WAIT, |p| p.status().applied == before as u64 + 1).await.unwrap();
 
-    proxy.cut();
+    postgres.down();
     let during = type_some(30);
     // Still served from memory: the reader sees every edit at once.
     reader
@@ -118,8 +123,8 @@ async fn a_database_outage_loses_nothing_and_is_visible_in_metrics() {
     assert!(server.metric("collab_unsaved_bytes") > 0.0, "the backlog is visible");
     assert_eq!(writer.status().applied, before as u64 + 1, "nothing is confirmed while the store is down");
 
-    tokio::time::sleep(Duration::from_secs(2)).await; // several retries fail while the database is away
-    proxy.restore();
+    tokio::time::sleep(Duration::from_secs(3)).await; // several retries fail while the database is down
+    postgres.up();
     writer.wait_until("backlog confirmed", WAIT, |p| p.status().applied == during as u64 + 1).await.unwrap();
     assert_eq!(server.metric("collab_unsaved_bytes"), 0.0);
 
