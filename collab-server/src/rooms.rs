@@ -272,7 +272,7 @@ impl Actor {
                 }
                 _ = sleep_until_opt(retry_at) => {
                     self.retry_at = None;
-                    self.persist(&state).await;
+                    self.persist().await;
                 }
                 _ = sleep_until_opt(unload_at) => {
                     if self.unsaved.is_empty() && self.rooms.try_remove(&self.doc, &self.leases, &mut rx) {
@@ -296,7 +296,7 @@ impl Actor {
                 idle_since = None;
             }
         }
-        self.flush_before_exit(&state).await;
+        self.flush_before_exit().await;
         self.env().metrics.documents_loaded.dec();
     }
 
@@ -354,7 +354,7 @@ impl Actor {
         if self.unsaved.is_empty() {
             self.confirm();
         } else if self.retry_at.is_none() {
-            self.persist(state).await;
+            self.persist().await;
         }
     }
 
@@ -447,7 +447,7 @@ impl Actor {
 
     /// Appends unsaved updates to the store in one transaction, then confirms them. On failure
     /// keeps them, and retries with exponential backoff (0.1 s doubling to 5 s).
-    async fn persist(&mut self, state: &DocState) {
+    async fn persist(&mut self) {
         if self.unsaved.is_empty() {
             self.confirm();
             return;
@@ -478,25 +478,27 @@ impl Actor {
             }
         }
         if self.log_len >= self.env().limits.compact_threshold {
-            self.compact(state);
+            self.compact();
         }
     }
 
     /// Merges the log into a snapshot in the background: the room keeps applying and saving
     /// while the snapshot is written. One compaction per document at a time.
-    fn compact(&mut self, state: &DocState) {
-        if self.compacting.load(Ordering::Acquire) {
+    ///
+    /// The snapshot is built from a fresh load of the store, not from this room's memory: it
+    /// then covers exactly the updates up to the `last_seq` it passes, including any another
+    /// process appended, so no process's updates can be compacted away.
+    fn compact(&mut self) {
+        if self.compacting.swap(true, Ordering::AcqRel) {
             return;
         }
-        self.compacting.store(true, Ordering::Release);
-        let snapshot = state.encode_state();
-        let (store, doc, upto) = (self.env().store.clone(), self.doc.clone(), self.last_seq);
+        let (store, doc) = (self.env().store.clone(), self.doc.clone());
         let flag = self.compacting.clone();
         self.log_len = 0;
         let span = tracing::Span::current();
         self.env().tracker.spawn(
             async move {
-                if let Err(e) = store.compact(doc.as_str(), &snapshot, upto).await {
+                if let Err(e) = compact_from_store(store.as_ref(), &doc).await {
                     warn!(error = %e, "compaction failed; the log stays as it is");
                 }
                 flag.store(false, Ordering::Release);
@@ -505,9 +507,9 @@ impl Actor {
         );
     }
 
-    async fn flush_before_exit(&mut self, state: &DocState) {
+    async fn flush_before_exit(&mut self) {
         for attempt in 0..5u32 {
-            self.persist(state).await;
+            self.persist().await;
             if self.unsaved.is_empty() {
                 return;
             }
@@ -519,6 +521,17 @@ impl Actor {
         );
         self.env().metrics.unsaved_bytes.dec_by(self.unsaved_bytes as i64);
     }
+}
+
+/// Loads a document, merges it, and replaces the log it covers by that snapshot.
+async fn compact_from_store(store: &dyn DocStore, doc: &DocName) -> anyhow::Result<bool> {
+    let stored = store.load(doc.as_str()).await?;
+    if stored.updates.is_empty() {
+        return Ok(false);
+    }
+    let parts = stored.snapshot.iter().chain(stored.updates.iter()).map(Vec::as_slice);
+    let snapshot = DocState::load(parts)?.encode_state();
+    Ok(store.compact(doc.as_str(), &snapshot, stored.last_seq).await?)
 }
 
 fn is_write(msg: &DocMessage) -> bool {

@@ -19,8 +19,13 @@ struct Process {
 }
 
 fn spawn(data_dir: &std::path::Path, database_url: Option<&str>) -> Process {
+    spawn_with(data_dir, database_url, &[])
+}
+
+fn spawn_with(data_dir: &std::path::Path, database_url: Option<&str>, extra: &[&str]) -> Process {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_collab"));
     cmd.args(["serve", "--listen", "127.0.0.1:0", "--web-dir", "/nonexistent", "--rate-messages", "0"]);
+    cmd.args(extra);
     cmd.arg("--data-dir").arg(data_dir);
     if let Some(url) = database_url {
         cmd.args(["--database-url", url]);
@@ -139,4 +144,58 @@ async fn confirmed_updates_survive_sigkill_on_postgres() {
     let url = std::env::var("COLLAB_TEST_POSTGRES_URL")
         .expect("COLLAB_TEST_POSTGRES_URL must point at a PostgreSQL server (cargo xtask test starts one)");
     crash_and_recover(Some(&url)).await;
+}
+
+/// Two server processes on one database, each with a writer on the same document and a tiny
+/// compaction threshold, so their compactions race; a third process then finds every update.
+async fn two_processes_compacting(database_url: Option<&str>) {
+    let dir = tempfile::tempdir().unwrap();
+    let project = format!("compact{}", rand::rng().random_range(0..u32::MAX));
+    let doc = format!("{project}/file");
+    let keys = Keys::load_or_create(dir.path()).unwrap();
+    let identity = Identity { user: "w".into(), name: "W".into(), project: project.clone(), role: Role::Editor };
+    let token = keys.sign(&identity, Duration::from_secs(600)).unwrap();
+    let extra = ["--compact-threshold", "3"];
+    let (a, b) = (spawn_with(dir.path(), database_url, &extra), spawn_with(dir.path(), database_url, &extra));
+    let mut writers = Vec::new();
+    for (name, server) in [("a", &a), ("b", &b)] {
+        let mux = MuxConnection::connect(&server.url).await.unwrap();
+        let peer = mux.open(&doc, &token).await.unwrap();
+        peer.wait_synced(WAIT).await.unwrap();
+        writers.push((name, mux, peer));
+    }
+    const ITEMS: u64 = 60;
+    for k in 0..ITEMS {
+        for (name, _, peer) in &writers {
+            peer.insert(0, &format!("{name}{k};"));
+        }
+        // Let each edit commit on its own, so every process compacts many times.
+        for (_, _, peer) in &writers {
+            peer.wait_until("confirmed", WAIT, |p| p.status().applied > k + 1).await.unwrap();
+        }
+    }
+    drop(writers);
+    drop((a, b));
+    let c = spawn(dir.path(), database_url);
+    let mux = MuxConnection::connect(&c.url).await.unwrap();
+    let checker = mux.open(&doc, &token).await.unwrap();
+    checker.wait_synced(WAIT).await.unwrap();
+    let text = checker.text();
+    for name in ["a", "b"] {
+        for k in 0..ITEMS {
+            assert!(text.contains(&format!("{name}{k};")), "{name}{k} lost to a compaction race");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_compacting_one_document_lose_nothing_on_sqlite() {
+    two_processes_compacting(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_compacting_one_document_lose_nothing_on_postgres() {
+    let url = std::env::var("COLLAB_TEST_POSTGRES_URL")
+        .expect("COLLAB_TEST_POSTGRES_URL must point at a PostgreSQL server (cargo xtask test starts one)");
+    two_processes_compacting(Some(&url)).await;
 }
