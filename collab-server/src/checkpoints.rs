@@ -15,6 +15,7 @@ use sync_core::tree::{self, EntryKind};
 use yrs::updates::decoder::Decode;
 use yrs::{Doc, GetString, ReadTxn, Transact, Update};
 
+use crate::archive::ArchiveFile;
 use crate::project::{self, ProjectError};
 use crate::rooms::Rooms;
 
@@ -159,6 +160,23 @@ pub async fn diff(rooms: &Rooms, project: &str, id: i64, path: &str) -> Result<S
     );
     let (old, new) = (then_text.unwrap_or_default(), now_text.unwrap_or_default());
     Ok(similar::TextDiff::from_lines(&old, &new).unified_diff().header(&old_name, &new_name).to_string())
+}
+
+/// Every file of a project as it was at a checkpoint, by path.
+pub async fn files_at(rooms: &Rooms, project: &str, id: i64) -> Result<Vec<ArchiveFile>, CheckpointError> {
+    let saved = rooms.store().load_checkpoint(project, id).await?.ok_or(CheckpointError::NotFound)?;
+    let saved: HashMap<String, Vec<u8>> = saved.into_iter().collect();
+    let root = decode(saved.get(project).ok_or(CheckpointError::Corrupt)?)?;
+    let entries = tree::entries(&root.transact());
+    let mut files = Vec::new();
+    for entry in entries.into_iter().filter(|e| e.kind == EntryKind::File) {
+        let text = match saved.get(&tree::file_doc_name(project, &entry.id)) {
+            Some(bytes) => content_of(&decode(bytes)?),
+            None => String::new(),
+        };
+        files.push(ArchiveFile { path: entry.path, text });
+    }
+    Ok(files)
 }
 
 /// Deletes the oldest automatic checkpoints of `project` beyond the newest `keep`.

@@ -163,7 +163,8 @@ fn project_identity(
     Ok((root, identity))
 }
 
-/// `GET /api/projects/{project}/export?format=tar.gz|zip`: the project's files as an archive.
+/// `GET /api/projects/{project}/export?format=tar.gz|zip[&checkpoint=ID]`: the project's files
+/// as an archive, now or at a checkpoint.
 async fn export(
     State(app): State<Arc<AppState>>,
     Path(project): Path<String>,
@@ -171,7 +172,13 @@ async fn export(
     headers: HeaderMap,
 ) -> Result<Response, AppError> {
     let (root, _) = project_identity(&app, &project, &params, &headers)?;
-    let files = project::read_files(&app.rooms, root.as_str()).await?;
+    let files = match params.get("checkpoint") {
+        Some(id) => {
+            let id = id.parse().map_err(|_| AppError::BadRequest("checkpoint must be a number".into()))?;
+            checkpoints::files_at(&app.rooms, root.as_str(), id).await?
+        }
+        None => project::read_files(&app.rooms, root.as_str()).await?,
+    };
     let format = params.get("format").map(String::as_str).unwrap_or("tar.gz");
     let (bytes, content_type) = match format {
         "tar.gz" => {

@@ -72,6 +72,18 @@ async fn create_list_diff_and_restore_live_while_two_clients_edit() {
         http(&server, "GET", &format!("/api/projects/cp/checkpoints/{first}/diff?path=nope"), &ada, b"").await;
     assert_eq!(status, 404);
 
+    // Export at the checkpoint: the files as they were, whatever happened since.
+    let (status, bytes) =
+        http(&server, "GET", &format!("/api/projects/cp/export?format=zip&checkpoint={first}"), &ada, b"").await;
+    assert_eq!(status, 200);
+    let mut at = archive::read(&bytes, archive::ArchiveLimits::default()).unwrap();
+    at.sort_by(|a, b| a.path.cmp(&b.path));
+    let expected: Vec<ArchiveFile> = [("main.py", "v1\n"), ("notes.md", "n1\n")]
+        .iter()
+        .map(|(p, t)| ArchiveFile { path: (*p).into(), text: (*t).into() })
+        .collect();
+    assert_eq!(at, expected);
+
     // Restore: both editors see main.py revert live, the watcher sees extra.txt go.
     let (status, body) =
         http(&server, "POST", &format!("/api/projects/cp/checkpoints/{first}/restore"), &ada, b"").await;
