@@ -258,7 +258,8 @@ fn editor(
     Ok((root, identity))
 }
 
-/// `POST /api/projects/{project}/checkpoints?name=...`: saves a named checkpoint now.
+/// `POST /api/projects/{project}/checkpoints?name=...`: saves a named checkpoint now;
+/// `?auto=before-ai-turn` saves an automatic one instead (subject to retention).
 async fn create_checkpoint(
     State(app): State<Arc<AppState>>,
     Path(project): Path<String>,
@@ -266,6 +267,16 @@ async fn create_checkpoint(
     headers: HeaderMap,
 ) -> Result<axum::Json<serde_json::Value>, AppError> {
     let (root, identity) = editor(&app, &project, &params, &headers)?;
+    if let Some(reason) = params.get("auto") {
+        // Automatic checkpoints on request, e.g. by the AI peer before each turn; retention applies.
+        let name = match reason.as_str() {
+            "before-ai-turn" => format!("{}before AI turn", checkpoints::AUTO_PREFIX),
+            other => return Err(AppError::BadRequest(format!("unknown automatic checkpoint {other:?}"))),
+        };
+        let id = checkpoints::create(&app.rooms, root.as_str(), &name, &identity.name).await?;
+        checkpoints::prune_automatic(&app.rooms, root.as_str(), app.config.auto_checkpoints_kept).await?;
+        return Ok(axum::Json(serde_json::json!({ "id": id })));
+    }
     let name = params.get("name").map(|n| n.trim()).filter(|n| !n.is_empty()).unwrap_or("checkpoint");
     if name.len() > 200 || name.starts_with(checkpoints::AUTO_PREFIX.trim_end()) {
         return Err(AppError::BadRequest(

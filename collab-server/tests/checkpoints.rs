@@ -150,5 +150,17 @@ async fn automatic_checkpoints_follow_activity_and_are_pruned() {
     }
     let (_, body) = http(&server, "GET", "/api/projects/auto/checkpoints", &token, b"").await;
     assert_eq!(autos(&body).len(), 2, "older automatic checkpoints were pruned");
+    // What the AI peer asks for before each turn: automatic, and pruned like the others.
+    for _ in 0..3 {
+        let (status, _) =
+            http(&server, "POST", "/api/projects/auto/checkpoints?auto=before-ai-turn", &token, b"").await;
+        assert_eq!(status, 200);
+    }
+    let (_, body) = http(&server, "GET", "/api/projects/auto/checkpoints", &token, b"").await;
+    let list = json(&body);
+    let names: Vec<&str> = list.as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["auto: before AI turn", "auto: before AI turn"], "only the newest automatic ones are kept");
+    let (status, _) = http(&server, "POST", "/api/projects/auto/checkpoints?name=auto:%20sneaky", &token, b"").await;
+    assert_eq!(status, 400, "named checkpoints cannot pose as automatic ones");
     server.stop().await;
 }
