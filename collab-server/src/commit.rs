@@ -79,19 +79,21 @@ async fn run(
                 }
             }
         }
-        let (replies, batch): (Vec<_>, Vec<_>) = requests.drain(..).map(|r| (r.reply, (r.doc, r.updates))).unzip();
+        let batch: Vec<(&str, &[Vec<u8>])> = requests.iter().map(|r| (r.doc.as_str(), r.updates.as_slice())).collect();
         metrics.commits.inc();
         metrics.commit_appends.inc_by(batch.len() as u64);
-        match store.append_many(&batch).await {
+        let result = store.append_many(&batch).await;
+        drop(batch);
+        match result {
             Ok(seqs) => {
-                for (reply, seq) in replies.into_iter().zip(seqs) {
-                    let _ = reply.send(Ok(seq));
+                for (request, seq) in requests.drain(..).zip(seqs) {
+                    let _ = request.reply.send(Ok(seq));
                 }
             }
             Err(e) => {
                 let e = Arc::new(e);
-                for reply in replies {
-                    let _ = reply.send(Err(e.clone()));
+                for request in requests.drain(..) {
+                    let _ = request.reply.send(Err(e.clone()));
                 }
             }
         }

@@ -472,12 +472,14 @@ pub async fn checkpoints_round_trip(a: Arc<dyn DocStore>, b: Arc<dyn DocStore>) 
 pub async fn append_many_is_one_transaction(a: Arc<dyn DocStore>, b: Arc<dyn DocStore>) {
     let (x, y) = (unique_name("group-x"), unique_name("group-y"));
     a.append(&x, &blobs(&["x1"])).await.expect("append");
-    let batch = vec![(x.clone(), blobs(&["x2", "x3"])), (y.clone(), blobs(&["y1"])), (x.clone(), blobs(&["x4"]))];
+    let (x23, y1, x4) = (blobs(&["x2", "x3"]), blobs(&["y1"]), blobs(&["x4"]));
+    let batch = [(x.as_str(), x23.as_slice()), (y.as_str(), y1.as_slice()), (x.as_str(), x4.as_slice())];
     assert_eq!(b.append_many(&batch).await.expect("group"), vec![3, 1, 4]);
     assert_eq!(a.load(&x).await.expect("load").updates, blobs(&["x1", "x2", "x3", "x4"]));
     assert_eq!(a.load(&y).await.expect("load").updates, blobs(&["y1"]));
     let z = unique_name("group-z");
-    let bad = vec![(z.clone(), blobs(&["z1"])), (String::new(), blobs(&["never"]))];
+    let (z1, never) = (blobs(&["z1"]), blobs(&["never"]));
+    let bad = [(z.as_str(), z1.as_slice()), ("", never.as_slice())];
     assert_invalid(a.append_many(&bad).await, "a group with an empty name");
     assert_eq!(a.load(&z).await.expect("load"), StoredDoc::default(), "all or nothing");
     assert_eq!(a.append_many(&[]).await.expect("empty group"), Vec::<i64>::new());

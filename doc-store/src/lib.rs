@@ -64,7 +64,7 @@ pub trait DocStore: Send + Sync + 'static {
     /// Appends to several documents' logs in ONE transaction (group commit) and returns, in
     /// input order, the `seq` of the last update appended to each. All or nothing: if any name
     /// is invalid or the transaction fails, nothing is written.
-    async fn append_many(&self, batch: &[(String, Vec<Vec<u8>>)]) -> Result<Vec<i64>, StoreError>;
+    async fn append_many(&self, batch: &[(&str, &[Vec<u8>])]) -> Result<Vec<i64>, StoreError>;
 
     /// Atomically replaces the snapshot and every log entry with `seq <= upto_seq` by
     /// `snapshot`, and returns `Ok(true)`.

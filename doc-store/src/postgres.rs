@@ -142,33 +142,17 @@ impl DocStore for PostgresStore {
             let mut conn = self.pool.acquire().await.map_err(pg_error)?;
             return last_seq(&mut conn, doc).await;
         }
-        let mut tx = self.begin_write(doc).await?;
-        let first_seq = last_seq(&mut tx, doc).await? + 1;
-        // One statement for the whole batch, whatever its size: the blobs travel as one array.
-        sqlx::query(
-            "INSERT INTO doc_updates (doc, seq, data) \
-             SELECT $1, $2 + t.ord - 1, t.data \
-             FROM UNNEST($3::bytea[]) WITH ORDINALITY AS t(data, ord)",
-        )
-        .bind(doc)
-        .bind(first_seq)
-        .bind(updates)
-        .execute(&mut *tx)
-        .await
-        .map_err(pg_error)?;
-        tx.commit().await.map_err(pg_error)?;
-        let seq = first_seq + i64::try_from(updates.len()).unwrap_or(i64::MAX) - 1;
-        tracing::debug!(doc_id = doc, count = updates.len(), last_seq = seq, "appended updates");
-        Ok(seq)
+        let seqs = self.append_many(&[(doc, updates)]).await?;
+        Ok(seqs[0])
     }
 
-    async fn append_many(&self, batch: &[(String, Vec<Vec<u8>>)]) -> Result<Vec<i64>, StoreError> {
+    async fn append_many(&self, batch: &[(&str, &[Vec<u8>])]) -> Result<Vec<i64>, StoreError> {
         for (doc, _) in batch {
             validate_doc_name(doc)?;
         }
         let mut tx = self.pool.begin().await.map_err(pg_error)?;
         // Per-document locks in one global order, so two processes' groups cannot deadlock.
-        let mut names: Vec<&str> = batch.iter().map(|(d, _)| d.as_str()).collect();
+        let mut names: Vec<&str> = batch.iter().map(|&(d, _)| d).collect();
         names.sort_unstable();
         names.dedup();
         for doc in names {
@@ -180,7 +164,7 @@ impl DocStore for PostgresStore {
                 .map_err(pg_error)?;
         }
         let mut seqs = Vec::with_capacity(batch.len());
-        for (doc, updates) in batch {
+        for &(doc, updates) in batch {
             let first_seq = last_seq(&mut tx, doc).await? + 1;
             if !updates.is_empty() {
                 sqlx::query(
@@ -198,7 +182,7 @@ impl DocStore for PostgresStore {
             seqs.push(first_seq + i64::try_from(updates.len()).unwrap_or(i64::MAX) - 1);
         }
         tx.commit().await.map_err(pg_error)?;
-        tracing::debug!(docs = batch.len(), "appended a group of updates");
+        tracing::debug!(docs = batch.len(), "appended updates");
         Ok(seqs)
     }
 

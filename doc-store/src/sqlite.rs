@@ -219,28 +219,17 @@ impl DocStore for SqliteStore {
             let mut conn = self.reader.acquire().await.map_err(sqlite_error)?;
             return last_seq(&mut conn, doc).await;
         }
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(sqlite_error)?;
-        let mut seq = last_seq(&mut tx, doc).await?;
-        for chunk in updates.chunks(INSERT_CHUNK_ROWS) {
-            let mut insert = QueryBuilder::<Sqlite>::new("INSERT INTO doc_updates (doc, seq, data) ");
-            insert.push_values(chunk, |mut row, data| {
-                seq += 1;
-                row.push_bind(doc).push_bind(seq).push_bind(data.as_slice());
-            });
-            insert.build().execute(&mut *tx).await.map_err(sqlite_error)?;
-        }
-        tx.commit().await.map_err(sqlite_error)?;
-        tracing::debug!(doc_id = doc, count = updates.len(), last_seq = seq, "appended updates");
-        Ok(seq)
+        let seqs = self.append_many(&[(doc, updates)]).await?;
+        Ok(seqs[0])
     }
 
-    async fn append_many(&self, batch: &[(String, Vec<Vec<u8>>)]) -> Result<Vec<i64>, StoreError> {
+    async fn append_many(&self, batch: &[(&str, &[Vec<u8>])]) -> Result<Vec<i64>, StoreError> {
         for (doc, _) in batch {
             validate_doc_name(doc)?;
         }
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(sqlite_error)?;
         let mut seqs = Vec::with_capacity(batch.len());
-        for (doc, updates) in batch {
+        for &(doc, updates) in batch {
             let mut seq = last_seq(&mut tx, doc).await?;
             for chunk in updates.chunks(INSERT_CHUNK_ROWS) {
                 let mut insert = QueryBuilder::<Sqlite>::new("INSERT INTO doc_updates (doc, seq, data) ");
@@ -253,7 +242,7 @@ impl DocStore for SqliteStore {
             seqs.push(seq);
         }
         tx.commit().await.map_err(sqlite_error)?;
-        tracing::debug!(docs = batch.len(), "appended a group of updates");
+        tracing::debug!(docs = batch.len(), "appended updates");
         Ok(seqs)
     }
 

@@ -121,6 +121,38 @@ fn read_awareness(cur: &mut Cursor<'_>) -> Result<AwarenessUpdate, WireError> {
     Ok(AwarenessUpdate::decode_v1(payload)?)
 }
 
+/// Reads the body of a sync, awareness or query-awareness message; `None` for any other tag.
+fn read_doc_message(tag: u64, cur: &mut Cursor<'_>) -> Result<Option<DocMessage>, WireError> {
+    Ok(Some(match tag {
+        MSG_SYNC => DocMessage::Sync(read_sync(cur)?),
+        MSG_AWARENESS => DocMessage::Awareness(read_awareness(cur)?),
+        MSG_QUERY_AWARENESS => DocMessage::QueryAwareness,
+        _ => return Ok(None),
+    }))
+}
+
+/// A multiplexed frame split into its routing key, its message tag and the rest, or one of the
+/// bare control frames.
+enum HocusFrame<'a> {
+    Ping,
+    Pong,
+    Doc { key: String, tag: u64, cur: Cursor<'a> },
+}
+
+fn split_hocus(frame: &[u8]) -> Result<HocusFrame<'_>, WireError> {
+    match frame {
+        [] => Err(WireError::Empty),
+        [HOCUS_PING] => Ok(HocusFrame::Ping),
+        [HOCUS_PONG] => Ok(HocusFrame::Pong),
+        _ => {
+            let mut cur = Cursor::new(frame);
+            let key = cur.read_string()?.to_owned();
+            let tag: u64 = cur.read_var()?;
+            Ok(HocusFrame::Doc { key, tag, cur })
+        }
+    }
+}
+
 /// Decodes one y-websocket frame, which may hold several messages back to back.
 ///
 /// Auth messages from a client carry nothing the server needs (the token travels in the URL)
@@ -133,17 +165,15 @@ pub fn decode_ywebsocket(frame: &[u8]) -> Result<Vec<DocMessage>, WireError> {
     let mut out = Vec::with_capacity(1);
     while cur.has_content() {
         let tag: u64 = cur.read_var()?;
-        match tag {
-            MSG_SYNC => out.push(DocMessage::Sync(read_sync(&mut cur)?)),
-            MSG_AWARENESS => out.push(DocMessage::Awareness(read_awareness(&mut cur)?)),
-            MSG_QUERY_AWARENESS => out.push(DocMessage::QueryAwareness),
-            MSG_AUTH => {
-                let sub: u64 = cur.read_var()?;
-                if sub == AUTH_PERMISSION_DENIED_YWS {
-                    cur.read_string()?;
-                }
+        if let Some(msg) = read_doc_message(tag, &mut cur)? {
+            out.push(msg);
+        } else if tag == MSG_AUTH {
+            let sub: u64 = cur.read_var()?;
+            if sub == AUTH_PERMISSION_DENIED_YWS {
+                cur.read_string()?;
             }
-            other => return Err(WireError::UnsupportedType(other)),
+        } else {
+            return Err(WireError::UnsupportedType(tag));
         }
     }
     Ok(out)
@@ -151,19 +181,15 @@ pub fn decode_ywebsocket(frame: &[u8]) -> Result<Vec<DocMessage>, WireError> {
 
 /// Decodes one frame of the multiplexed endpoint.
 pub fn decode_hocus(frame: &[u8]) -> Result<HocusIn, WireError> {
-    match frame {
-        [] => return Err(WireError::Empty),
-        [HOCUS_PING] => return Ok(HocusIn::Ping),
-        [HOCUS_PONG] => return Ok(HocusIn::Pong),
-        _ => {}
+    let (key, tag, mut cur) = match split_hocus(frame)? {
+        HocusFrame::Ping => return Ok(HocusIn::Ping),
+        HocusFrame::Pong => return Ok(HocusIn::Pong),
+        HocusFrame::Doc { key, tag, cur } => (key, tag, cur),
+    };
+    if let Some(msg) = read_doc_message(tag, &mut cur)? {
+        return Ok(HocusIn::Doc { key, msg: HocusDocIn::Message(msg) });
     }
-    let mut cur = Cursor::new(frame);
-    let key = cur.read_string()?.to_owned();
-    let tag: u64 = cur.read_var()?;
     let msg = match tag {
-        MSG_SYNC => HocusDocIn::Message(DocMessage::Sync(read_sync(&mut cur)?)),
-        MSG_AWARENESS => HocusDocIn::Message(DocMessage::Awareness(read_awareness(&mut cur)?)),
-        MSG_QUERY_AWARENESS => HocusDocIn::Message(DocMessage::QueryAwareness),
         MSG_AUTH => {
             let sub: u64 = cur.read_var()?;
             if sub == AUTH_TOKEN {
@@ -285,19 +311,15 @@ pub fn decode_ywebsocket_client(frame: &[u8]) -> Result<Vec<ClientIn>, WireError
     let mut out = Vec::with_capacity(1);
     while cur.has_content() {
         let tag: u64 = cur.read_var()?;
-        out.push(match tag {
-            MSG_SYNC => ClientIn::Message(DocMessage::Sync(read_sync(&mut cur)?)),
-            MSG_AWARENESS => ClientIn::Message(DocMessage::Awareness(read_awareness(&mut cur)?)),
-            MSG_QUERY_AWARENESS => ClientIn::Message(DocMessage::QueryAwareness),
-            MSG_AUTH => {
-                let sub: u64 = cur.read_var()?;
-                if sub != AUTH_PERMISSION_DENIED_YWS {
-                    continue;
-                }
-                ClientIn::PermissionDenied(cur.read_string()?.to_owned())
+        if let Some(msg) = read_doc_message(tag, &mut cur)? {
+            out.push(ClientIn::Message(msg));
+        } else if tag == MSG_AUTH {
+            if cur.read_var::<u64>()? == AUTH_PERMISSION_DENIED_YWS {
+                out.push(ClientIn::PermissionDenied(cur.read_string()?.to_owned()));
             }
-            other => return Err(WireError::UnsupportedType(other)),
-        });
+        } else {
+            return Err(WireError::UnsupportedType(tag));
+        }
     }
     Ok(out)
 }
@@ -312,19 +334,15 @@ pub enum HocusClientIn {
 
 /// Decodes a multiplexed frame as a client receives it.
 pub fn decode_hocus_client(frame: &[u8]) -> Result<HocusClientIn, WireError> {
-    match frame {
-        [] => return Err(WireError::Empty),
-        [HOCUS_PING] => return Ok(HocusClientIn::Ping),
-        [HOCUS_PONG] => return Ok(HocusClientIn::Pong),
-        _ => {}
+    let (key, tag, mut cur) = match split_hocus(frame)? {
+        HocusFrame::Ping => return Ok(HocusClientIn::Ping),
+        HocusFrame::Pong => return Ok(HocusClientIn::Pong),
+        HocusFrame::Doc { key, tag, cur } => (key, tag, cur),
+    };
+    if let Some(msg) = read_doc_message(tag, &mut cur)? {
+        return Ok(HocusClientIn::Doc { key, msg: ClientIn::Message(msg) });
     }
-    let mut cur = Cursor::new(frame);
-    let key = cur.read_string()?.to_owned();
-    let tag: u64 = cur.read_var()?;
     let msg = match tag {
-        MSG_SYNC => ClientIn::Message(DocMessage::Sync(read_sync(&mut cur)?)),
-        MSG_AWARENESS => ClientIn::Message(DocMessage::Awareness(read_awareness(&mut cur)?)),
-        MSG_QUERY_AWARENESS => ClientIn::Message(DocMessage::QueryAwareness),
         MSG_AUTH => match cur.read_var::<u64>()? {
             AUTH_PERMISSION_DENIED_HOCUS => ClientIn::PermissionDenied(cur.read_string()?.to_owned()),
             AUTH_AUTHENTICATED_HOCUS => ClientIn::Authenticated(cur.read_string()?.to_owned()),
