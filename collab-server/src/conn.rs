@@ -264,7 +264,7 @@ impl Handler for YwsHandler {
 
     async fn finish(self) {
         let _ = self.lease.send(RoomCmd::Leave { peer: self.peer }).await;
-        debug!(peers_left = ?self.app.rooms.loaded(), "peer left");
+        debug!(user_id = %self.identity.user, "peer left");
     }
 
     fn keepalive() -> Bytes {
