@@ -220,17 +220,16 @@ fn next_peer(app: &AppState) -> PeerId {
 
 /// The y-websocket endpoint: the socket is bound to one document, authorized at the upgrade.
 pub struct YwsHandler {
-    app: Arc<AppState>,
     identity: Identity,
     lease: RoomLease,
     peer: PeerId,
 }
 
 impl YwsHandler {
-    pub fn new(app: Arc<AppState>, doc: &DocName, identity: Identity) -> YwsHandler {
+    pub fn new(app: &AppState, doc: &DocName, identity: Identity) -> YwsHandler {
         let lease = app.rooms.lease(doc);
-        let peer = next_peer(&app);
-        YwsHandler { app, identity, lease, peer }
+        let peer = next_peer(app);
+        YwsHandler { identity, lease, peer }
     }
 }
 

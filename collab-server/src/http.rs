@@ -127,7 +127,7 @@ async fn yws_upgrade(
     let upgrade = ws.max_message_size(limits.max_message_size).max_frame_size(limits.max_message_size);
     let span = tracing::info_span!("conn", doc_id = %doc, user_id = %identity.user);
     Ok(upgrade.on_upgrade(move |socket| {
-        let handler = YwsHandler::new(app.clone(), &doc, identity);
+        let handler = YwsHandler::new(&app, &doc, identity);
         let task = app.tracker.track_future(conn::run(socket, app.clone(), handler));
         tracing::Instrument::instrument(task, span)
     }))
