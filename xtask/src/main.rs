@@ -158,19 +158,36 @@ fn test(root: &Path) -> Result<ExitCode> {
     Ok(steps::print_summary(&results))
 }
 
-/// Starts PostgreSQL, runs `collab-bench load` in release mode against SQLite and PostgreSQL,
-/// and stops PostgreSQL again whatever happened.
+/// Builds the release binaries, then runs `collab-bench load` against SQLite and the throwaway
+/// PostgreSQL, and `collab-bench classroom` with the server pinned to core 0 and the generator
+/// to core 1. PostgreSQL is stopped again whatever happened.
 fn bench(root: &Path) -> Result<ExitCode> {
+    let cargo = || std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    let mut build = cargo();
+    build.args([
+        "build",
+        "--release",
+        "-p",
+        "collab-server",
+        "--bin",
+        "collab",
+        "-p",
+        "loadtest",
+        "--bin",
+        "collab-bench",
+    ]);
+    cmd::run(build.current_dir(root))?;
+    let release = steps::target_dir(root).join("release");
     let target_dir = steps::target_dir(root);
     let port = postgres::start(&target_dir)?;
-    let mut cmd = std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cmd.args(["run", "--release", "-p", "loadtest", "--bin", "collab-bench", "--", "load"])
-        .arg(postgres::url(port))
-        .current_dir(root);
-    println!("==> {}", cmd::describe(&cmd));
-    let result = cmd::run(&mut cmd);
+    let mut load = std::process::Command::new(release.join("collab-bench"));
+    load.arg("load").arg(postgres::url(port)).current_dir(root);
+    let loaded = cmd::run(&mut load);
     postgres::stop(&target_dir)?;
-    result?;
+    loaded?;
+    let mut classroom = std::process::Command::new("taskset");
+    classroom.args(["-c", "1"]).arg(release.join("collab-bench")).arg("classroom").arg(release.join("collab"));
+    cmd::run(classroom.current_dir(root))?;
     Ok(ExitCode::SUCCESS)
 }
 
