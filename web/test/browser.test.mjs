@@ -7,9 +7,11 @@ import * as Y from 'yjs';
 import {
   Cleanup,
   assertFreshDist,
+  editorTokenFor,
   expiredToken,
-  useServer,
   tamperToken,
+  useServer,
+  viewerTokenFor,
   waitFor,
   waitSynced,
   yClient,
@@ -179,18 +181,8 @@ describe('the page in Chromium', { timeout: 180_000 }, () => {
   });
 
   test('two users edit the same file concurrently and see named cursors', async () => {
-    tokenA = await server.token({
-      project: 'demo',
-      role: 'editor',
-      user: 'alice',
-      name: 'Alice Anders',
-    });
-    tokenB = await server.token({
-      project: 'demo',
-      role: 'editor',
-      user: 'bob',
-      name: 'Bob Brown',
-    });
+    tokenA = await editorTokenFor(server, 'demo', 'alice', 'Alice Anders');
+    tokenB = await editorTokenFor(server, 'demo', 'bob', 'Bob Brown');
     pageA = await newPage('A');
     pageB = await newPage('B');
     await Promise.all([pageA.goto(pageUrl(tokenA)), pageB.goto(pageUrl(tokenB))]);
@@ -299,12 +291,7 @@ describe('the page in Chromium', { timeout: 180_000 }, () => {
   });
 
   test('a viewer gets a read-only editor', async () => {
-    const token = await server.token({
-      project: 'demo',
-      role: 'viewer',
-      user: 'vera',
-      name: 'Vera Viewer',
-    });
+    const token = await viewerTokenFor(server, 'demo', 'vera', 'Vera Viewer');
     const page = await newPage('viewer');
     await page.goto(`${pageUrl(token)}#file=${chosen.id}`);
     await waitConnected(page, 'viewer page');
@@ -333,12 +320,7 @@ describe('the page in Chromium', { timeout: 180_000 }, () => {
   test('the tree is live and shows clashing paths by the clash rule', async () => {
     const local = new Cleanup();
     try {
-      const token = await server.token({
-        project: 'demo',
-        role: 'editor',
-        user: 'bot',
-        name: 'Bot',
-      });
+      const token = await editorTokenFor(server, 'demo', 'bot', 'Bot');
       const root = yClient(server, 'demo', token, local);
       await waitSynced(root, 'root document client');
       const files = root.doc.getMap('files');

@@ -252,6 +252,29 @@ export async function mintToken(bin, dataDir, { project, role = 'editor', user, 
  * A properly signed token that has expired: minted with `--ttl 0` (exp = now), then waited on
  * until the clock is past exp (the server allows no leeway).
  */
+/** An editor's token for `project`, minted by the server under test. */
+export function editorTokenFor(server, project, user, name) {
+  return server.token({ project, role: 'editor', user, name });
+}
+
+/** A viewer's token for `project`, minted by the server under test. */
+export function viewerTokenFor(server, project, user, name) {
+  return server.token({ project, role: 'viewer', user, name });
+}
+
+/** Registers `fn` with `cleanup` and returns it made idempotent, for explicit early calls too. */
+function once(cleanup, fn) {
+  let done = false;
+  const wrapped = () => {
+    if (!done) {
+      done = true;
+      fn();
+    }
+  };
+  cleanup.add(wrapped);
+  return wrapped;
+}
+
 export async function expiredToken(server, opts) {
   const token = await server.token({ ...opts, ttl: 0 });
   const { exp } = jwtClaims(token);
@@ -326,15 +349,10 @@ export function yClient(server, docName, token, cleanup, { user } = {}) {
   if (user !== undefined) {
     provider.awareness.setLocalStateField('user', user);
   }
-  let destroyed = false;
-  const destroy = () => {
-    if (!destroyed) {
-      destroyed = true;
-      provider.destroy();
-      doc.destroy();
-    }
-  };
-  cleanup.add(destroy);
+  const destroy = once(cleanup, () => {
+    provider.destroy();
+    doc.destroy();
+  });
   return {
     doc,
     provider,
@@ -405,15 +423,10 @@ export function hpClient(server, name, token, cleanup, { websocketProvider, user
   if (user !== undefined) {
     provider.setAwarenessField('user', user);
   }
-  let destroyed = false;
-  const destroy = () => {
-    if (!destroyed) {
-      destroyed = true;
-      provider.destroy();
-      doc.destroy();
-    }
-  };
-  cleanup.add(destroy);
+  const destroy = once(cleanup, () => {
+    provider.destroy();
+    doc.destroy();
+  });
   return {
     doc,
     provider,

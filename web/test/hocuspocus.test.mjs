@@ -3,11 +3,13 @@ import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import {
   Cleanup,
+  editorTokenFor,
   expiredToken,
   hpClient,
   hpSocket,
-  useServer,
   tamperToken,
+  useServer,
+  viewerTokenFor,
   waitFor,
   waitHpSynced,
 } from './harness.mjs';
@@ -26,18 +28,8 @@ async function withCleanup(body) {
 describe('Hocuspocus endpoint', { timeout: 120_000 }, () => {
   test('editors authenticate read-write, converge after concurrent edits and see awareness', async () => {
     await withCleanup(async (cleanup) => {
-      const tokenA = await server.token({
-        project: 'p1',
-        role: 'editor',
-        user: 'ada',
-        name: 'Ada',
-      });
-      const tokenB = await server.token({
-        project: 'p1',
-        role: 'editor',
-        user: 'bob',
-        name: 'Bob',
-      });
+      const tokenA = await editorTokenFor(server, 'p1', 'ada', 'Ada');
+      const tokenB = await editorTokenFor(server, 'p1', 'bob', 'Bob');
       const a = hpClient(server, 'p1/doc', tokenA, cleanup, { user: { name: 'Ada' } });
       const b = hpClient(server, 'p1/doc', tokenB, cleanup, { user: { name: 'Bob' } });
       await waitHpSynced(a, 'client A');
@@ -89,18 +81,8 @@ describe('Hocuspocus endpoint', { timeout: 120_000 }, () => {
 
   test('a viewer authenticates readonly and its edits are not relayed', async () => {
     await withCleanup(async (cleanup) => {
-      const editorToken = await server.token({
-        project: 'p1',
-        role: 'editor',
-        user: 'ed',
-        name: 'Ed',
-      });
-      const viewerToken = await server.token({
-        project: 'p1',
-        role: 'viewer',
-        user: 'vi',
-        name: 'Vi',
-      });
+      const editorToken = await editorTokenFor(server, 'p1', 'ed', 'Ed');
+      const viewerToken = await viewerTokenFor(server, 'p1', 'vi', 'Vi');
       const editor = hpClient(server, 'p1/hp-viewer', editorToken, cleanup);
       const viewer = hpClient(server, 'p1/hp-viewer', viewerToken, cleanup, {
         user: { name: 'Vi' },
@@ -191,30 +173,10 @@ describe('Hocuspocus endpoint', { timeout: 120_000 }, () => {
 
   test('several documents share one HocuspocusProviderWebsocket without cross-talk', async () => {
     await withCleanup(async (cleanup) => {
-      const tokenA = await server.token({
-        project: 'p1',
-        role: 'editor',
-        user: 'ada',
-        name: 'Ada',
-      });
-      const tokenB = await server.token({
-        project: 'p1',
-        role: 'editor',
-        user: 'bob',
-        name: 'Bob',
-      });
-      const p2Viewer = await server.token({
-        project: 'p2',
-        role: 'viewer',
-        user: 'ada',
-        name: 'Ada',
-      });
-      const p2Editor = await server.token({
-        project: 'p2',
-        role: 'editor',
-        user: 'bob',
-        name: 'Bob',
-      });
+      const tokenA = await editorTokenFor(server, 'p1', 'ada', 'Ada');
+      const tokenB = await editorTokenFor(server, 'p1', 'bob', 'Bob');
+      const p2Viewer = await viewerTokenFor(server, 'p2', 'ada', 'Ada');
+      const p2Editor = await editorTokenFor(server, 'p2', 'bob', 'Bob');
       const names = ['p1/mux-a', 'p1/mux-b', 'p1'];
       const socketA = hpSocket(server, cleanup);
       const socketB = hpSocket(server, cleanup);

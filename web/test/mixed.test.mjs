@@ -3,6 +3,7 @@ import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import {
   Cleanup,
+  editorTokenFor,
   hpClient,
   useServer,
   waitFor,
@@ -17,18 +18,8 @@ describe('y-websocket and Hocuspocus on one document', { timeout: 120_000 }, () 
   test('edits and awareness flow both ways', async () => {
     const cleanup = new Cleanup();
     try {
-      const tokenY = await server.token({
-        project: 'p1',
-        role: 'editor',
-        user: 'yuri',
-        name: 'Yuri',
-      });
-      const tokenH = await server.token({
-        project: 'p1',
-        role: 'editor',
-        user: 'hana',
-        name: 'Hana',
-      });
+      const tokenY = await editorTokenFor(server, 'p1', 'yuri', 'Yuri');
+      const tokenH = await editorTokenFor(server, 'p1', 'hana', 'Hana');
       const y = yClient(server, 'p1/mixed', tokenY, cleanup, { user: { name: 'Yuri' } });
       const h = hpClient(server, 'p1/mixed', tokenH, cleanup, { user: { name: 'Hana' } });
       await waitSynced(y, 'y-websocket client');

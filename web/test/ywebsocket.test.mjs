@@ -4,10 +4,12 @@ import { after, before, describe, test } from 'node:test';
 import WebSocket from 'ws';
 import {
   Cleanup,
+  editorTokenFor,
   expiredToken,
   mintToken,
-  useServer,
   tamperToken,
+  useServer,
+  viewerTokenFor,
   waitFor,
   waitSynced,
   yClient,
@@ -56,18 +58,8 @@ function upgradeStatus(url) {
 describe('y-websocket endpoint', { timeout: 120_000 }, () => {
   test('two editors converge after concurrent inserts, and a late joiner gets the result', async () => {
     await withCleanup(async (cleanup) => {
-      const tokenA = await server.token({
-        project: 'p1',
-        role: 'editor',
-        user: 'ada',
-        name: 'Ada',
-      });
-      const tokenB = await server.token({
-        project: 'p1',
-        role: 'editor',
-        user: 'bob',
-        name: 'Bob',
-      });
+      const tokenA = await editorTokenFor(server, 'p1', 'ada', 'Ada');
+      const tokenB = await editorTokenFor(server, 'p1', 'bob', 'Bob');
       const a = yClient(server, 'p1/notes', tokenA, cleanup);
       const b = yClient(server, 'p1/notes', tokenB, cleanup);
       await waitSynced(a, 'client A');
@@ -93,7 +85,7 @@ describe('y-websocket endpoint', { timeout: 120_000 }, () => {
         assert.ok(a.text.toString().includes(`b${i};`), `B's insert b${i} survived`);
       }
 
-      const tokenC = await server.token({ project: 'p1', role: 'viewer', user: 'cy', name: 'Cy' });
+      const tokenC = await viewerTokenFor(server, 'p1', 'cy', 'Cy');
       const c = yClient(server, 'p1/notes', tokenC, cleanup);
       await waitSynced(c, 'late client C');
       await waitFor(() => c.text.toString() === a.text.toString(), {
@@ -106,18 +98,8 @@ describe('y-websocket endpoint', { timeout: 120_000 }, () => {
 
   test('awareness is shared, and removed within a few seconds after provider.destroy()', async () => {
     await withCleanup(async (cleanup) => {
-      const tokenA = await server.token({
-        project: 'p1',
-        role: 'editor',
-        user: 'ada',
-        name: 'Ada',
-      });
-      const tokenB = await server.token({
-        project: 'p1',
-        role: 'editor',
-        user: 'bob',
-        name: 'Bob',
-      });
+      const tokenA = await editorTokenFor(server, 'p1', 'ada', 'Ada');
+      const tokenB = await editorTokenFor(server, 'p1', 'bob', 'Bob');
       const a = yClient(server, 'p1/notes', tokenA, cleanup, { user: { name: 'Ada Lovelace' } });
       const b = yClient(server, 'p1/notes', tokenB, cleanup, { user: { name: 'Bob' } });
       await waitSynced(a, 'client A');
@@ -153,18 +135,8 @@ describe('y-websocket endpoint', { timeout: 120_000 }, () => {
 
   test('awareness of a client whose connection drops without a goodbye is removed', async () => {
     await withCleanup(async (cleanup) => {
-      const tokenA = await server.token({
-        project: 'p1',
-        role: 'editor',
-        user: 'ada',
-        name: 'Ada',
-      });
-      const tokenB = await server.token({
-        project: 'p1',
-        role: 'editor',
-        user: 'bob',
-        name: 'Bob',
-      });
+      const tokenA = await editorTokenFor(server, 'p1', 'ada', 'Ada');
+      const tokenB = await editorTokenFor(server, 'p1', 'bob', 'Bob');
       const a = yClient(server, 'p1/drop', tokenA, cleanup, { user: { name: 'Ada' } });
       const b = yClient(server, 'p1/drop', tokenB, cleanup, { user: { name: 'Bob' } });
       await waitSynced(a, 'client A');
@@ -185,18 +157,8 @@ describe('y-websocket endpoint', { timeout: 120_000 }, () => {
 
   test("a viewer's edits are dropped with a permission-denied message, while it still receives edits", async () => {
     await withCleanup(async (cleanup) => {
-      const editorToken = await server.token({
-        project: 'p1',
-        role: 'editor',
-        user: 'ed',
-        name: 'Ed',
-      });
-      const viewerToken = await server.token({
-        project: 'p1',
-        role: 'viewer',
-        user: 'vi',
-        name: 'Vi',
-      });
+      const editorToken = await editorTokenFor(server, 'p1', 'ed', 'Ed');
+      const viewerToken = await viewerTokenFor(server, 'p1', 'vi', 'Vi');
       const editor = yClient(server, 'p1/viewer-doc', editorToken, cleanup);
       const viewer = yClient(server, 'p1/viewer-doc', viewerToken, cleanup, {
         user: { name: 'Vi' },
@@ -240,12 +202,7 @@ describe('y-websocket endpoint', { timeout: 120_000 }, () => {
       );
 
       // Nor was it stored: a client joining now gets the editor's text only.
-      const lateToken = await server.token({
-        project: 'p1',
-        role: 'editor',
-        user: 'la',
-        name: 'La',
-      });
+      const lateToken = await editorTokenFor(server, 'p1', 'la', 'La');
       const late = yClient(server, 'p1/viewer-doc', lateToken, cleanup);
       await waitSynced(late, 'late editor');
       await waitFor(() => late.text.toString() === editor.text.toString(), {
@@ -273,8 +230,7 @@ describe('y-websocket endpoint', { timeout: 120_000 }, () => {
         }),
       'a token signed by another server (other data dir)': async () =>
         mintToken(server.bin, otherDataDir, { project: 'p1', role: 'editor', user: 'eve' }),
-      'a token for another project': async () =>
-        server.token({ project: 'p2', role: 'editor', user: 'ada', name: 'Ada' }),
+      'a token for another project': async () => editorTokenFor(server, 'p2', 'ada', 'Ada'),
       'an expired (validly signed) token': async () =>
         expiredToken(server, { project: 'p1', role: 'editor', user: 'old' }),
       'garbage instead of a token': async () => 'not-a-jwt',
