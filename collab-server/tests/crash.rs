@@ -37,6 +37,17 @@ fn spawn_with(data_dir: &std::path::Path, database_url: Option<&str>, extra: &[&
     Process { child, url: format!("ws://{addr}") }
 }
 
+/// A data directory, a document in a fresh project, and an editor token signed with the
+/// directory's key (which every server started on that directory uses).
+fn fresh_project(prefix: &str) -> (tempfile::TempDir, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let project = format!("{prefix}{}", rand::rng().random_range(0..u32::MAX));
+    let keys = Keys::load_or_create(dir.path()).unwrap();
+    let identity = Identity { user: "w".into(), name: "W".into(), project: project.clone(), role: Role::Editor };
+    let token = keys.sign(&identity, Duration::from_secs(600)).unwrap();
+    (dir, format!("{project}/file"), token)
+}
+
 /// Each writer inserts items `w{i}:{n};`; SyncStatus acknowledgements come in order, one per
 /// update, after the update is committed, so the first `applied - 1` items are confirmed
 /// (the first acknowledgement is for the empty sync step 2 sent on joining).
@@ -45,12 +56,7 @@ fn confirmed(peer: &DocPeer) -> u64 {
 }
 
 async fn crash_and_recover(database_url: Option<&str>) {
-    let dir = tempfile::tempdir().unwrap();
-    let project = format!("crash{}", rand::rng().random_range(0..u32::MAX));
-    let doc = format!("{project}/file");
-    let keys = Keys::load_or_create(dir.path()).unwrap();
-    let identity = Identity { user: "w".into(), name: "W".into(), project: project.clone(), role: Role::Editor };
-    let token = keys.sign(&identity, Duration::from_secs(600)).unwrap();
+    let (dir, doc, token) = fresh_project("crash");
 
     let mut server = spawn(dir.path(), database_url);
     let mut writers = Vec::new();
@@ -149,12 +155,7 @@ async fn confirmed_updates_survive_sigkill_on_postgres() {
 /// Two server processes on one database, each with a writer on the same document and a tiny
 /// compaction threshold, so their compactions race; a third process then finds every update.
 async fn two_processes_compacting(database_url: Option<&str>) {
-    let dir = tempfile::tempdir().unwrap();
-    let project = format!("compact{}", rand::rng().random_range(0..u32::MAX));
-    let doc = format!("{project}/file");
-    let keys = Keys::load_or_create(dir.path()).unwrap();
-    let identity = Identity { user: "w".into(), name: "W".into(), project: project.clone(), role: Role::Editor };
-    let token = keys.sign(&identity, Duration::from_secs(600)).unwrap();
+    let (dir, doc, token) = fresh_project("compact");
     let extra = ["--compact-threshold", "3"];
     let (a, b) = (spawn_with(dir.path(), database_url, &extra), spawn_with(dir.path(), database_url, &extra));
     let mut writers = Vec::new();
