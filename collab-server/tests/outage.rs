@@ -165,11 +165,12 @@ async fn past_the_backlog_bound_new_edits_are_refused_and_nothing_is_lost() {
     let ydoc = writer.doc().clone();
     drop(writer);
     drop(mux);
+    // Until the held backlog is saved, edits are still refused; a client retries until then.
+    server.eventually("backlog saved", |s| s.metric("collab_unsaved_bytes") == 0.0).await;
     // The refused client reconnects once the store is back; the handshake resends its edits.
     let mux = MuxConnection::connect(&server.url).await.unwrap();
     let writer = mux.open_with(&doc, &token, ydoc).await.unwrap();
     writer.wait_synced(WAIT).await.unwrap();
-    server.eventually("backlog saved", |s| s.metric("collab_unsaved_bytes") == 0.0).await;
     let checker = server.connect(&doc, "checker").await;
     checker.wait_text(&mine, WAIT).await.expect("every edit, refused or not, reaches the server");
     drop((writer, mux, checker));
