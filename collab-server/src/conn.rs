@@ -14,14 +14,13 @@ use futures_util::{SinkExt, StreamExt};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use sync_core::wire::{self, DocMessage, HocusDocIn, HocusIn, HocusOut, OutMsg};
 use sync_core::{DocName, PeerId, Role};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
 use crate::AppState;
 use crate::auth::{AuthError, Identity};
 use crate::close::{self, CloseReason};
-use crate::conn_sink::{ConnSink, Killer};
+use crate::conn_sink::{ConnSink, Killer, Outbox};
 use crate::rooms::{Framing, RoomCmd, RoomLease};
 
 /// What differs between the two endpoints: how frames are read and which rooms they reach.
@@ -161,7 +160,7 @@ fn is_capacity_error(e: axum::Error) -> bool {
 
 async fn write_loop(
     mut tx: SplitSink<WebSocket, Message>,
-    mut rx: mpsc::Receiver<Bytes>,
+    mut rx: Outbox,
     killer: Killer,
     keepalive: Bytes,
     app: Arc<AppState>,

@@ -2,11 +2,17 @@
 //!
 //! Rooms push encoded frames with `try_send`. A full queue is a decision, not a drop: the
 //! connection is closed with 1013 so the client reconnects and resyncs, and the room moves on.
+//!
+//! Write confirmations (Hocuspocus `SyncStatus`, one per message a client wrote) are counted,
+//! not queued one frame each: a commit confirms every write since the last one at once, and a
+//! fast writer's thousand confirmations must not fill the queue and cut off a client that reads
+//! perfectly well. Consecutive identical confirmations share one entry with a count.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::close::CloseReason;
@@ -15,6 +21,61 @@ use crate::close::CloseReason;
 pub struct ConnSink {
     tx: mpsc::Sender<Bytes>,
     kill: Killer,
+    acks: Arc<Acks>,
+}
+
+/// Confirmations waiting to be written: runs of one frame repeated `n` times.
+#[derive(Debug, Default)]
+struct Acks {
+    runs: Mutex<VecDeque<(Bytes, u64)>>,
+    wake: Notify,
+}
+
+/// The most runs of confirmations kept: interleaved confirmations for more documents than
+/// this, unread, make the client too slow.
+const MAX_ACK_RUNS: usize = 1024;
+
+impl Acks {
+    fn pop(&self) -> Option<Bytes> {
+        let mut runs = self.runs.lock().unwrap_or_else(|e| e.into_inner());
+        let (frame, n) = runs.front_mut()?;
+        let frame = frame.clone();
+        *n -= 1;
+        if *n == 0 {
+            runs.pop_front();
+        }
+        Some(frame)
+    }
+}
+
+/// The writer's side: queued frames first, then confirmations.
+#[derive(Debug)]
+pub struct Outbox {
+    rx: mpsc::Receiver<Bytes>,
+    acks: Arc<Acks>,
+}
+
+impl Outbox {
+    /// The next frame to write; `None` once every sink is dropped and the queue is empty.
+    pub async fn recv(&mut self) -> Option<Bytes> {
+        loop {
+            match self.rx.try_recv() {
+                Ok(frame) => return Some(frame),
+                Err(mpsc::error::TryRecvError::Disconnected) => return self.acks.pop(),
+                Err(mpsc::error::TryRecvError::Empty) => {}
+            }
+            if let Some(ack) = self.acks.pop() {
+                return Some(ack);
+            }
+            tokio::select! {
+                frame = self.rx.recv() => match frame {
+                    Some(frame) => return Some(frame),
+                    None => return self.acks.pop(),
+                },
+                _ = self.acks.wake.notified() => {}
+            }
+        }
+    }
 }
 
 /// Ends a connection with a close code and reason; the first reason given wins.
@@ -53,10 +114,33 @@ impl Killer {
 pub struct Gone;
 
 impl ConnSink {
-    pub fn new(capacity: usize) -> (ConnSink, mpsc::Receiver<Bytes>, Killer) {
+    pub fn new(capacity: usize) -> (ConnSink, Outbox, Killer) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let kill = Killer::default();
-        (ConnSink { tx, kill: kill.clone() }, rx, kill)
+        let acks = Arc::new(Acks::default());
+        (ConnSink { tx, kill: kill.clone(), acks: acks.clone() }, Outbox { rx, acks }, kill)
+    }
+
+    /// Queues a write confirmation; it takes no room in the frame queue.
+    pub fn push_ack(&self, frame: Bytes) -> Result<(), Gone> {
+        if self.kill.is_killed() {
+            return Err(Gone);
+        }
+        {
+            let mut runs = self.acks.runs.lock().unwrap_or_else(|e| e.into_inner());
+            let full = runs.len() >= MAX_ACK_RUNS;
+            match runs.back_mut() {
+                Some((last, n)) if *last == frame => *n += 1,
+                _ if full => {
+                    drop(runs);
+                    self.kill.kill(CloseReason::too_slow());
+                    return Err(Gone);
+                }
+                _ => runs.push_back((frame, 1)),
+            }
+        }
+        self.acks.wake.notify_one();
+        Ok(())
     }
 
     /// Queues a frame. On a full queue the connection is ended with 1013 and `Gone` returned.
@@ -76,5 +160,38 @@ impl ConnSink {
 
     pub fn killer(&self) -> &Killer {
         &self.kill
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn confirmations_take_no_queue_room_and_all_arrive() {
+        let (sink, mut outbox, killer) = ConnSink::new(4);
+        let ack = Bytes::from_static(b"ack");
+        for _ in 0..3000 {
+            sink.push_ack(ack.clone()).unwrap();
+        }
+        sink.push(Bytes::from_static(b"update")).unwrap();
+        assert!(!killer.is_killed(), "a burst of confirmations is not a slow client");
+        assert_eq!(outbox.recv().await.unwrap(), "update", "queued frames go first");
+        for _ in 0..3000 {
+            assert_eq!(outbox.recv().await.unwrap(), ack);
+        }
+        drop(sink);
+        assert_eq!(outbox.recv().await, None);
+    }
+
+    #[tokio::test]
+    async fn unread_confirmations_for_many_documents_end_the_connection() {
+        let (sink, _outbox, killer) = ConnSink::new(4);
+        for i in 0..MAX_ACK_RUNS {
+            sink.push_ack(Bytes::from(format!("ack {}", i % 2))).unwrap();
+        }
+        assert_eq!(sink.push_ack(Bytes::from_static(b"ack 0")), Err(Gone));
+        assert!(killer.is_killed());
+        assert_eq!(killer.reason().map(|r| r.code), Some(crate::close::TRY_AGAIN_LATER));
     }
 }

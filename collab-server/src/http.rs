@@ -123,8 +123,7 @@ async fn yws_upgrade(
         info!(doc_id = %doc, reason = %e, "token refused at upgrade");
         AppError::Unauthorized(e)
     })?;
-    let limits = &app.config.limits;
-    let upgrade = ws.max_message_size(limits.max_message_size).max_frame_size(limits.max_message_size);
+    let upgrade = websocket_limits(ws, &app.config.limits);
     let span = tracing::info_span!("conn", doc_id = %doc, user_id = %identity.user);
     Ok(upgrade.on_upgrade(move |socket| {
         let handler = YwsHandler::new(&app, &doc, identity);
@@ -133,9 +132,21 @@ async fn yws_upgrade(
     }))
 }
 
+/// Message limits, and buffers sized for many mostly idle connections: tungstenite's default
+/// 128 KiB read buffer per socket would be most of a connection's memory. Writes are not held
+/// back to fill a buffer; the connection's own queue batches them.
+fn websocket_limits(ws: WebSocketUpgrade, limits: &crate::config::Limits) -> WebSocketUpgrade {
+    ws.max_message_size(limits.max_message_size)
+        .max_frame_size(limits.max_message_size)
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(0)
+}
+
+/// Bytes read from a socket at a time.
+const READ_BUFFER: usize = 8 * 1024;
+
 async fn mux_upgrade(State(app): State<Arc<AppState>>, ws: WebSocketUpgrade) -> Response {
-    let limits = &app.config.limits;
-    let upgrade = ws.max_message_size(limits.max_message_size).max_frame_size(limits.max_message_size);
+    let upgrade = websocket_limits(ws, &app.config.limits);
     let span = tracing::info_span!("conn", endpoint = "mux");
     upgrade.on_upgrade(move |socket| {
         let handler = MuxHandler::new(app.clone());

@@ -120,6 +120,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let service = router.into_make_service_with_connect_info::<SocketAddr>();
     let stop = shutdown.clone();
     let serve = tokio::spawn(async move {
+        // Small frames go out at once: without TCP_NODELAY, Nagle's algorithm and delayed
+        // acknowledgements hold a keystroke back for up to 40 ms.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::warn!(error = %e, "cannot set TCP_NODELAY");
+            }
+        });
         axum::serve(listener, service).with_graceful_shutdown(async move { stop.cancelled().await }).await
     });
     info!(%addr, "listening");

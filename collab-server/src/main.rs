@@ -24,6 +24,11 @@ async fn serve(config: collab_server::Config) -> anyhow::Result<()> {
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
         .init();
+    // Every connection is a file descriptor: take the hard limit, not the 1024 soft default.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "open file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
+    }
     let demo = config.demo;
     let data_dir = config.data_dir.clone();
     let running = collab_server::start(config).await?;

@@ -27,6 +27,7 @@ pub struct Metrics {
     pub writes_refused: Counter,
     pub persist_seconds: Histogram,
     pub awareness_swept: Counter,
+    pub tasks_alive: Gauge,
 }
 
 impl Default for Metrics {
@@ -57,11 +58,13 @@ impl Metrics {
             writes_refused: Counter::default(),
             persist_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             awareness_swept: Counter::default(),
+            tasks_alive: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("connections", "WebSocket connections accepted", m.connections_total.clone());
         registry.register("connections_active", "WebSocket connections open now", m.connections_active.clone());
         registry.register("documents_loaded", "Documents loaded in memory", m.documents_loaded.clone());
+        registry.register("tasks_alive", "Tokio tasks alive (read when metrics are rendered)", m.tasks_alive.clone());
         registry.register("messages_in", "WebSocket frames received", m.messages_in.clone());
         registry.register("messages_out", "WebSocket frames sent", m.messages_out.clone());
         registry.register("bytes_in", "Bytes received in WebSocket frames", m.bytes_in.clone());
@@ -101,6 +104,9 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            self.tasks_alive.set(runtime.metrics().num_alive_tasks() as i64);
+        }
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);

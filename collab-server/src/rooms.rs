@@ -200,6 +200,15 @@ impl Rooms {
     }
 }
 
+/// What a writer hears once its write is in the store.
+#[derive(Debug)]
+enum Awaiting {
+    /// A write confirmation (counted by the connection, not queued frame by frame).
+    Ack(Bytes),
+    /// The echo of an update it took part in.
+    Frame(Bytes),
+}
+
 struct PeerSlot {
     sink: ConnSink,
     framing: Framing,
@@ -214,7 +223,7 @@ struct Actor {
     unsaved: Vec<Vec<u8>>,
     unsaved_bytes: usize,
     /// Confirmations (echoes, sync statuses) to send once `unsaved` is in the store.
-    awaiting: Vec<(PeerId, Bytes)>,
+    awaiting: Vec<(PeerId, Awaiting)>,
     backoff: Duration,
     /// Server-side writes waiting for their commit.
     server_awaiting: Vec<oneshot::Sender<()>>,
@@ -380,7 +389,7 @@ impl Actor {
             };
             if reply == Reply::WriteApplied {
                 writers.insert(peer);
-                self.awaiting.push((peer, frame));
+                self.awaiting.push((peer, Awaiting::Ack(frame)));
             } else if slot.sink.push(frame).is_err() {
                 evict.push(peer);
             }
@@ -391,7 +400,7 @@ impl Actor {
                 let frame =
                     frames.entry(&slot.framing).or_insert_with(|| encode(&slot.framing, OutMsg::Update(&update)));
                 if writers.contains(peer) {
-                    self.awaiting.push((*peer, frame.clone()));
+                    self.awaiting.push((*peer, Awaiting::Frame(frame.clone())));
                 } else if slot.sink.push(frame.clone()).is_err() {
                     evict.push(*peer);
                 }
@@ -437,10 +446,13 @@ impl Actor {
         for done in self.server_awaiting.drain(..) {
             let _ = done.send(());
         }
-        for (peer, frame) in std::mem::take(&mut self.awaiting) {
+        for (peer, awaiting) in std::mem::take(&mut self.awaiting) {
             if let Some(slot) = self.peers.get(&peer) {
                 // A full queue ends that connection; its client resyncs and loses nothing.
-                let _ = slot.sink.push(frame);
+                let _ = match awaiting {
+                    Awaiting::Ack(frame) => slot.sink.push_ack(frame),
+                    Awaiting::Frame(frame) => slot.sink.push(frame),
+                };
             }
         }
     }
