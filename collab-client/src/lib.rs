@@ -25,7 +25,8 @@ pub const REMOTE: &str = "remote";
 /// The text every file document holds.
 pub const CONTENT: &str = sync_core::tree::CONTENT;
 /// Largest frame the client packs pending updates into.
-const FRAME_BUDGET: usize = 256 * 1024;
+/// The most pending local updates merged into one message.
+const MERGE_LIMIT: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -56,6 +57,8 @@ pub struct Status {
     /// Hocuspocus sync-status replies: applied and refused.
     pub applied: u64,
     pub refused: u64,
+    /// Update messages this peer sent (local updates that piled up go merged, as one).
+    pub updates_sent: u64,
     pub close: Option<CloseInfo>,
     /// Frames received.
     pub frames: u64,
@@ -210,10 +213,24 @@ impl DocPeer {
     /// Drops the current connection (if any) and connects again; the sync handshake then sends
     /// whatever either side missed meanwhile.
     pub async fn reconnect(&mut self, server: &str, doc: &str, token: &str) -> Result<(), ClientError> {
+        self.reconnect_url(&format!("{server}/sync/{doc}?token={token}")).await
+    }
+
+    /// Connects a new document to a y-websocket endpoint given by its full URL (another server's
+    /// layout, such as the y-websocket reference server's `ws://host:port/{doc}`).
+    pub async fn connect_url(url: &str) -> Result<DocPeer, ClientError> {
+        let inner = new_inner(Doc::new());
+        observe(&inner);
+        let mut peer = DocPeer { inner, conn: None };
+        peer.reconnect_url(url).await?;
+        Ok(peer)
+    }
+
+    /// Like [`DocPeer::reconnect`], to a full y-websocket URL.
+    pub async fn reconnect_url(&mut self, url: &str) -> Result<(), ClientError> {
         self.disconnect();
-        let url = format!("{server}/sync/{doc}?token={token}");
         // The document is registered before the reader starts: the server speaks first.
-        let socket = Socket::open(&url, Framing::YWebsocket, Some(("", &self.inner))).await?;
+        let socket = Socket::open(url, Framing::YWebsocket, Some(("", &self.inner))).await?;
         let step1 = wire::encode_ywebsocket(OutMsg::SyncStep1(&self.inner.doc.transact().state_vector()));
         socket.out.send(Bytes::from(step1)).await.map_err(|_| ClientError::Closed)?;
         self.conn = Some(socket);
@@ -241,6 +258,11 @@ impl DocPeer {
     pub fn text(&self) -> String {
         let text = self.text_ref();
         text.get_string(&self.inner.doc.transact())
+    }
+
+    /// The length of the `content` text, without copying it.
+    pub fn text_len(&self) -> u32 {
+        self.text_ref().len(&self.inner.doc.transact())
     }
 
     /// Makes a local edit to `content`; it is sent to the server right away.
@@ -341,35 +363,36 @@ fn attach(inner: &Arc<Inner>, framing: Framing, out: &mpsc::Sender<Bytes>, key: 
         s.close = None;
         s.synced = false;
     });
-    tokio::spawn(pump(link))
+    tokio::spawn(pump(link, Arc::downgrade(inner)))
 }
 
-/// Sends a document's pending local updates, packing several into one frame where the framing allows.
-async fn pump(link: Link) {
+/// Sends a document's pending local updates. Updates that piled up while the socket was busy
+/// are merged into one update message per frame (at most `MERGE_LIMIT` at a time): one message
+/// per frame is what every y-websocket and Hocuspocus server reads.
+async fn pump(link: Link, inner: std::sync::Weak<Inner>) {
     loop {
         link.wake.notified().await;
         let updates = std::mem::take(&mut *link.pending.lock().unwrap_or_else(|e| e.into_inner()));
-        let mut frame = Vec::new();
-        for update in updates {
-            match link.framing {
-                Framing::YWebsocket => {
-                    frame.extend(wire::encode_ywebsocket(OutMsg::Update(&update)));
-                    if frame.len() >= FRAME_BUDGET
-                        && link.out.send(Bytes::from(std::mem::take(&mut frame))).await.is_err()
-                    {
-                        return;
-                    }
+        for chunk in updates.chunks(MERGE_LIMIT) {
+            let merged = match chunk {
+                [_] => None,
+                many => yrs::merge_updates_v1(many.iter().map(Vec::as_slice))
+                    .inspect_err(|e| tracing::warn!(error = %e, "local updates not merged, sent one by one"))
+                    .ok(),
+            };
+            let updates = merged.as_ref().map_or(chunk, std::slice::from_ref);
+            for update in updates {
+                let frame = match link.framing {
+                    Framing::YWebsocket => wire::encode_ywebsocket(OutMsg::Update(update)),
+                    Framing::Hocus => wire::encode_hocus_client(&link.key, OutMsg::Update(update)),
+                };
+                if link.out.send(Bytes::from(frame)).await.is_err() {
+                    return;
                 }
-                Framing::Hocus => {
-                    let f = wire::encode_hocus_client(&link.key, OutMsg::Update(&update));
-                    if link.out.send(Bytes::from(f)).await.is_err() {
-                        return;
-                    }
+                if let Some(inner) = inner.upgrade() {
+                    inner.status_mut(|s| s.updates_sent += 1);
                 }
             }
-        }
-        if !frame.is_empty() && link.out.send(Bytes::from(frame)).await.is_err() {
-            return;
         }
     }
 }
@@ -384,7 +407,12 @@ struct Socket {
 impl Socket {
     /// Connects and starts the reader and writer; `first` is attached before the reader starts.
     async fn open(url: &str, framing: Framing, first: Option<(&str, &Arc<Inner>)>) -> Result<Arc<Socket>, ClientError> {
-        let config = WebSocketConfig::default().max_message_size(Some(64 << 20)).max_frame_size(Some(64 << 20));
+        // Small buffers: a load generator holds thousands of these.
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(64 << 20))
+            .max_frame_size(Some(64 << 20))
+            .read_buffer_size(8 * 1024)
+            .write_buffer_size(0);
         let (ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), true)
             .await
             .map_err(|e| ClientError::Connect(e.to_string()))?;
@@ -507,7 +535,12 @@ impl std::fmt::Debug for MuxConnection {
 
 impl MuxConnection {
     pub async fn connect(server: &str) -> Result<MuxConnection, ClientError> {
-        Ok(MuxConnection { socket: Socket::open(&format!("{server}/sync"), Framing::Hocus, None).await? })
+        MuxConnection::connect_url(&format!("{server}/sync")).await
+    }
+
+    /// Connects to a multiplexed (Hocuspocus-framed) endpoint given by its full URL.
+    pub async fn connect_url(url: &str) -> Result<MuxConnection, ClientError> {
+        Ok(MuxConnection { socket: Socket::open(url, Framing::Hocus, None).await? })
     }
 
     /// Opens a document on this connection: sends the token, then sync step 1 (as the
