@@ -1,24 +1,73 @@
-//! The classroom scenario: rooms of one teacher and many students, each student typing into the
-//! room's file at a human rate while everyone watches. Measures end-to-end propagation latency
-//! (from a keystroke's transaction to its arrival at every other peer), delivered updates per
-//! second, and lost edits, with every peer a real yrs document that applies what it receives.
+//! Rooms of peers typing into one shared file while the others watch: the classroom scenario
+//! (one teacher and 30-40 students per room) and, with one room of 200 typists, the hot
+//! document. Every peer is a real yrs document that applies what it receives; the scenario
+//! measures end-to-end propagation latency (from a keystroke's transaction to its arrival at
+//! each other peer of the room), delivered updates per second and connection time, and ends by
+//! checking that every keystroke reached every peer and that each room's copies are identical.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::collections::{BinaryHeap, HashMap};
 use std::time::{Duration, Instant};
 
 use collab_client::{DocPeer, REMOTE};
+use rand::{Rng, SeedableRng};
 use yrs::{Origin, Text};
+
+use crate::stats::{Histogram, Stats};
+use crate::target::Target;
 
 #[derive(Debug, Clone)]
 pub struct Classroom {
-    /// `ws://host:port` of a server that accepts token-less connections (`--allow-anonymous`).
-    pub server: String,
+    pub target: Target,
     pub rooms: usize,
-    pub students: usize,
-    /// Keystrokes per second per typing student.
-    pub rate: f64,
+    /// Peers per room who only watch (the teacher).
+    pub watchers: usize,
+    /// Peers per room who type.
+    pub typists: usize,
+    /// Each typist types at a steady rate drawn from this range, in keystrokes per second
+    /// (the traces show 5-9 while someone is typing).
+    pub rate: (f64, f64),
     pub duration: Duration,
+    pub seed: u64,
+    /// A prefix for document names, so that runs against one server do not share rooms.
+    pub prefix: String,
+    /// The server's process, whose CPU time is read around the typing phase.
+    pub server_pid: Option<u32>,
+}
+
+impl Classroom {
+    /// The classroom: `rooms` rooms of one teacher and `students` students at 5-9 keystrokes/s.
+    pub fn classroom(target: Target, rooms: usize, students: usize, duration: Duration) -> Classroom {
+        Classroom {
+            target,
+            rooms,
+            watchers: 1,
+            typists: students,
+            rate: (5.0, 9.0),
+            duration,
+            seed: 1,
+            prefix: "class".into(),
+            server_pid: None,
+        }
+    }
+
+    /// The hot document: one room where `writers` peers all type.
+    pub fn hot_document(target: Target, writers: usize, rate: f64, duration: Duration) -> Classroom {
+        Classroom {
+            target,
+            rooms: 1,
+            watchers: 0,
+            typists: writers,
+            rate: (rate, rate),
+            duration,
+            seed: 1,
+            prefix: "hot".into(),
+            server_pid: None,
+        }
+    }
+
+    pub fn peers(&self) -> usize {
+        self.rooms * (self.watchers + self.typists)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -27,39 +76,65 @@ pub struct Report {
     pub edits: u64,
     pub deliveries: u64,
     pub expected_deliveries: u64,
+    /// The typing phase.
     pub seconds: f64,
-    /// Sorted propagation latencies.
-    pub latencies: Vec<Duration>,
+    pub latency: Histogram,
+    /// From opening the socket to the end of the sync handshake, per peer.
+    pub connect: Histogram,
+    /// Every room's copies are identical and hold every keystroke typed into it.
     pub converged: bool,
+    /// The server's CPU seconds from the first keystroke until every room settled.
+    pub server_cpu_seconds: Option<f64>,
 }
 
 impl Report {
-    pub fn percentile(&self, p: f64) -> Duration {
-        if self.latencies.is_empty() {
-            return Duration::ZERO;
-        }
-        let i = ((self.latencies.len() - 1) as f64 * p).round() as usize;
-        self.latencies[i]
-    }
-
     pub fn lost(&self) -> u64 {
         self.expected_deliveries.saturating_sub(self.deliveries)
     }
+
+    pub fn delivered_per_second(&self) -> f64 {
+        self.deliveries as f64 / self.seconds.max(1e-9)
+    }
+
+    /// Server CPU microseconds per delivered update.
+    pub fn cpu_us_per_delivery(&self) -> Option<f64> {
+        Some(self.server_cpu_seconds? * 1e6 / self.deliveries.max(1) as f64)
+    }
 }
 
-/// When each keystroke was made, by (client id, clock after it).
-type Sent = Arc<Mutex<HashMap<(u64, u32), Instant>>>;
+/// One room: its document name, peers (watchers first) and how many keystrokes were typed.
+pub struct Room {
+    pub doc: String,
+    pub peers: Vec<DocPeer>,
+    pub typed: u64,
+}
 
-struct Receiver {
-    last: HashMap<u64, u32>,
-    latencies: Vec<Duration>,
-    deliveries: u64,
+/// Joins `n` peers to `doc` (at most 64 handshakes at a time), each watched for latency.
+pub async fn open_room(target: &Target, doc: &str, n: usize, stats: &Stats) -> anyhow::Result<Room> {
+    let mut peers = Vec::with_capacity(n);
+    for chunk in (0..n).collect::<Vec<_>>().chunks(64) {
+        let joins = chunk.iter().map(|_| async {
+            let started = Instant::now();
+            let peer = target.join(doc).await?;
+            peer.wait_synced(Duration::from_secs(60)).await?;
+            stats.record_connect(started.elapsed());
+            anyhow::Ok(peer)
+        });
+        for peer in futures_util::future::join_all(joins).await {
+            let peer = peer?;
+            watch(&peer, stats)?;
+            peers.push(peer);
+        }
+    }
+    Ok(Room { doc: doc.to_owned(), peers, typed: 0 })
 }
 
 /// Records, for every remote update a peer applies, the latency of each keystroke it completes.
-fn watch(peer: &DocPeer, sent: Sent, out: Arc<Mutex<Receiver>>) -> anyhow::Result<()> {
+pub fn watch(peer: &DocPeer, stats: &Stats) -> anyhow::Result<()> {
     let remote = Origin::from(REMOTE);
     let own = peer.doc().client_id().get();
+    let stats = stats.clone();
+    let mut last: HashMap<u64, u32> = HashMap::new();
     peer.doc()
         .observe_update_v1("loadtest-latency", move |txn, _| {
             if txn.origin() != Some(&remote) {
@@ -68,91 +143,115 @@ fn watch(peer: &DocPeer, sent: Sent, out: Arc<Mutex<Receiver>>) -> anyhow::Resul
             let now = Instant::now();
             // The document's state after this update says how far each client's edits reached.
             let state = yrs::ReadTxn::state_vector(txn);
-            let sent = sent.lock().unwrap_or_else(|e| e.into_inner());
-            let mut out = out.lock().unwrap_or_else(|e| e.into_inner());
             for (client, clock) in state.iter() {
                 let client = client.get();
                 if client == own {
                     continue;
                 }
-                let from = out.last.get(&client).copied().unwrap_or(0);
-                for c in from + 1..=*clock {
-                    if let Some(at) = sent.get(&(client, c)) {
-                        out.latencies.push(now.duration_since(*at));
-                        out.deliveries += 1;
-                    }
-                }
+                let from = last.get(&client).copied().unwrap_or(0);
                 if *clock > from {
-                    out.last.insert(client, *clock);
+                    stats.delivered(client, from + 1..=*clock, now);
+                    last.insert(client, *clock);
                 }
             }
         })
         .map_err(|e| anyhow::anyhow!("observer: {e}"))
 }
 
-pub async fn run(scenario: &Classroom) -> anyhow::Result<Report> {
-    let sent: Sent = Arc::default();
-    let mut rooms = Vec::new();
-    for r in 0..scenario.rooms {
-        let doc = format!("class{r}/file");
-        let mut peers = Vec::new();
-        for _ in 0..=scenario.students {
-            let peer = DocPeer::connect(&scenario.server, &doc, "").await?;
-            peer.wait_synced(Duration::from_secs(30)).await?;
-            let receiver =
-                Arc::new(Mutex::new(Receiver { last: HashMap::new(), latencies: Vec::new(), deliveries: 0 }));
-            watch(&peer, sent.clone(), receiver.clone())?;
-            peers.push((peer, receiver));
-        }
-        rooms.push(peers);
-    }
-    let peers: usize = rooms.iter().map(Vec::len).sum();
-    let interval = Duration::from_secs_f64(1.0 / scenario.rate);
-    let started = Instant::now();
-    let mut edits = 0u64;
-    let mut expected = 0u64;
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    while started.elapsed() < scenario.duration {
-        tick.tick().await;
-        for room in &rooms {
-            // Peer 0 is the teacher, who watches; every student types one character.
-            for (student, _) in room.iter().skip(1) {
-                let id = student.doc().client_id();
-                // Recorded before the edit: a fast relay may beat the line after it.
-                let next = yrs::ReadTxn::state_vector(&yrs::Transact::transact(student.doc())).get(&id) + 1;
-                sent.lock().unwrap_or_else(|e| e.into_inner()).insert((id.get(), next), Instant::now());
-                student.edit(|txn, text| {
-                    let len = text.len(txn);
-                    text.insert(txn, len / 2, "x");
-                });
-                edits += 1;
-                expected += (room.len() - 1) as u64;
-            }
-        }
-    }
-    let seconds = started.elapsed().as_secs_f64();
-    // Quiesce: every room's peers reach the same text, or the wait times out.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut converged = false;
-    while Instant::now() < deadline {
-        converged = rooms.iter().all(|room| {
-            let first = room[0].0.text();
-            room.iter().all(|(p, _)| p.text() == first)
-        });
-        let delivered: u64 = rooms.iter().flatten().map(|(_, r)| r.lock().map_or(0, |r| r.deliveries)).sum();
-        if converged && delivered >= expected {
-            break;
+/// Types one character at a random place in the room's text, as peer `typist`.
+pub fn type_one(room: &mut Room, typist: usize, stats: &Stats, rng: &mut impl Rng) {
+    let peer = &room.peers[typist];
+    let id = peer.doc().client_id();
+    // Recorded before the edit: a fast relay may beat the line after it.
+    let next = yrs::ReadTxn::state_vector(&yrs::Transact::transact(peer.doc())).get(&id) + 1;
+    stats.sent(id.get(), next, room.peers.len() as u32 - 1);
+    peer.edit(|txn, text| {
+        let len = text.len(txn);
+        text.insert(txn, rng.random_range(0..=len), "x");
+    });
+    room.typed += 1;
+}
+
+/// Whether every peer of the room holds the same text, with every keystroke typed into it.
+pub fn settled(room: &Room) -> bool {
+    let first = room.peers[0].text();
+    first.len() as u64 == room.typed && room.peers.iter().all(|p| p.text() == first)
+}
+
+/// Waits until every room has settled and every delivery arrived, or `timeout` passes.
+pub async fn wait_settled(rooms: &[Room], stats: &Stats, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let done = stats.outstanding() == 0 && rooms.iter().all(settled);
+        if done || Instant::now() >= deadline {
+            return done;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mut latencies = Vec::new();
-    let mut deliveries = 0;
-    for (_, receiver) in rooms.iter().flatten() {
-        let r = receiver.lock().unwrap_or_else(|e| e.into_inner());
-        latencies.extend_from_slice(&r.latencies);
-        deliveries += r.deliveries;
+}
+
+/// Opens the scenario's rooms, each under `{prefix}{r}/file`.
+pub async fn open_rooms(scenario: &Classroom, stats: &Stats) -> anyhow::Result<Vec<Room>> {
+    let per_room = scenario.watchers + scenario.typists;
+    let mut rooms = Vec::with_capacity(scenario.rooms);
+    for r in 0..scenario.rooms {
+        rooms.push(open_room(&scenario.target, &format!("{}{r}/file", scenario.prefix), per_room, stats).await?);
     }
-    latencies.sort();
-    Ok(Report { peers, edits, deliveries, expected_deliveries: expected, seconds, latencies, converged })
+    Ok(rooms)
+}
+
+/// Every typist of every room types at its own steady rate (drawn from `rate`) for `duration`;
+/// peers `watchers..` of each room type. Returns the seconds it took.
+pub async fn type_for(
+    rooms: &mut [Room],
+    watchers: usize,
+    rate: (f64, f64),
+    duration: Duration,
+    stats: &Stats,
+    rng: &mut impl Rng,
+) -> f64 {
+    // Every typist's next keystroke, earliest first.
+    let mut queue = BinaryHeap::new();
+    let started = Instant::now();
+    for (r, room) in rooms.iter().enumerate() {
+        for t in watchers..room.peers.len() {
+            let interval = Duration::from_secs_f64(1.0 / rng.random_range(rate.0..=rate.1));
+            // Typists start spread over their first interval, not all at once.
+            let first = started + interval.mul_f64(rng.random::<f64>());
+            queue.push(std::cmp::Reverse((first, r, t, interval)));
+        }
+    }
+    let end = started + duration;
+    while let Some(std::cmp::Reverse((at, r, t, interval))) = queue.pop() {
+        if at >= end {
+            break;
+        }
+        tokio::time::sleep_until(at.into()).await;
+        type_one(&mut rooms[r], t, stats, rng);
+        queue.push(std::cmp::Reverse((at + interval, r, t, interval)));
+    }
+    started.elapsed().as_secs_f64()
+}
+
+pub async fn run(scenario: &Classroom) -> anyhow::Result<Report> {
+    let stats = Stats::default();
+    let mut rooms = open_rooms(scenario, &stats).await?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(scenario.seed);
+    let cpu = |pid: Option<u32>| pid.map(|p| crate::server::usage(p).map(|u| u.cpu_seconds)).transpose();
+    let cpu_before = cpu(scenario.server_pid)?;
+    let seconds = type_for(&mut rooms, scenario.watchers, scenario.rate, scenario.duration, &stats, &mut rng).await;
+    let converged = wait_settled(&rooms, &stats, Duration::from_secs(60)).await;
+    let cpu_after = cpu(scenario.server_pid)?;
+    let snapshot = stats.snapshot();
+    Ok(Report {
+        peers: rooms.iter().map(|r| r.peers.len()).sum(),
+        edits: snapshot.edits,
+        deliveries: snapshot.deliveries,
+        expected_deliveries: snapshot.expected,
+        seconds,
+        latency: snapshot.latency,
+        connect: snapshot.connect,
+        converged,
+        server_cpu_seconds: cpu_after.zip(cpu_before).map(|(a, b)| a - b),
+    })
 }

@@ -1,9 +1,16 @@
-//! loadtest: benchmarks of the collaboration engine, run by `cargo xtask bench`.
-//!
-//! Today: document loading and the cost of applying edits (`collab-bench load`), replaying the
-//! real editing traces in `../shared/data/editing-traces` (CC BY 4.0); and a first classroom
-//! scenario (`collab-bench classroom`) against one of our servers. The side-by-side runs against
-//! the reference Yjs servers, the other scenarios, soak and fuzzing (issue #4) are not built yet.
+//! loadtest: the load generator and benchmark scenarios, run by `cargo xtask bench` (and in
+//! short smoke runs by the tests). Every simulated peer is a real yrs document behind
+//! `collab-client`; scenarios talk to our server or to the reference Yjs servers ([`target`]),
+//! started as pinned processes by [`server`]. The editing traces come from
+//! `../shared/data/editing-traces` (CC BY 4.0).
 
 pub mod classroom;
+pub mod idle;
+pub mod replay;
+pub mod plot;
+pub mod server;
+pub mod soak;
+pub mod stats;
+pub mod storm;
+pub mod target;
 pub mod trace;

@@ -13,10 +13,30 @@ pub struct Trace {
     pub txns: Vec<Txn>,
 }
 
+/// `(position, deleted characters, inserted text)`.
+pub type Patch = (u32, u32, String);
+
 #[derive(Debug, Deserialize)]
 pub struct Txn {
-    /// `(position, deleted characters, inserted text)`.
-    pub patches: Vec<(u32, u32, String)>,
+    pub patches: Vec<Patch>,
+}
+
+/// A concurrent trace: each transaction applies on top of the merge of its parents.
+#[derive(Debug, Deserialize)]
+pub struct ConcurrentTrace {
+    #[serde(rename = "endContent")]
+    pub end_content: String,
+    #[serde(rename = "numAgents")]
+    pub num_agents: usize,
+    pub txns: Vec<ConcurrentTxn>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ConcurrentTxn {
+    /// Indices of earlier transactions.
+    pub parents: Vec<usize>,
+    pub agent: usize,
+    pub patches: Vec<Patch>,
 }
 
 /// The traces folder: `COLLAB_TRACES_DIR`, or `shared/data/editing-traces` beside the checkout.
@@ -28,9 +48,18 @@ pub fn traces_dir() -> PathBuf {
 
 /// Loads `sequential/{name}.json.gz`.
 pub fn load_sequential(name: &str) -> anyhow::Result<Trace> {
-    let path = traces_dir().join("sequential").join(format!("{name}.json.gz"));
+    load(&format!("sequential/{name}.json.gz"))
+}
+
+/// Loads `concurrent/{name}.json.gz`.
+pub fn load_concurrent(name: &str) -> anyhow::Result<ConcurrentTrace> {
+    load(&format!("concurrent/{name}.json.gz"))
+}
+
+fn load<T: serde::de::DeserializeOwned>(relative: &str) -> anyhow::Result<T> {
+    let path = traces_dir().join(relative);
     let file = std::fs::File::open(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let mut json = String::new();
     flate2::read::GzDecoder::new(file).read_to_string(&mut json)?;
-    Ok(serde_json::from_str(&json)?)
+    serde_json::from_str(&json).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }

@@ -31,9 +31,20 @@ enum Task {
     /// Install and start the services the tests need, then run every check and test, stopping at
     /// the first failure.
     Test,
-    /// Run the benchmarks (release build) against SQLite and the throwaway PostgreSQL, printing
-    /// the tables BENCHMARKS.md records.
-    Bench,
+    /// Run the benchmarks (release build): document loading against SQLite and the throwaway
+    /// PostgreSQL, every load scenario side by side with the reference Yjs servers, and the soak,
+    /// printing the tables BENCHMARKS.md records and writing plots to target/bench.
+    Bench {
+        /// Runs of each side-by-side measurement (figures are medians).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Length of the soak; 0 skips it.
+        #[arg(long, default_value_t = 30.0)]
+        soak_minutes: f64,
+        /// A few seconds per scenario, to try the command out.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Start or stop the tests' throwaway PostgreSQL cluster by hand, e.g. to run one test.
     Postgres {
         #[command(subcommand)]
@@ -61,6 +72,7 @@ const TEST_PLAN: &[Step] = &[
     Step::StartPostgres,
     Step::Fmt,
     Step::NpmInstall,
+    Step::NpmInstallReference,
     Step::NpmLint,
     Step::NpmTypecheck,
     Step::NpmBuild,
@@ -88,7 +100,7 @@ fn main() -> ExitCode {
     let outcome = workspace_root().and_then(|root| match cli.command {
         Task::Run { serve_args } => run(&root, &serve_args),
         Task::Test => test(&root),
-        Task::Bench => bench(&root),
+        Task::Bench { runs, soak_minutes, quick } => bench(&root, runs, soak_minutes, quick),
         Task::Postgres { action } => postgres_by_hand(&root, action),
     });
     match outcome {
@@ -158,36 +170,41 @@ fn test(root: &Path) -> Result<ExitCode> {
     Ok(steps::print_summary(&results))
 }
 
-/// Builds the release binaries, then runs `collab-bench load` against SQLite and the throwaway
-/// PostgreSQL, and `collab-bench classroom` with the server pinned to core 0 and the generator
-/// to core 1. PostgreSQL is stopped again whatever happened.
-fn bench(root: &Path) -> Result<ExitCode> {
+/// Builds the release binaries and installs the reference servers, then runs `collab-bench
+/// load` against SQLite and the throwaway PostgreSQL (stopped again whatever happened), and
+/// `collab-bench compare` and `soak` with the servers pinned to core 0 and the generator to core 1.
+fn bench(root: &Path, runs: usize, soak_minutes: f64, quick: bool) -> Result<ExitCode> {
     let cargo = || std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     let mut build = cargo();
-    build.args([
-        "build",
-        "--release",
-        "-p",
-        "collab-server",
-        "--bin",
-        "collab",
-        "-p",
-        "loadtest",
-        "--bin",
-        "collab-bench",
-    ]);
+    build.args(["build", "--release", "-p", "collab-server", "--bin", "collab", "-p", "loadtest", "--bin", "collab-bench"]);
     cmd::run(build.current_dir(root))?;
+    steps::reference_servers(root)?;
     let release = steps::target_dir(root).join("release");
     let target_dir = steps::target_dir(root);
+    let out = target_dir.join("bench");
     let port = postgres::start(&target_dir)?;
     let mut load = std::process::Command::new(release.join("collab-bench"));
     load.arg("load").arg(postgres::url(port)).current_dir(root);
     let loaded = cmd::run(&mut load);
     postgres::stop(&target_dir)?;
     loaded?;
-    let mut classroom = std::process::Command::new("taskset");
-    classroom.args(["-c", "1"]).arg(release.join("collab-bench")).arg("classroom").arg(release.join("collab"));
-    cmd::run(classroom.current_dir(root))?;
+    let pinned = |what: &str| {
+        let mut c = std::process::Command::new("taskset");
+        c.args(["-c", "1"]).arg(release.join("collab-bench")).arg(what);
+        c.arg("--collab").arg(release.join("collab")).arg("--reference").arg(root.join("loadtest/servers"));
+        c.arg("--core").arg("0").arg("--out").arg(&out).current_dir(root);
+        c
+    };
+    let mut compare = pinned("compare");
+    compare.arg("--runs").arg(runs.to_string());
+    if quick {
+        compare.arg("--quick");
+    }
+    cmd::run(&mut compare)?;
+    if soak_minutes > 0.0 {
+        let minutes = if quick { soak_minutes.min(0.5) } else { soak_minutes };
+        cmd::run(pinned("soak").arg("--minutes").arg(minutes.to_string()))?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -18,6 +18,8 @@ pub enum Step {
     StartPostgres,
     Fmt,
     NpmInstall,
+    /// `npm ci` in `loadtest/servers`: the reference Yjs servers the load tests compare against.
+    NpmInstallReference,
     NpmLint,
     NpmTypecheck,
     NpmBuild,
@@ -37,6 +39,7 @@ fn name(step: Step) -> &'static str {
         Step::StartPostgres => "start postgres",
         Step::Fmt => "cargo fmt --check",
         Step::NpmInstall => "npm ci",
+        Step::NpmInstallReference => "npm ci (reference servers)",
         Step::NpmLint => "npm run lint",
         Step::NpmTypecheck => "npm run typecheck",
         Step::NpmBuild => "npm run build",
@@ -88,7 +91,8 @@ pub fn run_step(step: Step, ctx: &mut Context) -> Result<String> {
             Ok(format!("port {port}"))
         }
         Step::Fmt => ran(cargo(ctx).args(["fmt", "--all", "--", "--check"]), ""),
-        Step::NpmInstall => npm_install(ctx),
+        Step::NpmInstall => npm_install(&ctx.root.join("web"), &[]),
+        Step::NpmInstallReference => reference_servers(&ctx.root),
         Step::NpmLint => ran(npm(ctx).args(["run", "lint"]), ""),
         Step::NpmTypecheck => ran(npm(ctx).args(["run", "typecheck"]), ""),
         Step::NpmBuild => ran(npm(ctx).args(["run", "build"]), ""),
@@ -166,18 +170,24 @@ fn python_tests(ctx: &Context) -> Result<String> {
 }
 
 /// Runs `npm ci` unless `web/node_modules` is at least as new as `web/package-lock.json`.
-fn npm_install(ctx: &Context) -> Result<String> {
-    let web = ctx.root.join("web");
+/// `npm ci` in `dir` unless its node_modules is newer than its lock file.
+fn npm_install(dir: &Path, extra: &[&str]) -> Result<String> {
     // npm writes this file at the end of every install, so it dates the last complete one.
-    let installed = modified(&web.join("node_modules").join(".package-lock.json"))?;
-    let lock = modified(&web.join("package-lock.json"))?
-        .with_context(|| format!("{} is missing", web.join("package-lock.json").display()))?;
+    let installed = modified(&dir.join("node_modules").join(".package-lock.json"))?;
+    let lock = modified(&dir.join("package-lock.json"))?
+        .with_context(|| format!("{} is missing", dir.join("package-lock.json").display()))?;
     if installed.is_some_and(|installed| installed >= lock) {
-        println!("web/node_modules is up to date with web/package-lock.json");
+        println!("{}/node_modules is up to date with its package-lock.json", dir.display());
         return Ok("up to date".to_owned());
     }
-    cmd::run(npm(ctx).arg("ci"))?;
+    cmd::run(Command::new("npm").arg("ci").args(extra).current_dir(dir))?;
     Ok("installed".to_owned())
+}
+
+/// Installs the y-websocket reference server and Hocuspocus, without y-websocket's optional
+/// LevelDB persistence (a native build the benchmarks do not use).
+pub fn reference_servers(root: &Path) -> Result<String> {
+    npm_install(&root.join("loadtest").join("servers"), &["--omit=optional", "--ignore-scripts"])
 }
 
 /// The modification time of `path`, or `None` if it does not exist.

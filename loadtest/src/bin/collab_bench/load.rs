@@ -1,7 +1,5 @@
 //! `collab-bench load`: how fast a document holding a long real editing history loads from its
 //! snapshot, and what applying edits costs one by one versus batched, on this machine.
-//! `collab-bench classroom SERVER_BIN`: the classroom scenario against our server, started on
-//! core 0 (the generator should run on core 1), with the server's CPU time and peak memory.
 
 use std::time::{Duration, Instant};
 
@@ -23,96 +21,7 @@ fn per(d: Duration, n: usize) -> String {
     if ns >= 1000.0 { format!("{:.2} µs", ns / 1000.0) } else { format!("{ns:.1} ns") }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let what = std::env::args().nth(1).unwrap_or_default();
-    match what.as_str() {
-        "load" => load().await,
-        "classroom" => classroom().await,
-        _ => anyhow::bail!("usage: collab-bench load [DATABASE_URL...] | collab-bench classroom SERVER_BIN"),
-    }
-}
-
-/// Reads utime+stime (seconds) and peak RSS (KiB) of a process from /proc.
-fn proc_usage(pid: u32) -> anyhow::Result<(f64, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("").split_whitespace().collect();
-    let ticks: f64 = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
-        + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let hwm = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0);
-    Ok((ticks / 100.0, hwm))
-}
-
-async fn classroom() -> anyhow::Result<()> {
-    use std::io::BufRead;
-    let bin = std::env::args().nth(2).context("usage: collab-bench classroom SERVER_BIN")?;
-    let dir = tempfile::tempdir()?;
-    let mut child = std::process::Command::new("taskset")
-        .args(["-c", "0"])
-        .arg(&bin)
-        .args(["serve", "--listen", "127.0.0.1:0", "--web-dir", "/nonexistent", "--allow-anonymous"])
-        .args(["--rate-messages", "0", "--rate-bytes", "0", "--connect-rate", "0"])
-        .arg("--data-dir")
-        .arg(dir.path())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .context("starting the server under taskset")?;
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().context("server stdout")?).read_line(&mut line)?;
-    let addr = line.trim().strip_prefix("collab listening on http://").context("server did not start")?.to_owned();
-    let pid = child.id();
-    let scenario = loadtest::classroom::Classroom {
-        server: format!("ws://{addr}"),
-        rooms: 10,
-        students: 30,
-        rate: 5.0,
-        duration: Duration::from_secs(20),
-    };
-    let (cpu_before, _) = proc_usage(pid)?;
-    let report = loadtest::classroom::run(&scenario).await?;
-    let (cpu_after, peak_kib) = proc_usage(pid)?;
-    let _ = child.kill();
-    let _ = child.wait();
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    println!(
-        "## Classroom: {} rooms of 1 teacher + {} students, {} keystrokes/s each, {:.0} s\n",
-        scenario.rooms,
-        scenario.students,
-        scenario.rate,
-        scenario.duration.as_secs_f64()
-    );
-    println!("| measure | value |\n|---|---|");
-    println!("| peers | {} |", report.peers);
-    println!("| keystrokes | {} |", report.edits);
-    println!("| delivered updates/s | {:.0} |", report.deliveries as f64 / report.seconds);
-    println!(
-        "| propagation latency p50 / p90 / p99 / max | {:.2} / {:.2} / {:.2} / {:.2} ms |",
-        ms(report.percentile(0.5)),
-        ms(report.percentile(0.9)),
-        ms(report.percentile(0.99)),
-        ms(report.percentile(1.0))
-    );
-    println!("| lost deliveries | {} (rooms converged: {}) |", report.lost(), report.converged);
-    let cpu = cpu_after - cpu_before;
-    println!(
-        "| server CPU | {cpu:.2} s ({:.2} µs per delivered update) |",
-        cpu * 1e6 / report.deliveries.max(1) as f64
-    );
-    println!(
-        "| server peak RSS | {:.1} MiB ({:.1} KiB per connection) |",
-        peak_kib as f64 / 1024.0,
-        peak_kib as f64 / report.peers as f64
-    );
-    Ok(())
-}
-
-async fn load() -> anyhow::Result<()> {
+pub async fn load(database_urls: &[String]) -> anyhow::Result<()> {
     let trace = trace::load_sequential("automerge-paper").context("reading the automerge-paper trace")?;
     let ops: usize = trace.txns.iter().map(|t| t.patches.len()).sum();
 
@@ -184,7 +93,7 @@ async fn load() -> anyhow::Result<()> {
 
     let dir = tempfile::tempdir()?;
     let mut urls = vec![format!("sqlite://{}", dir.path().join("bench.sqlite3").display())];
-    urls.extend(std::env::args().skip(2));
+    urls.extend(database_urls.iter().cloned());
     for url in urls {
         let store = doc_store::open_store(&url).await?;
         let name = format!("bench/paper-{}", std::process::id());

@@ -1,0 +1,96 @@
+//! Which server a scenario talks to, and how a simulated peer joins a document there: our two
+//! endpoints, the y-websocket reference server, or Hocuspocus. Every peer is a real yrs document
+//! behind `collab-client`, whatever the server.
+
+use collab_client::{DocPeer, MuxConnection};
+
+/// A server and the endpoint layout its peers use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// Ours, one y-websocket connection per document: `GET /sync/{doc}`.
+    Collab,
+    /// Ours, multiplexed with the Hocuspocus framing: `GET /sync`, one socket per peer.
+    CollabMux,
+    /// The y-websocket reference server (`y-websocket@1`, `bin/server.js`): `GET /{doc}`.
+    YWebsocket,
+    /// `@hocuspocus/server`: the Hocuspocus framing on `GET /`.
+    Hocuspocus,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 4] = [Kind::Collab, Kind::CollabMux, Kind::YWebsocket, Kind::Hocuspocus];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::Collab => "collab (y-websocket endpoint)",
+            Kind::CollabMux => "collab (multiplexed endpoint)",
+            Kind::YWebsocket => "y-websocket@1 server",
+            Kind::Hocuspocus => "@hocuspocus/server",
+        }
+    }
+
+    /// A short name for file names and arguments.
+    pub fn slug(self) -> &'static str {
+        match self {
+            Kind::Collab => "collab",
+            Kind::CollabMux => "collab-mux",
+            Kind::YWebsocket => "y-websocket",
+            Kind::Hocuspocus => "hocuspocus",
+        }
+    }
+
+    pub fn from_slug(s: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.slug() == s)
+    }
+
+    /// Whether the process behind it is ours (the other two run under Node.js).
+    pub fn is_ours(self) -> bool {
+        matches!(self, Kind::Collab | Kind::CollabMux)
+    }
+}
+
+/// A running server a scenario connects to. Ours must accept token-less peers
+/// (`--allow-anonymous`); the reference servers run without authentication.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub kind: Kind,
+    /// `ws://host:port`.
+    pub base: String,
+}
+
+impl Target {
+    pub fn new(kind: Kind, base: impl Into<String>) -> Target {
+        Target { kind, base: base.into() }
+    }
+
+    /// Opens `doc` as a new peer on its own socket; the peer keeps the socket open.
+    pub async fn join(&self, doc: &str) -> anyhow::Result<DocPeer> {
+        let base = &self.base;
+        let peer = match self.kind {
+            Kind::Collab => DocPeer::connect_url(&format!("{base}/sync/{doc}")).await?,
+            Kind::YWebsocket => DocPeer::connect_url(&format!("{base}/{doc}")).await?,
+            Kind::CollabMux => MuxConnection::connect_url(&format!("{base}/sync")).await?.open(doc, "").await?,
+            // Hocuspocus waits for a token message before it syncs; with no `onAuthenticate`
+            // hook it accepts any.
+            Kind::Hocuspocus => MuxConnection::connect_url(base).await?.open(doc, "anonymous").await?,
+        };
+        Ok(peer)
+    }
+
+    /// Reconnects an existing peer (its document and content kept) to `doc`.
+    pub async fn rejoin(&self, peer: &mut DocPeer, doc: &str) -> anyhow::Result<()> {
+        let base = &self.base;
+        match self.kind {
+            Kind::Collab => peer.reconnect_url(&format!("{base}/sync/{doc}")).await?,
+            Kind::YWebsocket => peer.reconnect_url(&format!("{base}/{doc}")).await?,
+            Kind::CollabMux | Kind::Hocuspocus => {
+                let url = if self.kind == Kind::CollabMux { format!("{base}/sync") } else { base.clone() };
+                let token = if self.kind == Kind::CollabMux { "" } else { "anonymous" };
+                let ydoc = peer.doc().clone();
+                peer.disconnect();
+                *peer = MuxConnection::connect_url(&url).await?.open_with(doc, token, ydoc).await?;
+            }
+        }
+        Ok(())
+    }
+}
