@@ -11,7 +11,11 @@ mod soak;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use std::time::Duration;
+
+use loadtest::classroom::Classroom;
 use loadtest::server::Programs;
+use loadtest::target::{Kind, Target};
 
 #[derive(Debug, Parser)]
 #[command(about = "Benchmarks of the collaboration engine")]
@@ -37,6 +41,24 @@ enum Command {
         /// Where the SVG plots go.
         #[arg(long, default_value = "target/bench")]
         out: PathBuf,
+    },
+    /// Rooms of typists against a server that is already running (for profiling it).
+    Rooms {
+        /// `ws://host:port` of a server accepting token-less peers.
+        #[arg(long)]
+        url: String,
+        /// collab, collab-mux, y-websocket or hocuspocus.
+        #[arg(long, default_value = "collab")]
+        kind: String,
+        #[arg(long, default_value_t = 5)]
+        rooms: usize,
+        #[arg(long, default_value_t = 10)]
+        typists: usize,
+        /// Keystrokes per second per typist.
+        #[arg(long, default_value_t = 2.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
     },
     /// Classroom rooms coming and going against our server, sampling its memory.
     Soak {
@@ -77,6 +99,24 @@ async fn main() -> anyhow::Result<()> {
         Command::Compare { programs, runs, quick, out } => {
             std::fs::create_dir_all(&out)?;
             compare::compare(&programs.programs(), runs.max(1), quick, &out).await
+        }
+        Command::Rooms { url, kind, rooms, typists, rate, seconds } => {
+            let kind = Kind::from_slug(&kind).ok_or_else(|| anyhow::anyhow!("unknown server kind {kind}"))?;
+            let mut scenario =
+                Classroom::hot_document(Target::new(kind, url), typists, rate, Duration::from_secs_f64(seconds));
+            scenario.rooms = rooms;
+            let report = loadtest::classroom::run(&scenario).await?;
+            println!(
+                "{} peers, {} keystrokes, {} deliveries ({:.0}/s), latency p50/p90/p99/max {} ms, lost {}, converged {}",
+                report.peers,
+                report.edits,
+                report.deliveries,
+                report.delivered_per_second(),
+                report.latency.summary(),
+                report.lost(),
+                report.converged
+            );
+            Ok(())
         }
         Command::Soak { programs, minutes, out } => {
             std::fs::create_dir_all(&out)?;

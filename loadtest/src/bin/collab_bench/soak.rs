@@ -18,8 +18,8 @@ pub async fn soak(programs: &Programs, minutes: f64, out: &Path) -> anyhow::Resu
         http,
         pid: server.pid(),
         duration: Duration::from_secs_f64(minutes * 60.0),
-        rooms: 6,
-        students: 30,
+        rooms: 4,
+        students: 20,
         room_life: Duration::from_secs(60),
         sample_every: Duration::from_secs(10),
     };
