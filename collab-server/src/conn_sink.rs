@@ -56,6 +56,14 @@ pub struct Outbox {
 }
 
 impl Outbox {
+    /// The next frame if one is ready now.
+    pub fn try_recv(&mut self) -> Option<Bytes> {
+        match self.rx.try_recv() {
+            Ok(frame) => Some(frame),
+            Err(_) => self.acks.pop(),
+        }
+    }
+
     /// The next frame to write; `None` once every sink is dropped and the queue is empty.
     pub async fn recv(&mut self) -> Option<Bytes> {
         loop {

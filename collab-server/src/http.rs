@@ -133,17 +133,19 @@ async fn yws_upgrade(
 }
 
 /// Message limits, and buffers sized for many mostly idle connections: tungstenite's default
-/// 128 KiB read buffer per socket would be most of a connection's memory. Writes are not held
-/// back to fill a buffer; the connection's own queue batches them.
+/// 128 KiB read buffer per socket would be most of a connection's memory. The write buffer
+/// only fills between the frames the write loop batches and its flush.
 fn websocket_limits(ws: WebSocketUpgrade, limits: &crate::config::Limits) -> WebSocketUpgrade {
     ws.max_message_size(limits.max_message_size)
         .max_frame_size(limits.max_message_size)
         .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(0)
+        .write_buffer_size(WRITE_BUFFER)
 }
 
 /// Bytes read from a socket at a time.
 const READ_BUFFER: usize = 8 * 1024;
+/// Bytes of frames buffered before a write goes to the socket without waiting for a flush.
+const WRITE_BUFFER: usize = 64 * 1024;
 
 async fn mux_upgrade(State(app): State<Arc<AppState>>, ws: WebSocketUpgrade) -> Response {
     let upgrade = websocket_limits(ws, &app.config.limits);

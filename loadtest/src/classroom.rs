@@ -85,6 +85,8 @@ pub struct Report {
     pub converged: bool,
     /// The server's CPU seconds from the first keystroke until every room settled.
     pub server_cpu_seconds: Option<f64>,
+    /// This process's (the generator's) CPU seconds over the same span.
+    pub generator_cpu_seconds: f64,
 }
 
 impl Report {
@@ -239,9 +241,11 @@ pub async fn run(scenario: &Classroom) -> anyhow::Result<Report> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(scenario.seed);
     let cpu = |pid: Option<u32>| pid.map(|p| crate::server::usage(p).map(|u| u.cpu_seconds)).transpose();
     let cpu_before = cpu(scenario.server_pid)?;
+    let own_before = crate::server::usage(std::process::id())?.cpu_seconds;
     let seconds = type_for(&mut rooms, scenario.watchers, scenario.rate, scenario.duration, &stats, &mut rng).await;
     let converged = wait_settled(&rooms, &stats, Duration::from_secs(60)).await;
     let cpu_after = cpu(scenario.server_pid)?;
+    let own_after = crate::server::usage(std::process::id())?.cpu_seconds;
     let snapshot = stats.snapshot();
     Ok(Report {
         peers: rooms.iter().map(|r| r.peers.len()).sum(),
@@ -253,5 +257,6 @@ pub async fn run(scenario: &Classroom) -> anyhow::Result<Report> {
         connect: snapshot.connect,
         converged,
         server_cpu_seconds: cpu_after.zip(cpu_before).map(|(a, b)| a - b),
+        generator_cpu_seconds: own_after - own_before,
     })
 }

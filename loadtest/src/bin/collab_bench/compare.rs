@@ -22,6 +22,8 @@ struct Measure {
     cpu_us: f64,
     /// Share of one core the server used while typing.
     busy: f64,
+    /// Share of one core the generator used over the same span.
+    generator_busy: f64,
     peak_rss_kib: u64,
     peers: usize,
     lost: u64,
@@ -60,6 +62,7 @@ impl Summary {
                 max: med(|m| m.max),
                 cpu_us: med(|m| m.cpu_us),
                 busy: med(|m| m.busy),
+                generator_busy: med(|m| m.generator_busy),
                 peak_rss_kib: med(|m| m.peak_rss_kib as f64) as u64,
                 peers: runs.first().map_or(0, |m| m.peers),
                 lost: 0,
@@ -80,7 +83,7 @@ impl Summary {
     fn row(&self, label: &str) -> String {
         let m = &self.m;
         format!(
-            "| {label} | {:.0} | {:.2} / {:.2} / {:.2} / {:.2} | {:.2}-{:.2}{} | {:.2} | {:.0} % | {:.0} MiB | {} |",
+            "| {label} | {:.0} | {:.2} / {:.2} / {:.2} / {:.2} | {:.2}-{:.2}{} | {:.2} | {:.0} % | {:.0} %{} | {:.0} MiB | {} |",
             m.delivered_per_s,
             m.p50,
             m.p90,
@@ -91,13 +94,15 @@ impl Summary {
             if self.noisy() { " (noisy)" } else { "" },
             m.cpu_us,
             m.busy * 100.0,
+            m.generator_busy * 100.0,
+            if m.generator_busy > 0.9 { " (saturated)" } else { "" },
             m.peak_rss_kib / 1024,
             if self.all_converged && self.lost == 0 { "0".to_owned() } else { format!("**{} lost**", self.lost) },
         )
     }
 }
 
-const TABLE_HEAD: &str = "| server | delivered updates/s | latency p50 / p90 / p99 / max (ms) | p99 range (ms) | server CPU per delivered update (µs) | server core busy | server peak RSS | lost |\n|---|---|---|---|---|---|---|---|";
+const TABLE_HEAD: &str = "| server | delivered updates/s | latency p50 / p90 / p99 / max (ms) | p99 range (ms) | server CPU per delivered update (µs) | server core busy | generator core busy | server peak RSS | lost |\n|---|---|---|---|---|---|---|---|---|";
 
 /// Runs a typing scenario once against a fresh server of `kind`.
 async fn typing_run(kind: Kind, programs: &Programs, scenario: &Classroom) -> anyhow::Result<Measure> {
@@ -116,6 +121,7 @@ async fn typing_run(kind: Kind, programs: &Programs, scenario: &Classroom) -> an
         max: report.latency.max_ms(),
         cpu_us: report.cpu_us_per_delivery().unwrap_or(0.0),
         busy: cpu / report.seconds,
+        generator_busy: report.generator_cpu_seconds / report.seconds,
         peak_rss_kib: usage.peak_rss_kib,
         peers: report.peers,
         lost: report.lost(),
@@ -185,7 +191,7 @@ pub async fn compare(programs: &Programs, runs: usize, quick: bool, out: &Path) 
             p50_series[i].points.push((s.m.delivered_per_s, s.m.p50));
             p99_series[i].points.push((s.m.delivered_per_s, s.m.p99));
         }
-        println!("| {} | | | | | | | |", ratio_line(&kinds, &summaries));
+        println!("| {} | | | | | | | | |", ratio_line(&kinds, &summaries));
     }
     for (name, series) in [("p50", &p50_series), ("p99", &p99_series)] {
         let path = out.join(format!("latency-{name}-vs-load.svg"));
