@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::close::CloseReason;
@@ -24,11 +24,13 @@ pub struct ConnSink {
     acks: Arc<Acks>,
 }
 
-/// Confirmations waiting to be written: runs of one frame repeated `n` times.
+/// Confirmations waiting to be written: runs of one frame repeated `n` times. The first run
+/// after the writer emptied them puts an empty frame in the queue to wake it (if the queue is
+/// full the writer is busy and looks at the runs before it next waits); empty frames are never
+/// written.
 #[derive(Debug, Default)]
 struct Acks {
     runs: Mutex<VecDeque<(Bytes, u64)>>,
-    wake: Notify,
 }
 
 /// The most runs of confirmations kept: interleaved confirmations for more documents than
@@ -58,29 +60,26 @@ pub struct Outbox {
 impl Outbox {
     /// The next frame if one is ready now.
     pub fn try_recv(&mut self) -> Option<Bytes> {
-        match self.rx.try_recv() {
-            Ok(frame) => Some(frame),
-            Err(_) => self.acks.pop(),
+        loop {
+            match self.rx.try_recv() {
+                Ok(frame) if frame.is_empty() => continue,
+                Ok(frame) => return Some(frame),
+                Err(_) => return self.acks.pop(),
+            }
         }
     }
 
-    /// The next frame to write; `None` once every sink is dropped and the queue is empty.
+    /// The next frame to write; `None` once every sink is dropped and nothing is left.
     pub async fn recv(&mut self) -> Option<Bytes> {
         loop {
-            match self.rx.try_recv() {
-                Ok(frame) => return Some(frame),
-                Err(mpsc::error::TryRecvError::Disconnected) => return self.acks.pop(),
-                Err(mpsc::error::TryRecvError::Empty) => {}
+            if let Some(frame) = self.try_recv() {
+                return Some(frame);
             }
-            if let Some(ack) = self.acks.pop() {
-                return Some(ack);
-            }
-            tokio::select! {
-                frame = self.rx.recv() => match frame {
-                    Some(frame) => return Some(frame),
-                    None => return self.acks.pop(),
-                },
-                _ = self.acks.wake.notified() => {}
+            match self.rx.recv().await {
+                // The wake-up a confirmation sends when it finds no others waiting.
+                Some(frame) if frame.is_empty() => continue,
+                Some(frame) => return Some(frame),
+                None => return self.acks.pop(),
             }
         }
     }
@@ -146,8 +145,10 @@ impl ConnSink {
                 }
                 _ => runs.push_back((frame, 1)),
             }
+            if runs.len() == 1 && runs.front().is_some_and(|(_, n)| *n == 1) {
+                let _ = self.tx.try_send(Bytes::new());
+            }
         }
-        self.acks.wake.notify_one();
         Ok(())
     }
 

@@ -143,7 +143,7 @@ fn websocket_limits(ws: WebSocketUpgrade, limits: &crate::config::Limits) -> Web
 }
 
 /// Bytes read from a socket at a time.
-const READ_BUFFER: usize = 8 * 1024;
+const READ_BUFFER: usize = 4 * 1024;
 /// Bytes of frames buffered before a write goes to the socket without waiting for a flush.
 const WRITE_BUFFER: usize = 64 * 1024;
 
