@@ -177,6 +177,7 @@ impl Rooms {
             log_len: 0,
             last_seq: 0,
             retry_at: None,
+            in_flight: None,
         };
         self.env.metrics.documents_loaded.inc();
         let span = info_span!("room", doc_id = %doc);
@@ -231,6 +232,26 @@ struct Actor {
     log_len: u64,
     last_seq: i64,
     retry_at: Option<Instant>,
+    /// The commit in flight, if any: it covers the first `count` entries of `unsaved`.
+    in_flight: Option<InFlight>,
+}
+
+/// A store append running while the room goes on applying and relaying: the writes it covers
+/// are confirmed when it lands, later writes wait for the next one.
+struct InFlight {
+    commit: std::pin::Pin<Box<dyn std::future::Future<Output = Result<i64, crate::commit::CommitError>> + Send>>,
+    count: usize,
+    bytes: usize,
+    awaiting: Vec<(PeerId, Awaiting)>,
+    server_awaiting: Vec<oneshot::Sender<()>>,
+}
+
+/// Resolves the in-flight commit, or never if there is none.
+async fn landed(in_flight: &mut Option<InFlight>) -> Result<i64, crate::commit::CommitError> {
+    match in_flight {
+        Some(f) => f.commit.as_mut().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Actor {
@@ -279,9 +300,10 @@ impl Actor {
                         self.broadcast(&mut state, Output { awareness: Some(update), ..Output::default() });
                     }
                 }
+                result = landed(&mut self.in_flight) => self.commit_landed(result),
                 _ = sleep_until_opt(retry_at) => {
                     self.retry_at = None;
-                    self.persist().await;
+                    self.persist();
                 }
                 _ = sleep_until_opt(unload_at) => {
                     if self.unsaved.is_empty() && self.rooms.try_remove(&self.doc, &self.leases, &mut rx) {
@@ -360,11 +382,16 @@ impl Actor {
         self.broadcast(state, out);
         // Peers that left are dropped from the slot map once the core has forgotten them.
         self.peers.retain(|peer, _| state.has_peer(*peer));
-        if self.unsaved.is_empty() {
-            self.confirm();
+        if self.unsaved.is_empty() && self.in_flight.is_none() {
+            let (awaiting, server_awaiting) = self.take_awaiting();
+            self.confirm(awaiting, server_awaiting);
         } else if self.retry_at.is_none() {
-            self.persist().await;
+            self.persist();
         }
+    }
+
+    fn take_awaiting(&mut self) -> (Vec<(PeerId, Awaiting)>, Vec<oneshot::Sender<()>>) {
+        (std::mem::take(&mut self.awaiting), std::mem::take(&mut self.server_awaiting))
     }
 
     /// Sends replies and relays; evicts peers whose connection is gone or too slow.
@@ -442,11 +469,11 @@ impl Actor {
     }
 
     /// Sends the confirmations held for writes whose updates are now in the store.
-    fn confirm(&mut self) {
-        for done in self.server_awaiting.drain(..) {
+    fn confirm(&mut self, awaiting: Vec<(PeerId, Awaiting)>, server_awaiting: Vec<oneshot::Sender<()>>) {
+        for done in server_awaiting {
             let _ = done.send(());
         }
-        for (peer, awaiting) in std::mem::take(&mut self.awaiting) {
+        for (peer, awaiting) in awaiting {
             if let Some(slot) = self.peers.get(&peer) {
                 // A full queue ends that connection; its client resyncs and loses nothing.
                 let _ = match awaiting {
@@ -457,40 +484,71 @@ impl Actor {
         }
     }
 
-    /// Appends unsaved updates to the store in one transaction, then confirms them. On failure
-    /// keeps them, and retries with exponential backoff (0.1 s doubling to 5 s).
-    async fn persist(&mut self) {
-        if self.unsaved.is_empty() {
-            self.confirm();
+    /// Starts appending every unsaved update to the store, unless a commit is already in flight
+    /// (the next starts when it lands) or a retry is scheduled. The room keeps applying and
+    /// relaying meanwhile; only confirmations wait. With nothing unsaved, confirms at once.
+    fn persist(&mut self) {
+        if self.in_flight.is_some() {
             return;
         }
+        if self.unsaved.is_empty() {
+            let (awaiting, server_awaiting) = self.take_awaiting();
+            self.confirm(awaiting, server_awaiting);
+            return;
+        }
+        let (awaiting, server_awaiting) = self.take_awaiting();
+        let committer = self.env().committer.clone();
+        let doc = self.doc.as_str().to_owned();
+        let updates = self.unsaved.clone();
+        let metrics = self.env().metrics.clone();
         let started = Instant::now();
-        let result = self.env().committer.append(self.doc.as_str(), self.unsaved.clone()).await;
-        self.env().metrics.persist_seconds.observe(started.elapsed().as_secs_f64());
+        self.in_flight = Some(InFlight {
+            commit: Box::pin(async move {
+                let result = committer.append(&doc, updates).await;
+                metrics.persist_seconds.observe(started.elapsed().as_secs_f64());
+                result
+            }),
+            count: self.unsaved.len(),
+            bytes: self.unsaved_bytes,
+            awaiting,
+            server_awaiting,
+        });
+    }
+
+    /// The in-flight commit ended: on success its writes are confirmed and the next commit
+    /// starts with whatever arrived meanwhile; on failure everything stays unsaved and a retry
+    /// is scheduled with exponential backoff (0.1 s doubling to 5 s).
+    fn commit_landed(&mut self, result: Result<i64, crate::commit::CommitError>) {
+        let Some(done) = self.in_flight.take() else { return };
         match result {
             Ok(seq) => {
                 if !self.backoff.is_zero() {
                     info!(unsaved = self.unsaved.len(), "document store reachable again; backlog saved");
                 }
                 self.backoff = Duration::ZERO;
-                self.log_len += self.unsaved.len() as u64;
+                self.log_len += done.count as u64;
                 self.last_seq = seq;
-                self.env().metrics.unsaved_bytes.dec_by(self.unsaved_bytes as i64);
+                self.env().metrics.unsaved_bytes.dec_by(done.bytes as i64);
                 self.rooms.mark_active(self.doc.project());
-                self.unsaved.clear();
-                self.unsaved_bytes = 0;
-                self.confirm();
+                self.unsaved.drain(..done.count);
+                self.unsaved_bytes -= done.bytes;
+                self.confirm(done.awaiting, done.server_awaiting);
+                if self.log_len >= self.env().limits.compact_threshold {
+                    self.compact();
+                }
+                self.persist();
             }
             Err(e) => {
                 self.env().metrics.persist_errors.inc();
                 self.backoff = (self.backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(5));
                 error!(error = %e, unsaved = self.unsaved.len(), retry_in = ?self.backoff, "could not save document; holding updates");
+                // Earlier writes first: they are confirmed with the retry, before later ones.
+                let later = std::mem::replace(&mut self.awaiting, done.awaiting);
+                self.awaiting.extend(later);
+                let later = std::mem::replace(&mut self.server_awaiting, done.server_awaiting);
+                self.server_awaiting.extend(later);
                 self.retry_at = Some(Instant::now() + self.backoff);
-                return;
             }
-        }
-        if self.log_len >= self.env().limits.compact_threshold {
-            self.compact();
         }
     }
 
@@ -521,10 +579,16 @@ impl Actor {
 
     async fn flush_before_exit(&mut self) {
         for attempt in 0..5u32 {
-            self.persist().await;
+            self.retry_at = None;
+            self.persist();
+            while self.in_flight.is_some() {
+                let result = landed(&mut self.in_flight).await;
+                self.commit_landed(result);
+            }
             if self.unsaved.is_empty() {
                 return;
             }
+            self.retry_at = None;
             tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt + 1))).await;
         }
         error!(
