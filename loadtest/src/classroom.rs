@@ -36,7 +36,7 @@ pub struct Classroom {
 
 impl Classroom {
     /// The classroom: `rooms` rooms of one teacher and `students` students at 5-9 keystrokes/s.
-    pub fn classroom(target: Target, rooms: usize, students: usize, duration: Duration) -> Classroom {
+    pub fn with_students(target: Target, rooms: usize, students: usize, duration: Duration) -> Classroom {
         Classroom {
             target,
             rooms,

@@ -37,10 +37,7 @@ pub async fn run(scenario: &Idle) -> anyhow::Result<(Report, Vec<DocPeer>)> {
         let n = scenario.per_doc.min(scenario.connections - peers.len());
         peers.extend(open_room(&scenario.target, &format!("idle{d}/file"), n, &stats).await?.peers);
     }
-    anyhow::ensure!(
-        peers.iter().all(|p| p.status().connected),
-        "a connection closed while idle peers were connecting"
-    );
+    anyhow::ensure!(peers.iter().all(|p| p.status().connected), "a connection closed while idle peers were connecting");
     let report = Report {
         connections: peers.len(),
         docs,

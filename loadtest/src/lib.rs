@@ -6,8 +6,8 @@
 
 pub mod classroom;
 pub mod idle;
-pub mod replay;
 pub mod plot;
+pub mod replay;
 pub mod server;
 pub mod soak;
 pub mod stats;

@@ -22,7 +22,14 @@ const COLOURS: [RGBColor; 6] = [
 ];
 
 /// Draws `series` as lines with points into an SVG file; `log_y` puts y on a log scale.
-pub fn lines(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[Series], log_y: bool) -> anyhow::Result<()> {
+pub fn lines(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+    log_y: bool,
+) -> anyhow::Result<()> {
     let all = || series.iter().flat_map(|s| s.points.iter().copied());
     let x_max = all().map(|p| p.0).fold(0.0, f64::max).max(1e-9) * 1.05;
     let y_max = all().map(|p| p.1).fold(0.0, f64::max).max(1e-9) * 1.2;

@@ -78,14 +78,19 @@ impl ServerProcess {
                 script.display(),
                 programs.reference.display()
             );
-            cmd.arg("node").arg(script).current_dir(&programs.reference).env("HOST", "127.0.0.1").env("PORT", port.to_string());
+            cmd.arg("node")
+                .arg(script)
+                .current_dir(&programs.reference)
+                .env("HOST", "127.0.0.1")
+                .env("PORT", port.to_string());
         }
         let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .with_context(|| format!("starting {}", kind.label()))?;
-        let mut server = ServerProcess { target: Target::new(kind, format!("ws://127.0.0.1:{port}")), child, _data: data };
+        let mut server =
+            ServerProcess { target: Target::new(kind, format!("ws://127.0.0.1:{port}")), child, _data: data };
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             if let Some(status) = server.child.try_wait()? {

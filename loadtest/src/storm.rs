@@ -27,7 +27,10 @@ pub async fn run(scenario: &Classroom, before_storm: impl FnOnce()) -> anyhow::R
     let mut rng = rand::rngs::StdRng::seed_from_u64(scenario.seed);
     // Some history to resync.
     type_for(&mut rooms, scenario.watchers, scenario.rate, scenario.duration, &stats, &mut rng).await;
-    anyhow::ensure!(wait_settled(&rooms, &stats, Duration::from_secs(60)).await, "rooms did not settle before the storm");
+    anyhow::ensure!(
+        wait_settled(&rooms, &stats, Duration::from_secs(60)).await,
+        "rooms did not settle before the storm"
+    );
 
     for peer in rooms.iter_mut().flat_map(|r| r.peers.iter_mut()) {
         peer.disconnect();

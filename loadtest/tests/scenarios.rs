@@ -47,7 +47,7 @@ fn assert_whole(report: &classroom::Report, peers: usize) {
 async fn classroom_on_both_endpoints_loses_nothing() {
     let server = Server::start(|_| {}).await;
     for kind in [Kind::Collab, Kind::CollabMux] {
-        let mut scenario = Classroom::classroom(server.target(kind), 2, 6, Duration::from_millis(1500));
+        let mut scenario = Classroom::with_students(server.target(kind), 2, 6, Duration::from_millis(1500));
         scenario.prefix = format!("class-{}-", kind.slug());
         let report = classroom::run(&scenario).await.unwrap();
         assert_whole(&report, 14);
@@ -94,9 +94,8 @@ async fn reconnect_storm_resyncs_every_peer_and_offline_keystroke() {
 async fn sequential_traces_replay_exactly_on_both_endpoints() {
     let server = Server::start(|_| {}).await;
     for kind in [Kind::CollabMux, Kind::Collab] {
-        let report = replay::sequential(&server.target(kind), "sveltecomponent", 2, Duration::from_secs(20))
-            .await
-            .unwrap();
+        let report =
+            replay::sequential(&server.target(kind), "sveltecomponent", 2, Duration::from_secs(20)).await.unwrap();
         assert!(report.exact, "{}: every copy equals endContent: {:#?}", kind.slug(), report.peers);
         assert_eq!(report.txns, 18_335);
     }
@@ -142,12 +141,13 @@ fn reference_programs() -> Programs {
 async fn the_reference_servers_run_the_same_scenarios() {
     for kind in [Kind::YWebsocket, Kind::Hocuspocus] {
         let server = ServerProcess::start(kind, &reference_programs(), &[]).unwrap();
-        let mut scenario = Classroom::classroom(server.target.clone(), 2, 5, Duration::from_secs(1));
+        let mut scenario = Classroom::with_students(server.target.clone(), 2, 5, Duration::from_secs(1));
         scenario.server_pid = Some(server.pid());
         let report = classroom::run(&scenario).await.unwrap();
         assert_whole(&report, 12);
         assert!(report.server_cpu_seconds.is_some());
-        let replayed = replay::sequential(&server.target, "sveltecomponent", 1, Duration::from_secs(120)).await.unwrap();
+        let replayed =
+            replay::sequential(&server.target, "sveltecomponent", 1, Duration::from_secs(120)).await.unwrap();
         assert!(replayed.exact, "{}: the trace replays exactly", kind.slug());
         let usage = server.usage().unwrap();
         assert!(usage.rss_kib > 0 && usage.peak_rss_kib >= usage.rss_kib);

@@ -130,7 +130,12 @@ async fn typing_run(kind: Kind, programs: &Programs, scenario: &Classroom) -> an
 }
 
 /// Runs `scenario` `runs` times against each kind, alternating kinds within each round.
-async fn typing(kinds: &[Kind], programs: &Programs, scenario: &Classroom, runs: usize) -> anyhow::Result<Vec<Summary>> {
+async fn typing(
+    kinds: &[Kind],
+    programs: &Programs,
+    scenario: &Classroom,
+    runs: usize,
+) -> anyhow::Result<Vec<Summary>> {
     let mut all: Vec<Vec<Measure>> = vec![Vec::new(); kinds.len()];
     for round in 0..runs {
         for (i, kind) in kinds.iter().enumerate() {
@@ -209,7 +214,7 @@ pub async fn compare(programs: &Programs, runs: usize, quick: bool, out: &Path) 
     let (class_rooms, students) = if quick { (1, 10) } else { (4, 35) };
     println!("\n## Classroom: {class_rooms} rooms of 1 teacher + {students} students at 5-9 keystrokes/s\n");
     println!("{TABLE_HEAD}");
-    let scenario = Classroom::classroom(placeholder.clone(), class_rooms, students, seconds(15));
+    let scenario = Classroom::with_students(placeholder.clone(), class_rooms, students, seconds(15));
     let summaries = typing(&with_mux, programs, &scenario, runs).await?;
     for (kind, s) in with_mux.iter().zip(&summaries) {
         println!("{}", s.row(kind.slug()));
@@ -232,11 +237,16 @@ pub async fn compare(programs: &Programs, runs: usize, quick: bool, out: &Path) 
     Ok(())
 }
 
+/// Connect p50 and p99 (ms), seconds until all connected, RSS before and after (KiB).
+type IdleRow = (f64, f64, f64, f64, f64);
+
 async fn idle_connections(kinds: &[Kind], programs: &Programs, connections: usize, runs: usize) -> anyhow::Result<()> {
     println!("\n## Idle connections: {connections} peers, 10 per document, synced and silent\n");
-    println!("| server | connect p50 / p99 (ms) | all connected in (s) | RSS before → after (MiB) | memory per connection (KiB) |\n|---|---|---|---|---|");
+    println!(
+        "| server | connect p50 / p99 (ms) | all connected in (s) | RSS before → after (MiB) | memory per connection (KiB) |\n|---|---|---|---|---|"
+    );
     let mut per_conn: Vec<Vec<f64>> = vec![Vec::new(); kinds.len()];
-    let mut rows: Vec<Vec<(f64, f64, f64, f64, f64)>> = vec![Vec::new(); kinds.len()];
+    let mut rows: Vec<Vec<IdleRow>> = vec![Vec::new(); kinds.len()];
     for _ in 0..runs {
         for (i, kind) in kinds.iter().enumerate() {
             let server = ServerProcess::start(*kind, programs, &[])?;
@@ -248,11 +258,17 @@ async fn idle_connections(kinds: &[Kind], programs: &Programs, connections: usiz
             let kib = after.saturating_sub(before) as f64 / connections as f64;
             eprintln!("  idle {}: {kib:.1} KiB per connection", kind.slug());
             per_conn[i].push(kib);
-            rows[i].push((report.connect.ms(0.5), report.connect.ms(0.99), report.seconds, before as f64, after as f64));
+            rows[i].push((
+                report.connect.ms(0.5),
+                report.connect.ms(0.99),
+                report.seconds,
+                before as f64,
+                after as f64,
+            ));
         }
     }
     for (i, kind) in kinds.iter().enumerate() {
-        let col = |f: fn(&(f64, f64, f64, f64, f64)) -> f64| median(rows[i].iter().map(f).collect());
+        let col = |f: fn(&IdleRow) -> f64| median(rows[i].iter().map(f).collect());
         println!(
             "| {} | {:.2} / {:.2} | {:.1} | {:.0} → {:.0} | {:.1} |",
             kind.slug(),
@@ -277,7 +293,9 @@ async fn idle_connections(kinds: &[Kind], programs: &Programs, connections: usiz
 
 async fn reconnect_storm(kinds: &[Kind], programs: &Programs, rooms: usize, runs: usize) -> anyhow::Result<()> {
     println!("\n## Reconnect storm: {rooms} rooms × 10 peers drop at once, type offline, reconnect together\n");
-    println!("| server | time until every peer resynced and every room whole (s), median (range) | server peak RSS during the storm (MiB) | settled |\n|---|---|---|---|");
+    println!(
+        "| server | time until every peer resynced and every room whole (s), median (range) | server peak RSS during the storm (MiB) | settled |\n|---|---|---|---|"
+    );
     for kind in kinds {
         let mut times = Vec::new();
         let mut peaks = Vec::new();
@@ -311,7 +329,9 @@ async fn reconnect_storm(kinds: &[Kind], programs: &Programs, rooms: usize, runs
 async fn traces(kinds: &[Kind], programs: &Programs, quick: bool) -> anyhow::Result<()> {
     let (sequential, concurrent) = replay::available()?;
     println!("\n## Trace replay: each trace typed as fast as the server takes it, 3 watchers\n");
-    println!("| trace | server | writers | transactions | transactions/s | every copy equals endContent |\n|---|---|---|---|---|---|");
+    println!(
+        "| trace | server | writers | transactions | transactions/s | every copy equals endContent |\n|---|---|---|---|---|---|"
+    );
     let timeout = Duration::from_secs(300);
     let sequential: Vec<String> =
         if quick { sequential.into_iter().filter(|n| n == "sveltecomponent").collect() } else { sequential };

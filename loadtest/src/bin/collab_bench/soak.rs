@@ -56,7 +56,10 @@ pub async fn soak(programs: &Programs, minutes: f64, out: &Path) -> anyhow::Resu
     );
     let minutes_of = |s: &soak::Sample| s.seconds / 60.0;
     let series = [
-        Series { name: "server RSS (MiB)".into(), points: report.samples.iter().map(|s| (minutes_of(s), mib(s.rss_kib))).collect() },
+        Series {
+            name: "server RSS (MiB)".into(),
+            points: report.samples.iter().map(|s| (minutes_of(s), mib(s.rss_kib))).collect(),
+        },
         Series {
             name: "documents loaded".into(),
             points: report.samples.iter().map(|s| (minutes_of(s), s.documents as f64)).collect(),
