@@ -176,7 +176,18 @@ fn test(root: &Path) -> Result<ExitCode> {
 fn bench(root: &Path, runs: usize, soak_minutes: f64, quick: bool) -> Result<ExitCode> {
     let cargo = || std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     let mut build = cargo();
-    build.args(["build", "--release", "-p", "collab-server", "--bin", "collab", "-p", "loadtest", "--bin", "collab-bench"]);
+    build.args([
+        "build",
+        "--release",
+        "-p",
+        "collab-server",
+        "--bin",
+        "collab",
+        "-p",
+        "loadtest",
+        "--bin",
+        "collab-bench",
+    ]);
     cmd::run(build.current_dir(root))?;
     steps::reference_servers(root)?;
     let release = steps::target_dir(root).join("release");
