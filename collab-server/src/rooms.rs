@@ -291,6 +291,16 @@ impl Actor {
                     if n == 0 {
                         break;
                     }
+                    // Let connections that are ready hand in their writes too: under load a
+                    // batch then carries several keystrokes, relayed as one frame per peer.
+                    // An idle room pays one yield.
+                    tokio::task::yield_now().await;
+                    while buf.len() < BATCH {
+                        match rx.try_recv() {
+                            Ok(cmd) => buf.push(cmd),
+                            Err(_) => break,
+                        }
+                    }
                     self.process(&mut state, buf.drain(..)).await;
                 }
                 _ = sweep.tick() => {
