@@ -7,6 +7,7 @@
 pub mod names;
 pub mod room;
 pub mod tree;
+pub mod untrusted;
 pub mod wire;
 
 pub use names::{DocName, NameError};

@@ -3,7 +3,8 @@
 //! Both carry the same y-protocols sync and awareness messages. y-websocket sends one document
 //! per socket and may pack several messages into one frame; Hocuspocus prefixes every frame with
 //! the document's routing key so one socket multiplexes many documents, and adds auth, sync-status,
-//! close and ping messages. Decoders never panic on hostile input: they return [`WireError`].
+//! close and ping messages. Decoders never panic on hostile input: they return [`WireError`], and
+//! update, state-vector and awareness payloads pass [`crate::untrusted`]'s checks before yrs sees them.
 
 use yrs::StateVector;
 use yrs::encoding::read::{Cursor, Read};
@@ -13,6 +14,8 @@ pub use yrs::sync::SyncMessage;
 use yrs::sync::protocol::{MSG_SYNC_STEP_1, MSG_SYNC_STEP_2, MSG_SYNC_UPDATE};
 use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
+
+use crate::untrusted::{self, Untrusted};
 
 /// y-protocols top-level message tags.
 pub const MSG_SYNC: u64 = 0;
@@ -105,19 +108,34 @@ pub enum HocusOut<'a> {
     Close(&'a str),
 }
 
+impl From<Untrusted> for WireError {
+    fn from(e: Untrusted) -> Self {
+        WireError::Malformed(e.to_string())
+    }
+}
+
+/// Update payloads stay encoded, but only once [`untrusted::check_update_v1`] has walked them:
+/// whoever decodes them later gets nothing yrs would mishandle.
 fn read_sync(cur: &mut Cursor<'_>) -> Result<SyncMessage, WireError> {
     let kind: u64 = cur.read_var()?;
     let payload = cur.read_buf()?;
     match kind {
-        k if k == u64::from(MSG_SYNC_STEP_1) => Ok(SyncMessage::SyncStep1(StateVector::decode_v1(payload)?)),
-        k if k == u64::from(MSG_SYNC_STEP_2) => Ok(SyncMessage::SyncStep2(payload.to_vec())),
-        k if k == u64::from(MSG_SYNC_UPDATE) => Ok(SyncMessage::Update(payload.to_vec())),
+        k if k == u64::from(MSG_SYNC_STEP_1) => Ok(SyncMessage::SyncStep1(untrusted::decode_state_vector(payload)?)),
+        k if k == u64::from(MSG_SYNC_STEP_2) => {
+            untrusted::check_update_v1(payload)?;
+            Ok(SyncMessage::SyncStep2(payload.to_vec()))
+        }
+        k if k == u64::from(MSG_SYNC_UPDATE) => {
+            untrusted::check_update_v1(payload)?;
+            Ok(SyncMessage::Update(payload.to_vec()))
+        }
         other => Err(WireError::UnsupportedSyncType(other)),
     }
 }
 
 fn read_awareness(cur: &mut Cursor<'_>) -> Result<AwarenessUpdate, WireError> {
     let payload = cur.read_buf()?;
+    untrusted::check_awareness(payload)?;
     Ok(AwarenessUpdate::decode_v1(payload)?)
 }
 
