@@ -77,10 +77,8 @@ pub fn tree_reader(data: &[u8]) {
     {
         let mut txn = doc.transact_mut();
         txn.apply_update(Update::decode_v1(seed_update()).expect("seed decodes")).expect("seed applies");
-        // Updates reach a root document only through the wire decoder, which checks them first.
-        // Updates that start past the document's state are not applied: yrs's pending path has
-        // crashes of its own (see `untrusted::has_gap`), which `update_apply` covers; this target
-        // is about the readers.
+        // Updates reach a root document only through the wire decoder, which checks them first,
+        // and the room, which refuses those that start past the document's state.
         let update = untrusted::decode_update_v1(data).ok();
         if let Some(update) = update.filter(|u| !untrusted::has_gap(u, &txn.state_vector())) {
             // An update that does not apply is refused; the readers still see whatever it left.
