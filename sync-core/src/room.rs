@@ -201,8 +201,8 @@ impl DocState {
                 batch.replies.push((peer, Reply::SyncStep2(diff)));
             }
             DocMessage::Sync(SyncMessage::SyncStep2(bytes) | SyncMessage::Update(bytes)) => {
-                // The same structural checks as at the wire, for callers that bypass it.
-                let update = match crate::untrusted::decode_update_v1(&bytes) {
+                // `wire` has already run `untrusted::check_update_v1` on these bytes.
+                let update = match Update::decode_v1(&bytes) {
                     Ok(u) => u,
                     Err(e) => {
                         batch.replies.push((peer, Reply::Invalid(format!("bad update: {e}"))));
