@@ -203,11 +203,7 @@ impl DocPeer {
 
     /// Like [`DocPeer::connect`], with an existing document (its client id and content are kept).
     pub async fn connect_with(server: &str, doc: &str, token: &str, ydoc: Doc) -> Result<DocPeer, ClientError> {
-        let inner = new_inner(ydoc);
-        observe(&inner);
-        let mut peer = DocPeer { inner, conn: None };
-        peer.reconnect(server, doc, token).await?;
-        Ok(peer)
+        DocPeer::connect_url_with(&format!("{server}/sync/{doc}?token={token}"), ydoc).await
     }
 
     /// Drops the current connection (if any) and connects again; the sync handshake then sends
@@ -219,7 +215,11 @@ impl DocPeer {
     /// Connects a new document to a y-websocket endpoint given by its full URL (another server's
     /// layout, such as the y-websocket reference server's `ws://host:port/{doc}`).
     pub async fn connect_url(url: &str) -> Result<DocPeer, ClientError> {
-        let inner = new_inner(Doc::new());
+        DocPeer::connect_url_with(url, Doc::new()).await
+    }
+
+    async fn connect_url_with(url: &str, ydoc: Doc) -> Result<DocPeer, ClientError> {
+        let inner = new_inner(ydoc);
         observe(&inner);
         let mut peer = DocPeer { inner, conn: None };
         peer.reconnect_url(url).await?;

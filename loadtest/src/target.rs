@@ -49,6 +49,11 @@ impl Kind {
     }
 }
 
+enum Endpoint {
+    YWebsocket(String),
+    Mux(String, &'static str),
+}
+
 /// A running server a scenario connects to. Ours must accept token-less peers
 /// (`--allow-anonymous`); the reference servers run without authentication.
 #[derive(Debug, Clone)]
@@ -63,29 +68,32 @@ impl Target {
         Target { kind, base: base.into() }
     }
 
-    /// Opens `doc` as a new peer on its own socket; the peer keeps the socket open.
-    pub async fn join(&self, doc: &str) -> anyhow::Result<DocPeer> {
+    /// How a peer reaches `doc`: a y-websocket URL, or a multiplexed URL and the token to send.
+    fn endpoint(&self, doc: &str) -> Endpoint {
         let base = &self.base;
-        let peer = match self.kind {
-            Kind::Collab => DocPeer::connect_url(&format!("{base}/sync/{doc}")).await?,
-            Kind::YWebsocket => DocPeer::connect_url(&format!("{base}/{doc}")).await?,
-            Kind::CollabMux => MuxConnection::connect_url(&format!("{base}/sync")).await?.open(doc, "").await?,
+        match self.kind {
+            Kind::Collab => Endpoint::YWebsocket(format!("{base}/sync/{doc}")),
+            Kind::YWebsocket => Endpoint::YWebsocket(format!("{base}/{doc}")),
+            Kind::CollabMux => Endpoint::Mux(format!("{base}/sync"), ""),
             // Hocuspocus waits for a token message before it syncs; with no `onAuthenticate`
             // hook it accepts any.
-            Kind::Hocuspocus => MuxConnection::connect_url(base).await?.open(doc, "anonymous").await?,
-        };
-        Ok(peer)
+            Kind::Hocuspocus => Endpoint::Mux(base.clone(), "anonymous"),
+        }
+    }
+
+    /// Opens `doc` as a new peer on its own socket; the peer keeps the socket open.
+    pub async fn join(&self, doc: &str) -> anyhow::Result<DocPeer> {
+        Ok(match self.endpoint(doc) {
+            Endpoint::YWebsocket(url) => DocPeer::connect_url(&url).await?,
+            Endpoint::Mux(url, token) => MuxConnection::connect_url(&url).await?.open(doc, token).await?,
+        })
     }
 
     /// Reconnects an existing peer (its document and content kept) to `doc`.
     pub async fn rejoin(&self, peer: &mut DocPeer, doc: &str) -> anyhow::Result<()> {
-        let base = &self.base;
-        match self.kind {
-            Kind::Collab => peer.reconnect_url(&format!("{base}/sync/{doc}")).await?,
-            Kind::YWebsocket => peer.reconnect_url(&format!("{base}/{doc}")).await?,
-            Kind::CollabMux | Kind::Hocuspocus => {
-                let url = if self.kind == Kind::CollabMux { format!("{base}/sync") } else { base.clone() };
-                let token = if self.kind == Kind::CollabMux { "" } else { "anonymous" };
+        match self.endpoint(doc) {
+            Endpoint::YWebsocket(url) => peer.reconnect_url(&url).await?,
+            Endpoint::Mux(url, token) => {
                 let ydoc = peer.doc().clone();
                 peer.disconnect();
                 *peer = MuxConnection::connect_url(&url).await?.open_with(doc, token, ydoc).await?;
