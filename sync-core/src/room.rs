@@ -14,6 +14,7 @@ use yrs::updates::encoder::Encode;
 use yrs::{ClientID, Doc, Options, ReadTxn, StateVector, Transact, Update};
 
 use crate::Role;
+use crate::untrusted::{self, BlockId, Shape};
 use crate::wire::{DocMessage, SyncMessage};
 
 /// Identifies one peer's attachment to one document (unique per server process).
@@ -41,8 +42,9 @@ pub enum Reply {
     WriteRefused {
         had_changes: bool,
     },
-    /// The peer sent an update that decodes as bytes but not as a Yjs update. Nothing of it was
-    /// applied; the edge disconnects the peer with this reason.
+    /// The peer sent an update the document cannot take in full: it does not decode, or it refers
+    /// to content neither the document nor the update holds ([`crate::untrusted::Shape::fits`]).
+    /// Nothing of it was applied; the edge disconnects the peer with this reason.
     Invalid(String),
 }
 
@@ -60,6 +62,9 @@ struct Peer {
     role: Role,
     /// Awareness client ids this peer introduced; removed for everyone when it leaves.
     clients: HashSet<ClientID>,
+    /// Size and number of this peer's updates in [`DocState::held`].
+    held_bytes: usize,
+    held_updates: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +79,10 @@ pub struct DocState {
     peers: HashMap<PeerId, Peer>,
     /// When each client with a live awareness state last renewed it.
     seen: HashMap<ClientID, Instant>,
+    /// Ids of the document's nested-type items: the only blocks an update may name as a parent.
+    types: HashSet<BlockId>,
+    /// Editors' updates waiting for content the document does not have yet, in arrival order.
+    held: Vec<Held>,
 }
 
 impl std::fmt::Debug for DocState {
@@ -93,18 +102,28 @@ impl DocState {
         // Garbage collection stays on: deleted content is dropped from memory and snapshots.
         // History for checkpoints is kept by the store as snapshots, not inside the live doc.
         let doc = Doc::with_options(Options { skip_gc: false, ..Options::default() });
-        DocState { awareness: Awareness::new(doc.clone()), doc, peers: HashMap::new(), seen: HashMap::new() }
+        DocState {
+            awareness: Awareness::new(doc.clone()),
+            doc,
+            peers: HashMap::new(),
+            seen: HashMap::new(),
+            types: HashSet::new(),
+            held: Vec::new(),
+        }
     }
 
     /// Builds the state from a stored snapshot and the updates logged after it, in one transaction.
     pub fn load<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> Result<DocState, LoadError> {
-        let state = DocState::new();
+        let mut state = DocState::new();
         {
             let mut txn = state.doc.transact_mut();
             for (index, bytes) in parts.into_iter().enumerate() {
                 let corrupt = |reason: String| LoadError::Corrupt { index, reason };
+                // Stored parts passed the same checks when they arrived; this only indexes types.
+                let shape = untrusted::shape_v1(bytes).map_err(|e| corrupt(e.to_string()))?;
                 let update = Update::decode_v1(bytes).map_err(|e| corrupt(e.to_string()))?;
                 txn.apply_update(update).map_err(|e| corrupt(e.to_string()))?;
+                state.types.extend(shape.types);
             }
         }
         Ok(state)
@@ -167,7 +186,7 @@ impl DocState {
     }
 
     fn join(&mut self, peer: PeerId, role: Role, batch: &mut Batch) {
-        self.peers.insert(peer, Peer { role, clients: HashSet::new() });
+        self.peers.insert(peer, Peer { role, clients: HashSet::new(), held_bytes: 0, held_updates: 0 });
         let sv = self.doc.transact().state_vector();
         batch.replies.push((peer, Reply::SyncStep1(sv)));
         if !self.seen.is_empty() {
@@ -182,6 +201,8 @@ impl DocState {
             return;
         };
         batch.pending.retain(|(p, _)| *p != peer);
+        // Never confirmed to the peer: a client that comes back sends them again in its step 2.
+        self.held.retain(|h| h.peer != peer);
         for id in gone.clients {
             if self.seen.contains_key(&id) {
                 self.forget_client(id);
@@ -201,6 +222,10 @@ impl DocState {
                 batch.replies.push((peer, Reply::SyncStep2(diff)));
             }
             DocMessage::Sync(SyncMessage::SyncStep2(bytes) | SyncMessage::Update(bytes)) => {
+                if role.can_write() {
+                    batch.pending.push((peer, bytes));
+                    return;
+                }
                 // `wire` has already run `untrusted::check_update_v1` on these bytes.
                 let update = match Update::decode_v1(&bytes) {
                     Ok(u) => u,
@@ -209,13 +234,9 @@ impl DocState {
                         return;
                     }
                 };
-                if role.can_write() {
-                    batch.pending.push((peer, update));
-                } else {
-                    self.flush(batch);
-                    let had_changes = self.has_changes(&update);
-                    batch.replies.push((peer, Reply::WriteRefused { had_changes }));
-                }
+                self.flush(batch);
+                let had_changes = self.has_changes(&update);
+                batch.replies.push((peer, Reply::WriteRefused { had_changes }));
             }
             DocMessage::Awareness(update) => self.apply_awareness(peer, update, now, batch),
             DocMessage::QueryAwareness => {
@@ -282,19 +303,40 @@ impl DocState {
             return;
         }
         let mut txn = self.doc.transact_mut();
-        for (peer, update) in batch.pending.drain(..) {
-            // An update that starts past what the document holds would wait in yrs's pending
-            // store, where fuzzing found a use-after-free and panics (fuzz/RESULTS.md). A peer of
-            // this server never needs it: its edits build on what the server sent it.
-            let reply = if crate::untrusted::has_gap(&update, &txn.state_vector()) {
-                Reply::Invalid("update depends on content the document does not have".into())
-            } else {
-                match txn.apply_update(update) {
-                    Ok(()) => Reply::WriteApplied,
-                    Err(e) => Reply::Invalid(format!("update could not be applied: {e}")),
+        let mut progress = false;
+        for (peer, bytes) in batch.pending.drain(..) {
+            match admit(&bytes, &txn.state_vector(), &self.types) {
+                Ok((update, shape)) => {
+                    let reply = integrate(&mut txn, update, shape, &mut self.types);
+                    progress |= reply == Reply::WriteApplied;
+                    batch.replies.push((peer, reply));
                 }
-            };
-            batch.replies.push((peer, reply));
+                Err(Admit::Wait(reason)) => {
+                    if let Some(refused) = hold(&mut self.held, &mut self.peers, peer, bytes, reason) {
+                        batch.replies.push((peer, refused));
+                    }
+                }
+                Err(Admit::Refuse(reason)) => batch.replies.push((peer, Reply::Invalid(reason))),
+            }
+        }
+        // Held updates are retried, in arrival order, for as long as the document moves on.
+        while progress && !self.held.is_empty() {
+            progress = false;
+            for held in std::mem::take(&mut self.held) {
+                match admit(&held.bytes, &txn.state_vector(), &self.types) {
+                    Ok((update, shape)) => {
+                        let reply = integrate(&mut txn, update, shape, &mut self.types);
+                        progress |= reply == Reply::WriteApplied;
+                        release(&mut self.peers, &held);
+                        batch.replies.push((held.peer, reply));
+                    }
+                    Err(Admit::Wait(_)) => self.held.push(held),
+                    Err(Admit::Refuse(reason)) => {
+                        release(&mut self.peers, &held);
+                        batch.replies.push((held.peer, Reply::Invalid(reason)));
+                    }
+                }
+            }
         }
         let delta = txn.encode_update_v1();
         drop(txn);
@@ -304,10 +346,93 @@ impl DocState {
     }
 }
 
+/// An editor's update that waits for content the document does not have yet.
+#[derive(Debug)]
+struct Held {
+    peer: PeerId,
+    bytes: Vec<u8>,
+}
+
+/// Most bytes of updates one peer may have waiting; past it the peer is refused.
+pub const MAX_HELD_BYTES: usize = 1 << 20;
+/// Most updates one peer may have waiting.
+pub const MAX_HELD_UPDATES: usize = 256;
+
+/// Keeps `bytes` until the document has what it refers to, within the peer's allowance.
+///
+/// A real client does send such updates: one that reconnects after typing offline sends its next
+/// keystroke as soon as the socket opens, before its sync step 2 (which carries the offline edits
+/// the keystroke follows) has gone out. yrs would park it in its own pending store, where fuzzing
+/// found crashes; here it waits outside the document, which it cannot touch until it fits whole.
+fn hold(held: &mut Vec<Held>, peers: &mut HashMap<PeerId, Peer>, peer: PeerId, bytes: Vec<u8>, reason: String) -> Option<Reply> {
+    let p = peers.get_mut(&peer)?;
+    if p.held_bytes + bytes.len() > MAX_HELD_BYTES || p.held_updates >= MAX_HELD_UPDATES {
+        return Some(Reply::Invalid(format!("{reason}, and too many updates already wait")));
+    }
+    p.held_bytes += bytes.len();
+    p.held_updates += 1;
+    held.push(Held { peer, bytes });
+    None
+}
+
+/// Applies an update [`admit`] let in, and indexes its nested types.
+fn integrate(txn: &mut yrs::TransactionMut, update: Update, shape: Shape, types: &mut HashSet<BlockId>) -> Reply {
+    match txn.apply_update(update) {
+        Ok(()) => {
+            types.extend(shape.types);
+            Reply::WriteApplied
+        }
+        // `admit` leaves no way to get here that fuzzing has found.
+        Err(e) => Reply::Invalid(format!("update could not be applied: {e}")),
+    }
+}
+
+fn release(peers: &mut HashMap<PeerId, Peer>, held: &Held) {
+    if let Some(p) = peers.get_mut(&held.peer) {
+        p.held_bytes -= held.bytes.len();
+        p.held_updates -= 1;
+    }
+}
+
+enum Admit {
+    /// The update refers to content the document may still receive.
+    Wait(String),
+    /// The update can never be integrated whole.
+    Refuse(String),
+}
+
+/// Readies an editor's update for a document at state `known` with nested types `types`: strips
+/// what the document already holds, then lets it in only if yrs can integrate all of it at once.
+///
+/// yrs integrates an update block by block. Blocks whose dependencies are missing wait in its
+/// pending store, where fuzzing found a use-after-free and lost clock ticks; a parent that is not
+/// a nested type stops integration half way with an error; and blocks that overlap known content
+/// with different content reached a use-after-free (fuzz/RESULTS.md). A peer of this server never
+/// needs any of that: its edits build on what the server sent it. Stripping the overlap (yrs's own
+/// `diff_updates_v1`) keeps honest resends, such as an offline client's sync step 2 that repeats
+/// content which reached the server another way, working.
+fn admit(bytes: &[u8], known: &StateVector, types: &HashSet<BlockId>) -> Result<(Update, Shape), Admit> {
+    let refuse = |e: &dyn std::fmt::Display| Admit::Refuse(format!("update refused: {e}"));
+    let mut shape = untrusted::shape_v1(bytes).map_err(|e| refuse(&e))?;
+    let stripped;
+    let bytes = if shape.overlaps(known) {
+        stripped = yrs::diff_updates_v1(bytes, &known.encode_v1()).map_err(|e| refuse(&e))?;
+        shape = untrusted::shape_v1(&stripped).map_err(|e| refuse(&e))?;
+        &stripped[..]
+    } else {
+        bytes
+    };
+    shape.fits(known, |id| types.contains(&id)).map_err(|e| {
+        if e.is_missing() { Admit::Wait(format!("update waits: {e}")) } else { refuse(&e) }
+    })?;
+    let update = Update::decode_v1(bytes).map_err(|e| refuse(&e))?;
+    Ok((update, shape))
+}
+
 #[derive(Default)]
 struct Batch {
     replies: Vec<(PeerId, Reply)>,
-    pending: Vec<(PeerId, Update)>,
+    pending: Vec<(PeerId, Vec<u8>)>,
     deltas: Vec<Vec<u8>>,
     awareness_changed: HashSet<ClientID>,
 }
@@ -315,7 +440,7 @@ struct Batch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use yrs::{GetString, Text};
+    use yrs::{GetString, Map, Text, WriteTxn};
 
     fn edit(doc: &Doc, at: u32, s: &str) -> Vec<u8> {
         let text = doc.get_or_insert_text("content");
@@ -411,5 +536,137 @@ mod tests {
         let late = Doc::new();
         late.transact_mut().apply_update(Update::decode_v1(diff).unwrap()).unwrap();
         assert_eq!(text_of(&late), "abc");
+    }
+
+    fn invalid(out: &Output) -> bool {
+        matches!(out.replies.as_slice(), [(_, Reply::Invalid(_))]) && out.update.is_none()
+    }
+
+    #[test]
+    fn an_overlapping_resend_applies_only_what_is_new() {
+        let mut room = DocState::new();
+        let now = Instant::now();
+        room.step([Input::Join { peer: 1, role: Role::Editor }], now);
+        let a = Doc::with_client_id(5);
+        let first = edit(&a, 0, "abc");
+        room.step([update_msg(1, first)], now);
+        edit(&a, 3, "def");
+        // The whole state again, as an offline client's sync step 2 can repeat it.
+        let all = a.transact().encode_state_as_update_v1(&StateVector::default());
+        let out = room.step([update_msg(1, all)], now);
+        assert_eq!(out.replies, vec![(1, Reply::WriteApplied)]);
+        assert_eq!(text_of(room.doc()), "abcdef");
+        let relayed = Update::decode_v1(&out.update.unwrap()).unwrap();
+        assert_eq!(relayed.state_vector_lower().get(&ClientID::new(5)), 3, "only the new blocks are relayed");
+    }
+
+    fn assert_untouched(room: &DocState, before: &[u8], what: &str) {
+        assert_eq!(room.encode_state(), before, "{what} changed the document");
+        let txn = room.doc().transact();
+        assert!(txn.store().pending_update().is_none(), "{what} left blocks pending in yrs");
+        assert!(txn.store().pending_ds().is_none(), "{what} left deletions pending in yrs");
+    }
+
+    #[test]
+    fn updates_that_can_never_fit_are_refused_whole() {
+        let mut room = DocState::new();
+        let now = Instant::now();
+        room.step([Input::Join { peer: 1, role: Role::Editor }], now);
+        room.step([update_msg(1, edit(&Doc::with_client_id(5), 0, "abc"))], now);
+        let before = room.encode_state();
+        // An item whose parent is the text item 5:0 rather than a nested type: 1 client, 1
+        // block, client 6 at clock 0, info 0x04 (string content), parent by id (0) 5:0, "x".
+        let bad_parent = vec![1, 1, 6, 0, 0x04, 0, 5, 0, 1, b'x', 0];
+        // A skip inside a run: "y" at 6:0, a hole of 3, "z" at 6:4, both under root type "c".
+        let hole = vec![1, 3, 6, 0, 0x04, 1, 1, b'c', 1, b'y', 10, 3, 0x04, 1, 1, b'c', 1, b'z', 0];
+        for (what, bytes) in [("bad parent", bad_parent), ("hole", hole)] {
+            crate::untrusted::check_update_v1(&bytes).unwrap_or_else(|e| panic!("{what} is well formed: {e}"));
+            let out = room.step([update_msg(1, bytes)], now);
+            assert!(invalid(&out), "{what}: {:?}", out.replies);
+            assert_untouched(&room, &before, what);
+        }
+    }
+
+    #[test]
+    fn updates_that_wait_for_content_are_held_until_it_arrives() {
+        let mut room = DocState::new();
+        let now = Instant::now();
+        room.step([Input::Join { peer: 1, role: Role::Editor }, Input::Join { peer: 2, role: Role::Editor }], now);
+        let other = Doc::with_client_id(7);
+        let first = edit(&other, 0, "abc");
+        // Typed after `first` by a writer who has it: its origin is content the room lacks.
+        let follower = Doc::with_client_id(6);
+        follower.transact_mut().apply_update(Update::decode_v1(&first).unwrap()).unwrap();
+        let after = edit(&follower, 3, "!");
+        let deletion = {
+            let text = follower.get_or_insert_text("content");
+            let mut txn = follower.transact_mut();
+            text.remove_range(&mut txn, 0, 1);
+            txn.encode_update_v1()
+        };
+        // And a gap: client 7's second edit before its first.
+        let second = edit(&other, 3, "def");
+        let before = room.encode_state();
+        let reference = Doc::new();
+        for u in [&first, &after, &deletion, &second] {
+            reference.transact_mut().apply_update(Update::decode_v1(u).unwrap()).unwrap();
+        }
+        for (what, bytes) in [("missing origin", after), ("unknown deletion", deletion), ("gap", second)] {
+            let out = room.step([update_msg(1, bytes)], now);
+            assert!(out.replies.is_empty() && out.update.is_none(), "{what} was not held: {:?}", out.replies);
+            assert_untouched(&room, &before, what);
+        }
+        let out = room.step([update_msg(2, first)], now);
+        let mut replies = out.replies.clone();
+        replies.sort_by_key(|(peer, _)| *peer);
+        assert_eq!(replies, vec![(1, Reply::WriteApplied), (1, Reply::WriteApplied), (1, Reply::WriteApplied), (2, Reply::WriteApplied)]);
+        assert_eq!(text_of(room.doc()), text_of(&reference));
+        assert_eq!(text_of(room.doc()).len(), 6);
+        assert_eq!(room.held.len(), 0);
+    }
+
+    #[test]
+    fn a_peer_may_only_hold_so_much() {
+        let mut room = DocState::new();
+        let now = Instant::now();
+        room.step([Input::Join { peer: 1, role: Role::Editor }], now);
+        let far = Doc::with_client_id(9);
+        edit(&far, 0, "first, never sent");
+        for i in 0..MAX_HELD_UPDATES {
+            let out = room.step([update_msg(1, edit(&far, 0, "x"))], now);
+            assert!(out.replies.is_empty(), "update {i} was not held");
+        }
+        let out = room.step([update_msg(1, edit(&far, 0, "x"))], now);
+        assert!(invalid(&out), "{:?}", out.replies);
+        room.step([Input::Leave { peer: 1 }], now);
+        assert!(room.held.is_empty(), "a peer's held updates go when it leaves");
+    }
+
+    #[test]
+    fn nested_types_stay_editable_after_a_reload() {
+        let a = Doc::with_client_id(5);
+        let first = {
+            let mut txn = a.transact_mut();
+            let files = txn.get_or_insert_map("files");
+            files.insert(&mut txn, "f1", yrs::MapPrelim::from([("path".to_owned(), yrs::Any::from("a.py"))]));
+            txn.encode_update_v1()
+        };
+        let room = DocState::load([first.as_slice()]).unwrap();
+        let mut room = room;
+        let now = Instant::now();
+        room.step([Input::Join { peer: 1, role: Role::Editor }], now);
+        // A second writer, who got the tree from the room, sets a key in the nested map: its item
+        // names the nested map by id as its parent.
+        let b = Doc::with_client_id(6);
+        b.transact_mut().apply_update(Update::decode_v1(&room.encode_state()).unwrap()).unwrap();
+        let second = {
+            let mut txn = b.transact_mut();
+            let files = txn.get_or_insert_map("files");
+            let Some(yrs::Out::YMap(entry)) = files.get(&txn, "f1") else { panic!("nested map") };
+            entry.insert(&mut txn, "kind", "file");
+            txn.encode_update_v1()
+        };
+        let out = room.step([update_msg(1, second)], now);
+        assert_eq!(out.replies, vec![(1, Reply::WriteApplied)]);
     }
 }

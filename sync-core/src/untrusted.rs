@@ -8,7 +8,7 @@
 //! and reject what yrs would mishandle, so [`crate::wire`]'s decoders return errors instead. Most
 //! cases were found by the fuzz targets in `fuzz/` (see `fuzz/RESULTS.md`).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use yrs::encoding::read::{Cursor, Read};
 use yrs::updates::decoder::Decode;
@@ -44,13 +44,112 @@ impl From<yrs::encoding::read::Error> for Untrusted {
     }
 }
 
+/// A block id as the walker reads it: (client, clock).
+pub type BlockId = (u64, u32);
+
+/// What an update refers to and creates, as [`shape_v1`] reads it: enough to tell, before yrs
+/// integrates anything, whether every block of it can be integrated in full.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Shape {
+    /// Each client's run of blocks: client, first clock, clock past the last block.
+    pub runs: Vec<(u64, u32, u32)>,
+    /// Whether a run holds a skip block (a hole the update does not fill).
+    pub has_skip: bool,
+    /// Left and right origins of the update's items.
+    pub origins: Vec<BlockId>,
+    /// Parents named by id (nested types).
+    pub parents: Vec<BlockId>,
+    /// Items of the update whose content is a nested type: the only valid targets of `parents`.
+    pub types: Vec<BlockId>,
+    /// Deleted ranges: client, first clock, length.
+    pub deletes: Vec<(u64, u32, u32)>,
+}
+
+/// Why an update cannot be integrated in full into a document.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unfit {
+    #[error("blocks of client {0} start past what the document holds")]
+    Gap(u64),
+    #[error("the update leaves a hole in a client's blocks")]
+    Skip,
+    #[error("an item refers to {0}:{1}, which neither the document nor the update holds")]
+    MissingOrigin(u64, u32),
+    #[error("an item's parent {0}:{1} is content neither the document nor the update holds")]
+    MissingParent(u64, u32),
+    #[error("an item's parent {0}:{1} is not a nested type")]
+    NotAType(u64, u32),
+    #[error("a deletion covers {0}:{1}, which neither the document nor the update holds")]
+    MissingDeletion(u64, u32),
+}
+
+fn clock_of(known: &StateVector, client: u64) -> u32 {
+    known.get(&yrs::block::ClientID::new(client))
+}
+
+impl Unfit {
+    /// Whether the update only waits for content the document may still receive, rather than
+    /// being wrong in itself.
+    pub fn is_missing(&self) -> bool {
+        matches!(self, Unfit::Gap(_) | Unfit::MissingOrigin(..) | Unfit::MissingParent(..) | Unfit::MissingDeletion(..))
+    }
+}
+
+impl Shape {
+    /// Whether this update overlaps what a document at `known` already holds.
+    pub fn overlaps(&self, known: &StateVector) -> bool {
+        self.runs.iter().any(|(client, start, _)| *start < clock_of(known, *client))
+    }
+
+    /// Checks that every block and deletion of the update can be integrated at once into a
+    /// document at state `known` whose nested types are `is_type`: no hole before or inside a
+    /// run, every origin and parent present, every parent a nested type, every deleted range
+    /// present. yrs would otherwise park blocks as pending or stop half way with an error after
+    /// integrating part of the update (fuzz/RESULTS.md), and a room must apply all or nothing.
+    pub fn fits(&self, known: &StateVector, is_type: impl Fn(BlockId) -> bool) -> Result<(), Unfit> {
+        if self.has_skip {
+            return Err(Unfit::Skip);
+        }
+        for (client, start, _) in &self.runs {
+            if *start > clock_of(known, *client) {
+                return Err(Unfit::Gap(*client));
+            }
+        }
+        let runs: HashMap<u64, (u32, u32)> = self.runs.iter().map(|&(c, start, end)| (c, (start, end))).collect();
+        let end = |client: u64| runs.get(&client).map_or(0, |r| r.1).max(clock_of(known, client));
+        for &(client, clock) in &self.origins {
+            if clock >= end(client) {
+                return Err(Unfit::MissingOrigin(client, clock));
+            }
+        }
+        let own_types: HashSet<BlockId> = self.types.iter().copied().collect();
+        for &(client, clock) in &self.parents {
+            let own = runs.get(&client).is_some_and(|(start, end)| (*start..*end).contains(&clock));
+            if !own && clock >= clock_of(known, client) {
+                return Err(Unfit::MissingParent(client, clock));
+            }
+            let is_type = if own { own_types.contains(&(client, clock)) } else { is_type((client, clock)) };
+            if !is_type {
+                return Err(Unfit::NotAType(client, clock));
+            }
+        }
+        for &(client, clock, len) in &self.deletes {
+            if len > 0 && u64::from(clock) + u64::from(len) > u64::from(end(client)) {
+                return Err(Unfit::MissingDeletion(client, clock));
+            }
+        }
+        Ok(())
+    }
+}
+
 struct Walker<'a> {
     cur: Cursor<'a>,
+    /// Filled by [`shape_v1`]; `None` when only checking.
+    shape: Option<Shape>,
 }
 
 impl<'a> Walker<'a> {
     fn new(bytes: &'a [u8]) -> Self {
-        Walker { cur: Cursor::new(bytes) }
+        Walker { cur: Cursor::new(bytes), shape: None }
     }
 
     fn remaining(&self) -> usize {
@@ -75,10 +174,14 @@ impl<'a> Walker<'a> {
         if client > MAX_CLIENT_ID { Err(Untrusted::ClientId(client)) } else { Ok(client) }
     }
 
-    fn id(&mut self) -> Result<(), Untrusted> {
-        self.client()?;
-        self.u32()?;
-        Ok(())
+    fn id(&mut self) -> Result<BlockId, Untrusted> {
+        Ok((self.client()?, self.u32()?))
+    }
+
+    fn note(&mut self, f: impl FnOnce(&mut Shape)) {
+        if let Some(shape) = self.shape.as_mut() {
+            f(shape);
+        }
     }
 
     fn string(&mut self) -> Result<(), Untrusted> {
@@ -185,39 +288,49 @@ impl<'a> Walker<'a> {
                 }
                 n as u64
             }
-            9 => {
-                self.string()?;
-                self.any(1)?;
-                1
-            }
+            // Subdocuments: this product links documents by name in the project tree, never as
+            // yrs subdocuments, and a document holding one is never freed (a reference cycle in
+            // yrs 0.28, found by fuzzing as a leak).
+            9 => return Err(Untrusted::Tag(9)),
             other => return Err(Untrusted::Tag(other)),
         })
     }
 
-    /// One block of a client's run (yrs `Update::decode_block`); returns its length.
-    fn block(&mut self) -> Result<u64, Untrusted> {
+    /// One block of a client's run (yrs `Update::decode_block`), at `id`; returns its length.
+    fn block(&mut self, id: BlockId) -> Result<u64, Untrusted> {
         let info = self.cur.read_u8()?;
         match info {
             // Skip and GC ranges.
-            10 | 0 => Ok(u64::from(self.u32()?)),
+            10 | 0 => {
+                if info == 10 {
+                    self.note(|s| s.has_skip = true);
+                }
+                Ok(u64::from(self.u32()?))
+            }
             _ => {
                 let has_origin = info & 0b1000_0000 != 0;
                 let has_right_origin = info & 0b0100_0000 != 0;
                 if has_origin {
-                    self.id()?;
+                    let origin = self.id()?;
+                    self.note(|s| s.origins.push(origin));
                 }
                 if has_right_origin {
-                    self.id()?;
+                    let origin = self.id()?;
+                    self.note(|s| s.origins.push(origin));
                 }
                 if !has_origin && !has_right_origin {
                     if self.u32()? == 1 {
                         self.string()?;
                     } else {
-                        self.id()?;
+                        let parent = self.id()?;
+                        self.note(|s| s.parents.push(parent));
                     }
                     if info & 0b0010_0000 != 0 {
                         self.string()?;
                     }
+                }
+                if info & 0b1111 == 7 {
+                    self.note(|s| s.types.push(id));
                 }
                 self.content(info)
             }
@@ -227,12 +340,13 @@ impl<'a> Walker<'a> {
     /// A delete set (yrs `IdSet::decode`).
     fn delete_set(&mut self) -> Result<(), Untrusted> {
         for _ in 0..self.count(2)? {
-            self.client()?;
+            let client = self.client()?;
             for _ in 0..self.count(2)? {
                 let (clock, len) = (self.u32()?, self.u32()?);
                 if clock.checked_add(len).is_none() {
                     return Err(Untrusted::ClockOverflow);
                 }
+                self.note(|s| s.deletes.push((client, clock, len)));
             }
         }
         Ok(())
@@ -251,13 +365,16 @@ impl<'a> Walker<'a> {
             if clients > 1 && !seen.insert(client) {
                 return Err(Untrusted::DuplicateClient(client));
             }
-            let mut clock = u64::from(self.u32()?);
+            let start = self.u32()?;
+            let mut clock = u64::from(start);
             for _ in 0..blocks {
-                clock += self.block()?;
+                // In range: checked after each block below.
+                clock += self.block((client, clock as u32))?;
                 if clock > u64::from(u32::MAX) {
                     return Err(Untrusted::ClockOverflow);
                 }
             }
+            self.note(|s| s.runs.push((client, start, clock as u32)));
         }
         self.delete_set()
     }
@@ -270,6 +387,14 @@ impl<'a> Walker<'a> {
 /// clock) and legacy JSON content (a document holding it can no longer be encoded and re-read).
 pub fn check_update_v1(bytes: &[u8]) -> Result<(), Untrusted> {
     Walker::new(bytes).update()
+}
+
+/// [`check_update_v1`], and what the update refers to and creates.
+pub fn shape_v1(bytes: &[u8]) -> Result<Shape, Untrusted> {
+    let mut w = Walker::new(bytes);
+    w.shape = Some(Shape::default());
+    w.update()?;
+    Ok(w.shape.unwrap_or_default())
 }
 
 /// Decodes an untrusted v1 update: [`check_update_v1`], then yrs.
