@@ -364,7 +364,13 @@ pub const MAX_HELD_UPDATES: usize = 256;
 /// keystroke as soon as the socket opens, before its sync step 2 (which carries the offline edits
 /// the keystroke follows) has gone out. yrs would park it in its own pending store, where fuzzing
 /// found crashes; here it waits outside the document, which it cannot touch until it fits whole.
-fn hold(held: &mut Vec<Held>, peers: &mut HashMap<PeerId, Peer>, peer: PeerId, bytes: Vec<u8>, reason: String) -> Option<Reply> {
+fn hold(
+    held: &mut Vec<Held>,
+    peers: &mut HashMap<PeerId, Peer>,
+    peer: PeerId,
+    bytes: Vec<u8>,
+    reason: String,
+) -> Option<Reply> {
     let p = peers.get_mut(&peer)?;
     if p.held_bytes + bytes.len() > MAX_HELD_BYTES || p.held_updates >= MAX_HELD_UPDATES {
         return Some(Reply::Invalid(format!("{reason}, and too many updates already wait")));
@@ -422,9 +428,9 @@ fn admit(bytes: &[u8], known: &StateVector, types: &HashSet<BlockId>) -> Result<
     } else {
         bytes
     };
-    shape.fits(known, |id| types.contains(&id)).map_err(|e| {
-        if e.is_missing() { Admit::Wait(format!("update waits: {e}")) } else { refuse(&e) }
-    })?;
+    shape
+        .fits(known, |id| types.contains(&id))
+        .map_err(|e| if e.is_missing() { Admit::Wait(format!("update waits: {e}")) } else { refuse(&e) })?;
     let update = Update::decode_v1(bytes).map_err(|e| refuse(&e))?;
     Ok((update, shape))
 }
@@ -619,7 +625,15 @@ mod tests {
         let out = room.step([update_msg(2, first)], now);
         let mut replies = out.replies.clone();
         replies.sort_by_key(|(peer, _)| *peer);
-        assert_eq!(replies, vec![(1, Reply::WriteApplied), (1, Reply::WriteApplied), (1, Reply::WriteApplied), (2, Reply::WriteApplied)]);
+        assert_eq!(
+            replies,
+            vec![
+                (1, Reply::WriteApplied),
+                (1, Reply::WriteApplied),
+                (1, Reply::WriteApplied),
+                (2, Reply::WriteApplied)
+            ]
+        );
         assert_eq!(text_of(room.doc()), text_of(&reference));
         assert_eq!(text_of(room.doc()).len(), 6);
         assert_eq!(room.held.len(), 0);
