@@ -42,9 +42,10 @@ pub enum Reply {
     WriteRefused {
         had_changes: bool,
     },
-    /// The peer sent an update the document cannot take in full: it does not decode, or it refers
-    /// to content neither the document nor the update holds ([`crate::untrusted::Shape::fits`]).
-    /// Nothing of it was applied; the edge disconnects the peer with this reason.
+    /// The peer sent an update the document can never take whole: it does not decode, it has a
+    /// hole or a parent that is not a nested type ([`crate::untrusted::Shape::fits`]), or it would
+    /// wait for missing content while the peer's hold is full. Nothing of it was applied; the edge
+    /// disconnects the peer with this reason.
     Invalid(String),
 }
 
@@ -305,9 +306,8 @@ impl DocState {
         let mut txn = self.doc.transact_mut();
         let mut progress = false;
         for (peer, bytes) in batch.pending.drain(..) {
-            match admit(&bytes, &txn.state_vector(), &self.types) {
-                Ok((update, shape)) => {
-                    let reply = integrate(&mut txn, update, shape, &mut self.types);
+            match take(&mut txn, &bytes, &mut self.types) {
+                Ok(reply) => {
                     progress |= reply == Reply::WriteApplied;
                     batch.replies.push((peer, reply));
                 }
@@ -323,9 +323,8 @@ impl DocState {
         while progress && !self.held.is_empty() {
             progress = false;
             for held in std::mem::take(&mut self.held) {
-                match admit(&held.bytes, &txn.state_vector(), &self.types) {
-                    Ok((update, shape)) => {
-                        let reply = integrate(&mut txn, update, shape, &mut self.types);
+                match take(&mut txn, &held.bytes, &mut self.types) {
+                    Ok(reply) => {
                         progress |= reply == Reply::WriteApplied;
                         release(&mut self.peers, &held);
                         batch.replies.push((held.peer, reply));
@@ -381,16 +380,17 @@ fn hold(
     None
 }
 
-/// Applies an update [`admit`] let in, and indexes its nested types.
-fn integrate(txn: &mut yrs::TransactionMut, update: Update, shape: Shape, types: &mut HashSet<BlockId>) -> Reply {
-    match txn.apply_update(update) {
+/// Applies an editor's update if [`admit`] lets it in, and indexes its nested types.
+fn take(txn: &mut yrs::TransactionMut, bytes: &[u8], types: &mut HashSet<BlockId>) -> Result<Reply, Admit> {
+    let (update, shape) = admit(bytes, &txn.state_vector(), types)?;
+    Ok(match txn.apply_update(update) {
         Ok(()) => {
             types.extend(shape.types);
             Reply::WriteApplied
         }
         // `admit` leaves no way to get here that fuzzing has found.
         Err(e) => Reply::Invalid(format!("update could not be applied: {e}")),
-    }
+    })
 }
 
 fn release(peers: &mut HashMap<PeerId, Peer>, held: &Held) {
@@ -544,15 +544,21 @@ mod tests {
         assert_eq!(text_of(&late), "abc");
     }
 
+    /// A room with one editor, peer 1.
+    fn room_with_editor() -> (DocState, Instant) {
+        let mut room = DocState::new();
+        let now = Instant::now();
+        room.step([Input::Join { peer: 1, role: Role::Editor }], now);
+        (room, now)
+    }
+
     fn invalid(out: &Output) -> bool {
         matches!(out.replies.as_slice(), [(_, Reply::Invalid(_))]) && out.update.is_none()
     }
 
     #[test]
     fn an_overlapping_resend_applies_only_what_is_new() {
-        let mut room = DocState::new();
-        let now = Instant::now();
-        room.step([Input::Join { peer: 1, role: Role::Editor }], now);
+        let (mut room, now) = room_with_editor();
         let a = Doc::with_client_id(5);
         let first = edit(&a, 0, "abc");
         room.step([update_msg(1, first)], now);
@@ -575,9 +581,7 @@ mod tests {
 
     #[test]
     fn updates_that_can_never_fit_are_refused_whole() {
-        let mut room = DocState::new();
-        let now = Instant::now();
-        room.step([Input::Join { peer: 1, role: Role::Editor }], now);
+        let (mut room, now) = room_with_editor();
         room.step([update_msg(1, edit(&Doc::with_client_id(5), 0, "abc"))], now);
         let before = room.encode_state();
         // An item whose parent is the text item 5:0 rather than a nested type: 1 client, 1
@@ -641,9 +645,7 @@ mod tests {
 
     #[test]
     fn a_peer_may_only_hold_so_much() {
-        let mut room = DocState::new();
-        let now = Instant::now();
-        room.step([Input::Join { peer: 1, role: Role::Editor }], now);
+        let (mut room, now) = room_with_editor();
         let far = Doc::with_client_id(9);
         edit(&far, 0, "first, never sent");
         for i in 0..MAX_HELD_UPDATES {
