@@ -16,7 +16,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the sync endpoints, the web front end, /healthz and /metrics.
-    Serve(Config),
+    Serve(Box<Config>),
     /// Print a signed access token for scripts and tests.
     Token(TokenArgs),
 }
@@ -32,6 +32,10 @@ pub struct Config {
     /// Document store URL (`sqlite://...` or `postgres://...`); default: SQLite in the data directory.
     #[arg(long, env = "COLLAB_DATABASE_URL")]
     pub database_url: Option<String>,
+    /// Redis URL (`redis://host:port`) of the cluster bus: nodes sharing it (and one
+    /// `--database-url`) serve the same documents. Without it the node runs alone.
+    #[arg(long, env = "COLLAB_REDIS_URL")]
+    pub redis_url: Option<String>,
     /// Directory of the built web front end, served at `/`.
     #[arg(long, env = "COLLAB_WEB_DIR", default_value = "web/dist")]
     pub web_dir: PathBuf,
@@ -109,6 +113,10 @@ pub struct Limits {
     /// commits at once, gathering whatever queued during the previous commit.
     #[arg(long, env = "COLLAB_COMMIT_INTERVAL", value_parser = parse_secs, default_value = "0")]
     pub commit_interval: Duration,
+    /// Seconds between state comparisons of a document with the other nodes that serve it,
+    /// repairing anything the bus lost (cluster mode only).
+    #[arg(long, env = "COLLAB_REPAIR_INTERVAL", value_parser = parse_secs, default_value = "2")]
+    pub repair_interval: Duration,
     /// Logged updates of a document before they are merged into its snapshot.
     #[arg(long, env = "COLLAB_COMPACT_THRESHOLD", default_value_t = 500)]
     pub compact_threshold: u64,
@@ -150,6 +158,6 @@ impl Config {
         let cli = Cli::parse_from(["collab", "serve", "--listen", "127.0.0.1:0"]);
         let Command::Serve(mut config) = cli.command else { unreachable!("parsed a serve command") };
         config.data_dir = data_dir;
-        config
+        *config
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod archive;
 pub mod auth;
+pub mod bus;
 pub mod checkpoints;
 pub mod close;
 pub mod commit;
@@ -94,7 +95,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         config.limits.commit_interval,
         config.limits.commit_batch,
     );
+    let bus = match &config.redis_url {
+        Some(url) => Some(bus::Bus::start(url, metrics.clone(), shutdown.clone(), &tracker).context("--redis-url")?),
+        None => None,
+    };
     let env = RoomEnv {
+        bus,
         committer,
         store,
         metrics: metrics.clone(),

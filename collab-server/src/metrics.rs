@@ -28,6 +28,13 @@ pub struct Metrics {
     pub persist_seconds: Histogram,
     pub awareness_swept: Counter,
     pub tasks_alive: Gauge,
+    pub bus_connected: Gauge,
+    pub bus_published: Counter,
+    pub bus_received: Counter,
+    pub bus_dropped: Counter,
+    pub bus_malformed: Counter,
+    pub bus_repairs: Counter,
+    pub bus_refused: Counter,
 }
 
 impl Default for Metrics {
@@ -59,11 +66,29 @@ impl Metrics {
             persist_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             awareness_swept: Counter::default(),
             tasks_alive: Gauge::default(),
+            bus_connected: Gauge::default(),
+            bus_published: Counter::default(),
+            bus_received: Counter::default(),
+            bus_dropped: Counter::default(),
+            bus_malformed: Counter::default(),
+            bus_repairs: Counter::default(),
+            bus_refused: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("connections", "WebSocket connections accepted", m.connections_total.clone());
         registry.register("connections_active", "WebSocket connections open now", m.connections_active.clone());
         registry.register("documents_loaded", "Documents loaded in memory", m.documents_loaded.clone());
+        registry.register("bus_connected", "1 while the cluster bus (Redis) is connected", m.bus_connected.clone());
+        registry.register("bus_published", "Messages published to other nodes", m.bus_published.clone());
+        registry.register("bus_received", "Messages received from other nodes", m.bus_received.clone());
+        registry.register(
+            "bus_dropped",
+            "Bus messages dropped (Redis unreachable, queue or room inbox full); repaired by state comparison",
+            m.bus_dropped.clone(),
+        );
+        registry.register("bus_malformed", "Bus messages that did not decode", m.bus_malformed.clone());
+        registry.register("bus_repairs", "State comparisons that changed this node's document", m.bus_repairs.clone());
+        registry.register("bus_refused", "Updates from other nodes the document could not take", m.bus_refused.clone());
         registry.register("tasks_alive", "Tokio tasks alive (read when metrics are rendered)", m.tasks_alive.clone());
         registry.register("messages_in", "WebSocket frames received", m.messages_in.clone());
         registry.register("messages_out", "WebSocket frames sent", m.messages_out.clone());

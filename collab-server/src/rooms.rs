@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use doc_store::DocStore;
+use sync_core::peering::{NodeMsg, Summary};
 use sync_core::room::Reply;
 use sync_core::wire::{self, DocMessage, HocusOut, OutMsg, SyncMessage};
 use sync_core::{DocName, DocState, Input, Output, PeerId, Role};
@@ -23,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
+use crate::bus::Bus;
 use crate::close::{self, CloseReason};
 use crate::config::Limits;
 use crate::conn_sink::ConnSink;
@@ -59,6 +61,10 @@ pub enum RoomCmd {
         update: Vec<u8>,
         done: oneshot::Sender<()>,
     },
+    /// A message from another node serving this document.
+    Bus(NodeMsg),
+    /// The bus connection came back: compare states with the other nodes now.
+    BusUp,
 }
 
 /// What a room needs from the server around it.
@@ -70,6 +76,8 @@ pub struct RoomEnv {
     pub limits: Limits,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
+    /// The cluster bus; `None` when this node runs alone.
+    pub bus: Option<Bus>,
 }
 
 impl std::fmt::Debug for RoomEnv {
@@ -125,7 +133,13 @@ pub struct RoomGone;
 const INBOX: usize = 4096;
 /// The peer id of the server's own writes: joined as an editor, with no connection.
 const SERVER_PEER: PeerId = 0;
+/// The peer id of the other nodes' writes and awareness (cluster mode): an editor and an
+/// awareness relay, with no connection.
+const BUS_PEER: PeerId = PeerId::MAX;
 const BATCH: usize = 1024;
+/// How long a node that loads a document waits for the other nodes' state of it before it
+/// answers its peers (the other nodes answer within a round trip unless they are overloaded).
+const CLUSTER_WAIT: Duration = Duration::from_secs(1);
 
 impl Rooms {
     pub fn new(env: RoomEnv) -> Rooms {
@@ -170,6 +184,8 @@ impl Rooms {
             peers: HashMap::new(),
             unsaved: Vec::new(),
             unsaved_bytes: 0,
+            remote_unsaved: Vec::new(),
+            tx: tx.downgrade(),
             awaiting: Vec::new(),
             backoff: Duration::ZERO,
             server_awaiting: Vec::new(),
@@ -223,6 +239,12 @@ struct Actor {
     /// Updates applied in memory but not yet in the store, oldest first.
     unsaved: Vec<Vec<u8>>,
     unsaved_bytes: usize,
+    /// Other nodes' updates applied here. Their own node saves them; this node saves them too,
+    /// merged, at its next comparison or before unloading, so an update survives the crash of
+    /// the node it came from (storing an update twice is harmless: updates are idempotent).
+    remote_unsaved: Vec<Vec<u8>>,
+    /// This room's inbox, for the bus to route the document's channel to.
+    tx: mpsc::WeakSender<RoomCmd>,
     /// Confirmations (echoes, sync statuses) to send once `unsaved` is in the store.
     awaiting: Vec<(PeerId, Awaiting)>,
     backoff: Duration,
@@ -280,8 +302,16 @@ impl Actor {
         let sweep_every = (limits.awareness_timeout / 3).clamp(Duration::from_millis(50), Duration::from_secs(10));
         let mut sweep = tokio::time::interval(sweep_every);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut compare = tokio::time::interval(limits.repair_interval.max(Duration::from_millis(50)));
+        compare.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut idle_since: Option<Instant> = Some(Instant::now());
         let mut buf = Vec::with_capacity(BATCH);
+        if self.env().bus.is_some() {
+            state.step([Input::Join { peer: BUS_PEER, role: Role::Editor }], Instant::now().into_std());
+            state.set_relay(BUS_PEER);
+            self.join_cluster(&mut state, &mut rx, &mut buf).await;
+            self.process(&mut state, buf.drain(..)).await;
+        }
         let shutdown = self.env().shutdown.clone();
         loop {
             let unload_at = idle_since.map(|t| t + limits.unload_delay);
@@ -307,7 +337,15 @@ impl Actor {
                     let swept = state.sweep_awareness(Instant::now().into_std(), limits.awareness_timeout);
                     if let Some(update) = swept {
                         self.env().metrics.awareness_swept.inc();
-                        self.broadcast(&mut state, Output { awareness: Some(update), ..Output::default() });
+                        // Every node sweeps on its own clock: nothing to tell the others.
+                        let out = Output { awareness: Some(update), ..Output::default() };
+                        self.broadcast(&mut state, out, Origin::Remote);
+                    }
+                }
+                _ = compare.tick(), if self.env().bus.is_some() => {
+                    self.save_remote();
+                    if !self.peers.is_empty() {
+                        self.hello(&mut state, false);
                     }
                 }
                 result = landed(&mut self.in_flight) => self.commit_landed(result),
@@ -316,6 +354,7 @@ impl Actor {
                     self.persist();
                 }
                 _ = sleep_until_opt(unload_at) => {
+                    self.save_remote();
                     if self.unsaved.is_empty() && self.rooms.try_remove(&self.doc, &self.leases, &mut rx) {
                         debug!("document unloaded");
                         break;
@@ -337,8 +376,169 @@ impl Actor {
                 idle_since = None;
             }
         }
+        if let (Some(bus), Some(tx)) = (self.env().bus.clone(), self.tx.upgrade()) {
+            bus.unsubscribe(&self.doc, &tx).await;
+        }
+        self.save_remote();
         self.flush_before_exit().await;
         self.env().metrics.documents_loaded.dec();
+    }
+
+    /// Subscribes to the document's channel, asks every node that has the document loaded for
+    /// what this node lacks, and waits (at most [`CLUSTER_WAIT`]) for all their answers, so the
+    /// first peers get updates other nodes have not saved yet. Commands arriving meanwhile are
+    /// left in `buf`, answers included, for the caller to process in order.
+    async fn join_cluster(&mut self, state: &mut DocState, rx: &mut mpsc::Receiver<RoomCmd>, buf: &mut Vec<RoomCmd>) {
+        let (Some(bus), Some(tx)) = (self.env().bus.clone(), self.tx.upgrade()) else { return };
+        let deadline = Instant::now() + CLUSTER_WAIT;
+        let asked = async {
+            bus.subscribe(&self.doc, tx).await?;
+            let hello = NodeMsg::Hello { from: bus.node(), state: state.summary().clone(), reply: true };
+            bus.publish_now(&self.doc, &hello).await
+        };
+        let receivers = match tokio::time::timeout_at(deadline, asked).await {
+            Ok(Ok(receivers)) => receivers,
+            Ok(Err(e)) => {
+                warn!(error = %e, "serving the document from the store alone; it compares with the other nodes once the bus is back");
+                return;
+            }
+            Err(_) => return,
+        };
+        // Every subscriber but this node answers.
+        let mut missing = receivers.saturating_sub(1);
+        while missing > 0 {
+            let Ok(Some(cmd)) = tokio::time::timeout_at(deadline, rx.recv()).await else { break };
+            if matches!(&cmd, RoomCmd::Bus(NodeMsg::Diff { to, .. }) if *to == bus.node()) {
+                missing -= 1;
+            }
+            buf.push(cmd);
+        }
+        if missing > 0 {
+            debug!(missing, "some nodes did not answer in time; the periodic comparison covers them");
+        }
+    }
+
+    fn publish(&self, msg: &NodeMsg) {
+        if let Some(bus) = &self.env().bus {
+            bus.publish(&self.doc, msg);
+        }
+    }
+
+    fn node(&self) -> Option<sync_core::peering::NodeId> {
+        self.env().bus.as_ref().map(Bus::node)
+    }
+
+    /// Tells the other nodes this node's state of the document; those whose state differs (all
+    /// of them, with `reply`) answer with a diff.
+    fn hello(&mut self, state: &mut DocState, reply: bool) {
+        if let Some(from) = self.node() {
+            self.publish(&NodeMsg::Hello { from, state: state.summary().clone(), reply });
+        }
+    }
+
+    /// Queues the other nodes' updates applied here for saving, merged into one.
+    fn save_remote(&mut self) {
+        if self.remote_unsaved.is_empty() {
+            return;
+        }
+        let parts = std::mem::take(&mut self.remote_unsaved);
+        let merged = match parts.len() {
+            1 => parts.into_iter().next(),
+            _ => yrs::merge_updates_v1(parts.iter().map(Vec::as_slice)).ok(),
+        };
+        if let Some(update) = merged {
+            self.env().metrics.unsaved_bytes.inc_by(update.len() as i64);
+            self.unsaved_bytes += update.len();
+            self.unsaved.push(update);
+            if self.retry_at.is_none() {
+                self.persist();
+            }
+        }
+    }
+
+    /// Takes a message from another node: updates become inputs of the bus peer (applied with
+    /// the batch's other remote inputs); a hello is answered at once; a diff for this node is
+    /// applied and, once applied, answered with a repair if the sender lacks something.
+    fn on_bus(&mut self, state: &mut DocState, msg: NodeMsg, remote: &mut RemoteBatch) {
+        let Some(me) = self.node() else { return };
+        if msg.from() == me {
+            return;
+        }
+        let update =
+            |bytes: Vec<u8>| Input::Message { peer: BUS_PEER, msg: DocMessage::Sync(SyncMessage::Update(bytes)) };
+        match msg {
+            NodeMsg::Update { update: bytes, .. } => remote.inputs.push(update(bytes)),
+            NodeMsg::Awareness { update: bytes, .. } => match yrs::updates::decoder::Decode::decode_v1(&bytes) {
+                Ok(aw) => remote.inputs.push(Input::Message { peer: BUS_PEER, msg: DocMessage::Awareness(aw) }),
+                Err(e) => {
+                    self.env().metrics.bus_malformed.inc();
+                    warn!(error = %e, "ignoring malformed awareness from another node");
+                }
+            },
+            NodeMsg::Hello { from, state: theirs, reply } => {
+                let mine = state.summary().clone();
+                if !reply && mine == theirs {
+                    return;
+                }
+                match state.diff_since(&theirs.sv) {
+                    Ok(diff) => self.publish(&NodeMsg::Diff { from: me, to: from, update: diff, state: mine }),
+                    Err(e) => {
+                        self.env().metrics.bus_malformed.inc();
+                        warn!(error = %e, "ignoring a malformed hello from another node");
+                    }
+                }
+            }
+            NodeMsg::Diff { to, update: bytes, state: theirs, .. } if to == me => {
+                remote.repairing = true;
+                remote.inputs.push(update(bytes));
+                remote.compare.push(theirs);
+            }
+            NodeMsg::Diff { .. } => {}
+            NodeMsg::Repair { update: bytes, .. } => {
+                remote.repairing = true;
+                remote.inputs.push(update(bytes));
+            }
+        }
+    }
+
+    /// Applies a batch's remote inputs, relays the result to this node's peers, and sends a
+    /// repair to each node whose diff showed it lacks something.
+    fn step_remote(&mut self, state: &mut DocState, remote: &mut RemoteBatch) {
+        if remote.inputs.is_empty() {
+            return;
+        }
+        let mut out = state.step(remote.inputs.drain(..), Instant::now().into_std());
+        let mut origin = if remote.repairing { Origin::Repair } else { Origin::Remote };
+        let mut refused = false;
+        out.replies.retain(|(peer, reply)| {
+            if *peer == BUS_PEER {
+                refused |= matches!(reply, Reply::Invalid(_));
+                return false;
+            }
+            // A peer's update that waited for another node's content went in with it.
+            if *reply == Reply::WriteApplied {
+                origin = Origin::Local;
+            }
+            true
+        });
+        if remote.repairing && out.update.is_some() {
+            self.env().metrics.bus_repairs.inc();
+        }
+        self.broadcast(state, out, origin);
+        if refused {
+            // Held too long for content that never came: ask the others for everything missing.
+            self.env().metrics.bus_refused.inc();
+            warn!("an update from another node could not be applied; comparing states");
+            self.hello(state, false);
+        }
+        for theirs in remote.compare.drain(..) {
+            if state.is_ahead_of(&theirs) {
+                if let (Some(from), Ok(update)) = (self.node(), state.diff_since(&theirs.sv)) {
+                    self.publish(&NodeMsg::Repair { from, update });
+                }
+            }
+        }
+        remote.repairing = false;
     }
 
     async fn load(&mut self) -> anyhow::Result<DocState> {
@@ -353,6 +553,9 @@ impl Actor {
         let refusing = self.unsaved_bytes >= self.env().limits.max_unsaved_bytes;
         let mut refused: HashSet<PeerId> = HashSet::new();
         let mut inputs = Vec::new();
+        // Other nodes' inputs are applied in a step of their own, before this node's: the
+        // result of each step then says whose it is (who relays and who saves it).
+        let mut remote = RemoteBatch::default();
         for cmd in cmds {
             match cmd {
                 RoomCmd::Join { peer, role, sink, framing } => {
@@ -377,10 +580,13 @@ impl Actor {
                 RoomCmd::Msg { peer, msg } => inputs.push(Input::Message { peer, msg }),
                 RoomCmd::Snapshot { reply } => {
                     // Earlier inputs of this batch first, so the snapshot includes them.
+                    self.step_remote(state, &mut remote);
                     let out = state.step(inputs.drain(..), Instant::now().into_std());
-                    self.broadcast(state, out);
+                    self.broadcast(state, out, Origin::Local);
                     let _ = reply.send(state.encode_state());
                 }
+                RoomCmd::Bus(msg) => self.on_bus(state, msg, &mut remote),
+                RoomCmd::BusUp => self.hello(state, false),
                 RoomCmd::Apply { update, done } => {
                     let msg = DocMessage::Sync(SyncMessage::Update(update));
                     inputs.push(Input::Message { peer: SERVER_PEER, msg });
@@ -388,8 +594,9 @@ impl Actor {
                 }
             }
         }
+        self.step_remote(state, &mut remote);
         let out = state.step(inputs, Instant::now().into_std());
-        self.broadcast(state, out);
+        self.broadcast(state, out, Origin::Local);
         // Peers that left are dropped from the slot map once the core has forgotten them.
         self.peers.retain(|peer, _| state.has_peer(*peer));
         if self.unsaved.is_empty() && self.in_flight.is_none() {
@@ -409,7 +616,7 @@ impl Actor {
     /// Writers hear about their own writes (the echo of the update, and SyncStatus on the
     /// multiplexed endpoint) only once the update is in the store: that is the confirmation.
     /// Everyone else gets the update at once.
-    fn broadcast(&mut self, state: &mut DocState, out: Output) {
+    fn broadcast(&mut self, state: &mut DocState, out: Output, origin: Origin) {
         let mut evict = Vec::new();
         let mut writers: HashSet<PeerId> = HashSet::new();
         for (peer, reply) in out.replies {
@@ -442,9 +649,18 @@ impl Actor {
                     evict.push(*peer);
                 }
             }
-            self.unsaved_bytes += update.len();
-            self.unsaved.push(update);
-            self.env().metrics.unsaved_bytes.inc_by(self.unsaved.last().map_or(0, |u| u.len() as i64));
+            if origin == Origin::Local {
+                if let Some(from) = self.node() {
+                    self.publish(&NodeMsg::Update { from, update: update.clone() });
+                }
+            }
+            if origin == Origin::Remote {
+                self.remote_unsaved.push(update);
+            } else {
+                self.unsaved_bytes += update.len();
+                self.env().metrics.unsaved_bytes.inc_by(update.len() as i64);
+                self.unsaved.push(update);
+            }
         }
         if let Some(awareness) = out.awareness {
             let mut frames: HashMap<&Framing, Bytes> = HashMap::new();
@@ -453,6 +669,11 @@ impl Actor {
                     frames.entry(&slot.framing).or_insert_with(|| encode(&slot.framing, OutMsg::Awareness(&awareness)));
                 if slot.sink.push(frame.clone()).is_err() {
                     evict.push(*peer);
+                }
+            }
+            if origin == Origin::Local {
+                if let Some(from) = self.node() {
+                    self.publish(&NodeMsg::Awareness { from, update: awareness });
                 }
             }
         }
@@ -474,7 +695,7 @@ impl Actor {
         let leaves = evict.into_iter().map(|peer| Input::Leave { peer });
         let out = state.step(leaves, Instant::now().into_std());
         if out.awareness.is_some() {
-            self.broadcast(state, Output { awareness: out.awareness, ..Output::default() });
+            self.broadcast(state, Output { awareness: out.awareness, ..Output::default() }, Origin::Local);
         }
     }
 
@@ -618,6 +839,27 @@ async fn compact_from_store(store: &dyn DocStore, doc: &DocName) -> anyhow::Resu
     let parts = stored.snapshot.iter().chain(stored.updates.iter()).map(Vec::as_slice);
     let snapshot = DocState::load(parts)?.encode_state();
     Ok(store.compact(doc.as_str(), &snapshot, stored.last_seq).await?)
+}
+
+/// Whose change an output is, which decides who is told and who saves it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// This node's peers (or the server itself): relayed to the other nodes, saved now.
+    Local,
+    /// Another node's update, saved by that node: saved here lazily, as a safety net.
+    Remote,
+    /// Content a state comparison found missing here: saved now (its origin may be gone).
+    Repair,
+}
+
+/// The remote inputs of one batch.
+#[derive(Default)]
+struct RemoteBatch {
+    inputs: Vec<Input>,
+    /// Whether any input came from a state comparison.
+    repairing: bool,
+    /// The senders' states of the diffs among the inputs, to compare with once they are applied.
+    compare: Vec<Summary>,
 }
 
 fn is_write(msg: &DocMessage) -> bool {

@@ -5,6 +5,7 @@
 //! directly, and what lets every peer (server, agent, exec bridge, load generator) share it.
 
 pub mod names;
+pub mod peering;
 pub mod room;
 pub mod tree;
 pub mod untrusted;

@@ -14,6 +14,7 @@ use yrs::updates::encoder::Encode;
 use yrs::{ClientID, Doc, Options, ReadTxn, StateVector, Transact, Update};
 
 use crate::Role;
+use crate::peering::Summary;
 use crate::untrusted::{self, BlockId, Shape};
 use crate::wire::{DocMessage, SyncMessage};
 
@@ -66,6 +67,9 @@ struct Peer {
     /// Size and number of this peer's updates in [`DocState::held`].
     held_bytes: usize,
     held_updates: usize,
+    /// Relays awareness of clients that live elsewhere (another server node): a client id it
+    /// speaks for passes to a peer that connects here and claims it.
+    relay: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +88,8 @@ pub struct DocState {
     types: HashSet<BlockId>,
     /// Editors' updates waiting for content the document does not have yet, in arrival order.
     held: Vec<Held>,
+    /// The document's [`Summary`], until the document next changes.
+    summary: Option<Summary>,
 }
 
 impl std::fmt::Debug for DocState {
@@ -110,6 +116,7 @@ impl DocState {
             seen: HashMap::new(),
             types: HashSet::new(),
             held: Vec::new(),
+            summary: None,
         }
     }
 
@@ -145,6 +152,38 @@ impl DocState {
     /// The whole document as one update, for snapshots.
     pub fn encode_state(&self) -> Vec<u8> {
         self.doc.transact().encode_state_as_update_v1(&StateVector::default())
+    }
+
+    /// Marks a joined peer as a relay of clients connected elsewhere (see [`Peer::relay`]).
+    pub fn set_relay(&mut self, peer: PeerId) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.relay = true;
+        }
+    }
+
+    /// The document's state vector and delete-set digest.
+    pub fn summary(&mut self) -> &Summary {
+        self.summary.get_or_insert_with(|| Summary::of(&self.doc.transact()))
+    }
+
+    /// Everything the document has that a holder of `sv` (an encoded state vector) lacks, as one
+    /// update: the blocks past `sv` and the whole delete set.
+    pub fn diff_since(&self, sv: &[u8]) -> Result<Vec<u8>, String> {
+        let sv = StateVector::decode_v1(sv).map_err(|e| format!("bad state vector: {e}"))?;
+        Ok(self.doc.transact().encode_state_as_update_v1(&sv))
+    }
+
+    /// Whether a holder of `other` lacks something this document has: inserts past its state
+    /// vector, or deletions (told apart by digest; equal digests count as equal sets).
+    pub fn is_ahead_of(&mut self, other: &Summary) -> bool {
+        let Ok(theirs) = StateVector::decode_v1(&other.sv) else {
+            return true;
+        };
+        let mine = self.summary().clone();
+        let ahead = StateVector::decode_v1(&mine.sv)
+            .map(|sv| sv.iter().any(|(client, clock)| *clock > theirs.get(client)))
+            .unwrap_or(true);
+        ahead || mine.deletes != other.deletes
     }
 
     /// Applies a batch of inputs in order. Writes are applied in one transaction.
@@ -187,7 +226,7 @@ impl DocState {
     }
 
     fn join(&mut self, peer: PeerId, role: Role, batch: &mut Batch) {
-        self.peers.insert(peer, Peer { role, clients: HashSet::new(), held_bytes: 0, held_updates: 0 });
+        self.peers.insert(peer, Peer { role, clients: HashSet::new(), held_bytes: 0, held_updates: 0, relay: false });
         let sv = self.doc.transact().state_vector();
         batch.replies.push((peer, Reply::SyncStep1(sv)));
         if !self.seen.is_empty() {
@@ -249,10 +288,18 @@ impl DocState {
     }
 
     fn apply_awareness(&mut self, peer: PeerId, mut update: AwarenessUpdate, now: Instant, batch: &mut Batch) {
-        // A peer may only speak for client ids no other peer has claimed.
-        update.clients.retain(|id, _| self.peers.iter().all(|(other, p)| *other == peer || !p.clients.contains(id)));
+        // A peer may only speak for client ids no other peer has claimed, except a relay: a client
+        // that reconnects here from another node takes its id back from the relay at once.
+        update
+            .clients
+            .retain(|id, _| self.peers.iter().all(|(other, p)| *other == peer || p.relay || !p.clients.contains(id)));
         if update.clients.is_empty() {
             return;
+        }
+        if self.peers.get(&peer).is_some_and(|p| !p.relay) {
+            for p in self.peers.values_mut().filter(|p| p.relay) {
+                p.clients.retain(|id| !update.clients.contains_key(id));
+            }
         }
         let Ok(Some(summary)) = self.awareness.apply_update_summary(update) else {
             return;
@@ -340,6 +387,7 @@ impl DocState {
         let delta = txn.encode_update_v1();
         drop(txn);
         if delta != EMPTY_UPDATE {
+            self.summary = None;
             batch.deltas.push(delta);
         }
     }

@@ -2,6 +2,8 @@
 //! tokens, restart the server and read its metrics.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
