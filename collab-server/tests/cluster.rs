@@ -334,3 +334,45 @@ async fn a_relayed_edit_outlives_the_crash_of_its_node() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// Whatever reaches a document's channel from elsewhere (garbage, an update that does not decode,
+/// a hello with a bad state vector) is counted and ignored: the document stays whole and keeps
+/// syncing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_bus_messages_are_refused_without_harm() {
+    use sync_core::peering::{NodeMsg, Summary};
+    let seed = seed("hostile_bus_messages_are_refused_without_harm");
+    let cluster = Cluster::start(2, &project("hostile", seed)).await;
+    let doc = format!("{}/h.txt", cluster.project);
+    let a = DocPeer::connect(&cluster.nodes[0].url, &doc, &cluster.token("a")).await.unwrap();
+    let b = DocPeer::connect(&cluster.nodes[1].url, &doc, &cluster.token("b")).await.unwrap();
+    a.wait_synced(WAIT).await.unwrap();
+    b.wait_synced(WAIT).await.unwrap();
+    a.insert(0, "before");
+    b.wait_text("before", WAIT).await.unwrap();
+
+    let client = redis::Client::open(cluster.redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let channel = format!("collab:doc:{doc}");
+    let mut garbage = rand::rngs::StdRng::seed_from_u64(seed);
+    let hostile: Vec<Vec<u8>> = vec![
+        Vec::new(),
+        (0..64).map(|_| garbage.random()).collect(),
+        NodeMsg::Update { from: 7, update: vec![1, 2, 3, 4, 5] }.encode(),
+        NodeMsg::Hello { from: 7, state: Summary { sv: vec![0xff; 9], deletes: 0 }, reply: true }.encode(),
+        NodeMsg::Awareness { from: 7, update: vec![9, 9, 9] }.encode(),
+    ];
+    for msg in &hostile {
+        let _: i64 = redis::cmd("SPUBLISH").arg(&channel).arg(msg).query_async(&mut conn).await.unwrap();
+    }
+    let node = &cluster.nodes[1];
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while node.metric("collab_bus_malformed_total").await < 4.0 || node.metric("collab_bus_refused_total").await < 1.0 {
+        assert!(tokio::time::Instant::now() < deadline, "hostile messages not all counted:\n{}", node.log_tail());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    a.insert(6, " and after");
+    b.wait_text("before and after", WAIT).await.unwrap();
+    b.insert(0, "still: ");
+    a.wait_text("still: before and after", WAIT).await.unwrap();
+}

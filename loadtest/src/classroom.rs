@@ -32,6 +32,9 @@ pub struct Classroom {
     pub prefix: String,
     /// The server's process, whose CPU time is read around the typing phase.
     pub server_pid: Option<u32>,
+    /// Further nodes of the same cluster, with their processes: peer `i` of every room joins
+    /// node `i % n`, `target` being node 0 (so most deliveries cross nodes).
+    pub more_nodes: Vec<(Target, u32)>,
 }
 
 impl Classroom {
@@ -47,6 +50,7 @@ impl Classroom {
             seed: 1,
             prefix: "class".into(),
             server_pid: None,
+            more_nodes: Vec::new(),
         }
     }
 
@@ -62,6 +66,7 @@ impl Classroom {
             seed: 1,
             prefix: "hot".into(),
             server_pid: None,
+            more_nodes: Vec::new(),
         }
     }
 
@@ -87,6 +92,24 @@ pub struct Report {
     pub server_cpu_seconds: Option<f64>,
     /// This process's (the generator's) CPU seconds over the same span.
     pub generator_cpu_seconds: f64,
+    /// Latency between peers of the same node and of different nodes (cluster runs).
+    pub same_node: Histogram,
+    pub cross_node: Histogram,
+    /// Per node: its CPU seconds over the same span, and deliveries to its peers.
+    pub nodes: Vec<NodeUse>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct NodeUse {
+    pub cpu_seconds: f64,
+    pub deliveries: u64,
+}
+
+impl NodeUse {
+    /// CPU microseconds per update delivered to this node's peers.
+    pub fn cpu_us_per_delivery(&self) -> f64 {
+        self.cpu_seconds * 1e6 / self.deliveries.max(1) as f64
+    }
 }
 
 impl Report {
@@ -111,28 +134,32 @@ pub struct Room {
     pub typed: u64,
 }
 
-/// Joins `n` peers to `doc` (at most 64 handshakes at a time), each watched for latency.
-pub async fn open_room(target: &Target, doc: &str, n: usize, stats: &Stats) -> anyhow::Result<Room> {
+/// Joins `n` peers to `doc` (at most 64 handshakes at a time), each watched for latency; peer
+/// `i` joins `nodes[i % nodes.len()]`.
+pub async fn open_room(nodes: &[Target], doc: &str, n: usize, stats: &Stats) -> anyhow::Result<Room> {
     let mut peers = Vec::with_capacity(n);
     for chunk in (0..n).collect::<Vec<_>>().chunks(64) {
-        let joins = chunk.iter().map(|_| async {
+        let joins = chunk.iter().map(|i| async move {
             let started = Instant::now();
-            let peer = target.join(doc).await?;
+            let node = i % nodes.len();
+            let peer = nodes[node].join(doc).await?;
             peer.wait_synced(Duration::from_secs(60)).await?;
             stats.record_connect(started.elapsed());
-            anyhow::Ok(peer)
+            anyhow::Ok((peer, node))
         });
-        for peer in futures_util::future::join_all(joins).await {
-            let peer = peer?;
-            watch(&peer, stats)?;
+        for joined in futures_util::future::join_all(joins).await {
+            let (peer, node) = joined?;
+            stats.set_home(peer.doc().client_id().get(), node);
+            watch(&peer, stats, node)?;
             peers.push(peer);
         }
     }
     Ok(Room { doc: doc.to_owned(), peers, typed: 0 })
 }
 
-/// Records, for every remote update a peer applies, the latency of each keystroke it completes.
-pub fn watch(peer: &DocPeer, stats: &Stats) -> anyhow::Result<()> {
+/// Records, for every remote update a peer (connected to server node `node`) applies, the
+/// latency of each keystroke it completes.
+pub fn watch(peer: &DocPeer, stats: &Stats, node: usize) -> anyhow::Result<()> {
     let remote = Origin::from(REMOTE);
     let own = peer.doc().client_id().get();
     let stats = stats.clone();
@@ -152,7 +179,7 @@ pub fn watch(peer: &DocPeer, stats: &Stats) -> anyhow::Result<()> {
                 }
                 let from = last.get(&client).copied().unwrap_or(0);
                 if *clock > from {
-                    stats.delivered(client, from + 1..=*clock, now);
+                    stats.delivered(client, from + 1..=*clock, now, node);
                     last.insert(client, *clock);
                 }
             }
@@ -196,8 +223,10 @@ pub async fn wait_settled(rooms: &[Room], stats: &Stats, timeout: Duration) -> b
 pub async fn open_rooms(scenario: &Classroom, stats: &Stats) -> anyhow::Result<Vec<Room>> {
     let per_room = scenario.watchers + scenario.typists;
     let mut rooms = Vec::with_capacity(scenario.rooms);
+    let nodes: Vec<Target> =
+        std::iter::once(scenario.target.clone()).chain(scenario.more_nodes.iter().map(|(t, _)| t.clone())).collect();
     for r in 0..scenario.rooms {
-        rooms.push(open_room(&scenario.target, &format!("{}{r}/file", scenario.prefix), per_room, stats).await?);
+        rooms.push(open_room(&nodes, &format!("{}{r}/file", scenario.prefix), per_room, stats).await?);
     }
     Ok(rooms)
 }
@@ -240,13 +269,27 @@ pub async fn run(scenario: &Classroom) -> anyhow::Result<Report> {
     let mut rooms = open_rooms(scenario, &stats).await?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(scenario.seed);
     let cpu = |pid: Option<u32>| pid.map(|p| crate::server::usage(p).map(|u| u.cpu_seconds)).transpose();
+    let pids: Vec<u32> = scenario.server_pid.into_iter().chain(scenario.more_nodes.iter().map(|(_, p)| *p)).collect();
+    let nodes_cpu =
+        || pids.iter().map(|p| crate::server::usage(*p).map(|u| u.cpu_seconds)).collect::<Result<Vec<_>, _>>();
     let cpu_before = cpu(scenario.server_pid)?;
+    let nodes_before = nodes_cpu()?;
     let own_before = crate::server::usage(std::process::id())?.cpu_seconds;
     let seconds = type_for(&mut rooms, scenario.watchers, scenario.rate, scenario.duration, &stats, &mut rng).await;
     let converged = wait_settled(&rooms, &stats, Duration::from_secs(60)).await;
     let cpu_after = cpu(scenario.server_pid)?;
+    let nodes_after = nodes_cpu()?;
     let own_after = crate::server::usage(std::process::id())?.cpu_seconds;
     let snapshot = stats.snapshot();
+    let nodes = nodes_before
+        .iter()
+        .zip(&nodes_after)
+        .enumerate()
+        .map(|(i, (before, after))| NodeUse {
+            cpu_seconds: after - before,
+            deliveries: snapshot.node_deliveries.get(i).copied().unwrap_or(0),
+        })
+        .collect();
     Ok(Report {
         peers: rooms.iter().map(|r| r.peers.len()).sum(),
         edits: snapshot.edits,
@@ -258,5 +301,8 @@ pub async fn run(scenario: &Classroom) -> anyhow::Result<Report> {
         converged,
         server_cpu_seconds: cpu_after.zip(cpu_before).map(|(a, b)| a - b),
         generator_cpu_seconds: own_after - own_before,
+        same_node: snapshot.same_node,
+        cross_node: snapshot.cross_node,
+        nodes,
     })
 }

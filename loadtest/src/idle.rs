@@ -35,7 +35,9 @@ pub async fn run(scenario: &Idle) -> anyhow::Result<(Report, Vec<DocPeer>)> {
     let mut peers = Vec::with_capacity(scenario.connections);
     for d in 0..docs {
         let n = scenario.per_doc.min(scenario.connections - peers.len());
-        peers.extend(open_room(&scenario.target, &format!("idle{d}/file"), n, &stats).await?.peers);
+        peers.extend(
+            open_room(std::slice::from_ref(&scenario.target), &format!("idle{d}/file"), n, &stats).await?.peers,
+        );
     }
     anyhow::ensure!(peers.iter().all(|p| p.status().connected), "a connection closed while idle peers were connecting");
     let report = Report {

@@ -74,7 +74,7 @@ async fn sample(soak: &Soak, started: Instant) -> anyhow::Result<Sample> {
 /// One room's life: join, type at classroom rates, settle, leave. Returns whether it settled.
 async fn room_life(soak: Soak, index: u64, stats: Stats) -> anyhow::Result<bool> {
     let doc = format!("soak{index}/file");
-    let mut room = open_room(&soak.target, &doc, soak.students + 1, &stats).await?;
+    let mut room = open_room(std::slice::from_ref(&soak.target), &doc, soak.students + 1, &stats).await?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(index);
     type_for(std::slice::from_mut(&mut room), 1, (5.0, 9.0), soak.room_life, &stats, &mut rng).await;
     Ok(wait_settled(std::slice::from_ref(&room), &stats, Duration::from_secs(60)).await)

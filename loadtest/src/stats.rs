@@ -58,6 +58,13 @@ struct Inner {
     edits: u64,
     deliveries: u64,
     expected: u64,
+    /// The server node each client is connected to (cluster runs; absent means node 0).
+    home: HashMap<u64, usize>,
+    /// Latency between peers on the same node and on different nodes.
+    same_node: Histogram,
+    cross_node: Histogram,
+    /// Deliveries to the peers of each node.
+    node_deliveries: Vec<u64>,
 }
 
 /// Shared counters; cloning shares them.
@@ -72,6 +79,9 @@ pub struct Snapshot {
     pub edits: u64,
     pub deliveries: u64,
     pub expected: u64,
+    pub same_node: Histogram,
+    pub cross_node: Histogram,
+    pub node_deliveries: Vec<u64>,
 }
 
 impl Stats {
@@ -89,9 +99,19 @@ impl Stats {
         }
     }
 
-    /// A receiver now holds `client`'s keystrokes with these clocks.
-    pub fn delivered(&self, client: u64, clocks: RangeInclusive<u32>, now: Instant) {
+    /// `client` is connected to server node `node`.
+    pub fn set_home(&self, client: u64, node: usize) {
+        self.lock().home.insert(client, node);
+    }
+
+    /// A receiver on server node `node` now holds `client`'s keystrokes with these clocks.
+    pub fn delivered(&self, client: u64, clocks: RangeInclusive<u32>, now: Instant, node: usize) {
         let mut s = self.lock();
+        let same = s.home.get(&client).copied().unwrap_or(0) == node;
+        if s.node_deliveries.len() <= node {
+            s.node_deliveries.resize(node + 1, 0);
+        }
+        s.node_deliveries[node] += clocks.clone().count() as u64;
         for clock in clocks {
             let key = (client, clock);
             let Some((at, left)) = s.pending.get_mut(&key) else { continue };
@@ -101,7 +121,13 @@ impl Stats {
                 s.pending.remove(&key);
             }
             s.deliveries += 1;
-            s.latency.record(now.duration_since(at));
+            let latency = now.duration_since(at);
+            s.latency.record(latency);
+            if same {
+                s.same_node.record(latency);
+            } else {
+                s.cross_node.record(latency);
+            }
         }
     }
 
@@ -123,6 +149,9 @@ impl Stats {
             edits: s.edits,
             deliveries: s.deliveries,
             expected: s.expected,
+            same_node: s.same_node.clone(),
+            cross_node: s.cross_node.clone(),
+            node_deliveries: s.node_deliveries.clone(),
         }
     }
 

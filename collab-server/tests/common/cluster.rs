@@ -241,7 +241,7 @@ impl Cluster {
         let log = self.dir.path().join(format!("node{i}.log"));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_collab"));
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--web-dir", "/nonexistent", "--rate-messages", "0"])
-            .args(["--repair-interval", "0.3", "--unload-delay", "1"])
+            .args(["--repair-interval", "0.3", "--unload-delay", "1", "--compact-threshold", "25"])
             .args(["--redis-url", &format!("redis://127.0.0.1:{}", redis.port)])
             .args(["--database-url", &pg_url])
             .arg("--data-dir")

@@ -4,6 +4,7 @@
 //! long time. Results are printed as the Markdown tables BENCHMARKS.md records, plots written
 //! as SVG.
 
+mod cluster;
 mod compare;
 mod load;
 mod soak;
@@ -59,6 +60,20 @@ enum Command {
         rate: f64,
         #[arg(long, default_value_t = 10.0)]
         seconds: f64,
+    },
+    /// The classroom load on one node and on two nodes joined by a private Redis.
+    Cluster {
+        #[command(flatten)]
+        programs: ProgramArgs,
+        /// PostgreSQL both nodes share.
+        #[arg(long)]
+        database_url: String,
+        #[arg(long, default_value = "/usr/bin/redis-server")]
+        redis_server: String,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        #[arg(long)]
+        quick: bool,
     },
     /// Classroom rooms coming and going against our server, sampling its memory.
     Soak {
@@ -117,6 +132,9 @@ async fn main() -> anyhow::Result<()> {
                 report.converged
             );
             Ok(())
+        }
+        Command::Cluster { programs, database_url, redis_server, runs, quick } => {
+            cluster::cluster(&programs.programs(), &redis_server, &database_url, runs.max(1), quick).await
         }
         Command::Soak { programs, minutes, out } => {
             std::fs::create_dir_all(&out)?;
