@@ -137,6 +137,11 @@ const SERVER_PEER: PeerId = 0;
 /// awareness relay, with no connection.
 const BUS_PEER: PeerId = PeerId::MAX;
 const BATCH: usize = 1024;
+/// Comparisons a room makes after its document last changed, one per `--repair-interval`: a hello
+/// that is itself lost is followed by another.
+const HELLOS_AFTER_CHANGE: u64 = 3;
+/// Past those, a document with peers that does not change compares every this many intervals.
+const QUIET_HELLO_EVERY: u64 = 15;
 /// How long a node that loads a document waits for the other nodes' state of it before it
 /// answers its peers (the other nodes answer within a round trip unless they are overloaded).
 const CLUSTER_WAIT: Duration = Duration::from_secs(1);
@@ -194,6 +199,8 @@ impl Rooms {
             last_seq: 0,
             retry_at: None,
             in_flight: None,
+            compare_ticks: 0,
+            changed_at_tick: 0,
         };
         self.env.metrics.documents_loaded.inc();
         let span = info_span!("room", doc_id = %doc);
@@ -256,6 +263,10 @@ struct Actor {
     retry_at: Option<Instant>,
     /// The commit in flight, if any: it covers the first `count` entries of `unsaved`.
     in_flight: Option<InFlight>,
+    /// Comparison intervals since the room started, and the last one in which the document
+    /// changed: a document that stopped changing compares less often.
+    compare_ticks: u64,
+    changed_at_tick: u64,
 }
 
 /// A store append running while the room goes on applying and relaying: the writes it covers
@@ -344,7 +355,9 @@ impl Actor {
                 }
                 _ = compare.tick(), if self.env().bus.is_some() => {
                     self.save_remote();
-                    if !self.peers.is_empty() {
+                    self.compare_ticks += 1;
+                    let quiet = self.compare_ticks.saturating_sub(self.changed_at_tick);
+                    if !self.peers.is_empty() && (quiet <= HELLOS_AFTER_CHANGE || quiet % QUIET_HELLO_EVERY == 0) {
                         self.hello(&mut state, false);
                     }
                 }
@@ -639,6 +652,7 @@ impl Actor {
             }
         }
         if let Some(update) = out.update {
+            self.changed_at_tick = self.compare_ticks;
             let mut frames: HashMap<&Framing, Bytes> = HashMap::new();
             for (peer, slot) in &self.peers {
                 let frame =

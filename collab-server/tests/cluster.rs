@@ -376,3 +376,26 @@ async fn hostile_bus_messages_are_refused_without_harm() {
     b.insert(0, "still: ");
     a.wait_text("still: before and after", WAIT).await.unwrap();
 }
+
+/// A lost message that only deleted text leaves both nodes with equal state vectors: the digest
+/// of the delete set is what tells them apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_deletion_is_repaired() {
+    let seed = seed("a_lost_deletion_is_repaired");
+    let cluster = Cluster::start(2, &project("del", seed)).await;
+    let doc = format!("{}/d.txt", cluster.project);
+    let a = DocPeer::connect(&cluster.nodes[0].url, &doc, &cluster.token("a")).await.unwrap();
+    let b = DocPeer::connect(&cluster.nodes[1].url, &doc, &cluster.token("b")).await.unwrap();
+    a.wait_synced(WAIT).await.unwrap();
+    b.wait_synced(WAIT).await.unwrap();
+    a.insert(0, "keep, drop, keep");
+    b.wait_text("keep, drop, keep", WAIT).await.unwrap();
+    let node = &cluster.nodes[0];
+    node.redis.cut();
+    await_metric(node, "collab_bus_connected", 0.0).await;
+    a.delete(4, 6);
+    assert_eq!(a.text(), "keep, keep");
+    node.redis.heal();
+    await_metric(node, "collab_bus_connected", 1.0).await;
+    b.wait_text("keep, keep", WAIT).await.unwrap();
+}
