@@ -1,8 +1,12 @@
-//! `cargo xtask`: one command to run the server locally (`run`) and one to run every check CI runs (`test`).
+//! `cargo xtask`: one command to run the server locally (`run`), one to run a local cluster behind
+//! HAProxy (`cluster`), and one to run every check CI runs (`test`).
 
 mod apt;
+mod cluster;
 mod cmd;
+mod haproxy;
 mod postgres;
+mod redis;
 mod steps;
 
 use std::path::{Path, PathBuf};
@@ -27,6 +31,15 @@ enum Task {
         /// Extra arguments for `collab serve`, after `--`; a flag given here replaces xtask's default.
         #[arg(last = true)]
         serve_args: Vec<String>,
+    },
+    /// Build like `run`, then start a local cluster: the tests' throwaway PostgreSQL, a private
+    /// Redis, N `collab serve` nodes on 127.0.0.1:8081.. (the first with `--demo`) sharing
+    /// data/cluster, and HAProxy on 127.0.0.1:8080 routing each project to one node
+    /// (deploy/haproxy.cfg). Ctrl-C stops everything.
+    Cluster {
+        /// Number of nodes.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=16))]
+        nodes: u16,
     },
     /// Install and start the services the tests need, then run every check and test, stopping at
     /// the first failure.
@@ -60,11 +73,21 @@ enum PostgresAction {
     Stop,
 }
 
+const CHROMIUM: apt::Package = apt::Package { name: "chromium", needed_by: "browser tests in web/test" };
+const POSTGRESQL: apt::Package =
+    apt::Package { name: "postgresql", needed_by: "PostgreSQL store tests and cargo xtask cluster" };
+// Debian's postinst may start a system redis-server on 6379; the tests and `cluster` start
+// their own on free ports and never use it.
+const REDIS: apt::Package =
+    apt::Package { name: "redis-server", needed_by: "cluster tests (Redis bus) and cargo xtask cluster" };
+const HAPROXY: apt::Package =
+    apt::Package { name: "haproxy", needed_by: "the load-balancer test (deploy/haproxy.cfg) and cargo xtask cluster" };
+
 /// Packages `cargo xtask test` installs with apt, each with the reason it is needed.
-const APT_PACKAGES: &[apt::Package] = &[
-    apt::Package { name: "chromium", needed_by: "browser tests in web/test" },
-    apt::Package { name: "postgresql", needed_by: "doc-store PostgreSQL conformance tests" },
-];
+const APT_PACKAGES: &[apt::Package] = &[CHROMIUM, POSTGRESQL, REDIS, HAPROXY];
+
+/// Packages `cargo xtask cluster` installs with apt.
+const CLUSTER_APT_PACKAGES: &[apt::Package] = &[POSTGRESQL, REDIS, HAPROXY];
 
 /// What `cargo xtask test` runs, in order.
 const TEST_PLAN: &[Step] = &[
@@ -87,6 +110,10 @@ const TEST_PLAN: &[Step] = &[
 /// What `cargo xtask run` builds before it starts the server.
 const RUN_PLAN: &[Step] = &[Step::NpmInstall, Step::NpmBuild, Step::BuildServer];
 
+/// What `cargo xtask cluster` installs and builds before it starts the services.
+const CLUSTER_PLAN: &[Step] =
+    &[Step::AptPackages(CLUSTER_APT_PACKAGES), Step::NpmInstall, Step::NpmBuild, Step::BuildServer];
+
 /// `collab serve` flags `cargo xtask run` passes unless the extra arguments give them.
 const SERVE_DEFAULTS: &[(&str, Option<&str>)] = &[
     ("--listen", Some("127.0.0.1:8080")),
@@ -99,6 +126,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = workspace_root().and_then(|root| match cli.command {
         Task::Run { serve_args } => run(&root, &serve_args),
+        Task::Cluster { nodes } => run_cluster(&root, nodes),
         Task::Test => test(&root),
         Task::Bench { runs, soak_minutes, quick } => bench(&root, runs, soak_minutes, quick),
         Task::Postgres { action } => postgres_by_hand(&root, action),
@@ -158,6 +186,15 @@ fn flag_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
         }
         arg.strip_prefix(flag)?.strip_prefix('=')
     })
+}
+
+/// Installs and builds what the cluster needs, then runs it until Ctrl-C.
+fn run_cluster(root: &Path, nodes: u16) -> Result<ExitCode> {
+    let mut ctx = steps::Context::new(root);
+    for &step in CLUSTER_PLAN {
+        steps::run_step(step, &mut ctx)?;
+    }
+    cluster::run(root, nodes)
 }
 
 /// Runs `TEST_PLAN`, always stops PostgreSQL afterwards, and prints the summary.

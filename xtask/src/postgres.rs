@@ -107,6 +107,15 @@ pub fn start(target_dir: &Path) -> Result<u16> {
     Ok(port)
 }
 
+/// Whether the server runs now (clearing the pid file a killed one left).
+pub fn is_up(target_dir: &Path) -> Result<bool> {
+    let paths = paths(target_dir);
+    if cluster_version(&paths)?.is_none() {
+        return Ok(false);
+    }
+    is_running(&paths)
+}
+
 /// Stops the server if it runs; returns a note for the summary.
 pub fn stop(target_dir: &Path) -> Result<String> {
     let paths = paths(target_dir);

@@ -252,6 +252,11 @@ pub fn catch_ctrl_c() -> Result<()> {
     ready_rx.recv().context("the Ctrl-C thread ended early")?.context("cannot catch Ctrl-C")
 }
 
+/// Whether Ctrl-C was pressed since `catch_ctrl_c`.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
 /// Runs `plan` in order, stopping at the first failure (or Ctrl-C); later steps are not run.
 pub fn run_plan(plan: &[Step], ctx: &mut Context) -> Vec<StepResult> {
     let mut results = Vec::new();
@@ -263,7 +268,7 @@ pub fn run_plan(plan: &[Step], ctx: &mut Context) -> Vec<StepResult> {
         }
         let started = Instant::now();
         let mut outcome = run_step(step, ctx);
-        if outcome.is_ok() && INTERRUPTED.load(Ordering::SeqCst) {
+        if outcome.is_ok() && interrupted() {
             outcome = Err(anyhow!("interrupted"));
         }
         failed = outcome.is_err();
