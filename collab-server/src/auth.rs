@@ -128,21 +128,31 @@ impl Keys {
     }
 }
 
+/// Creates the secret file whole, or reads the one another process created first. The file is
+/// written under a temporary name and then linked into place, so no process (nodes of a cluster
+/// sharing a data directory start together) can ever read a half-written secret.
 fn create_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
     use std::io::Write;
     let secret: [u8; 32] = rand::random();
+    let tmp = path.with_extension(format!("tmp.{}.{:x}", std::process::id(), rand::random::<u64>()));
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    match options.open(path) {
-        Ok(mut file) => {
-            file.write_all(&secret)?;
-            file.sync_all()?;
-            Ok(secret.to_vec())
-        }
+    let written = options.open(&tmp).and_then(|mut file| {
+        file.write_all(&secret)?;
+        file.sync_all()
+    });
+    let linked = written.and_then(|()| std::fs::hard_link(&tmp, path));
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(secret.to_vec()),
         // Another process created it first: use theirs.
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(std::fs::read(path)?),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let theirs = std::fs::read(path)?;
+            anyhow::ensure!(theirs.len() >= 32, "{} is shorter than 32 bytes", path.display());
+            Ok(theirs)
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -157,6 +167,28 @@ mod tests {
 
     fn ada(project: &str, role: Role) -> Identity {
         Identity { user: "ada".into(), name: "Ada".into(), project: project.into(), role }
+    }
+
+    /// Nodes of a cluster start together on one data directory: all of them must end up with
+    /// the same whole secret, whoever creates it.
+    #[test]
+    fn processes_racing_to_create_the_secret_share_one() {
+        for _ in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            let racers: Vec<_> = (0..8)
+                .map(|_| {
+                    let path = dir.path().to_path_buf();
+                    std::thread::spawn(move || Keys::load_or_create(&path).unwrap())
+                })
+                .collect();
+            let keys: Vec<Keys> = racers.into_iter().map(|r| r.join().unwrap()).collect();
+            let token = keys[0].sign(&ada("p1", Role::Editor), Duration::from_secs(60)).unwrap();
+            for other in &keys {
+                assert_eq!(other.verify(&token).unwrap().user, "ada");
+            }
+            let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+            assert_eq!(files.len(), 1, "temporary files left behind");
+        }
     }
 
     #[test]

@@ -52,8 +52,13 @@ async fn serve(config: collab_server::Config) -> anyhow::Result<()> {
     out.flush()?;
     drop(out);
     let app = running.app.clone();
+    // SIGINT (Ctrl-C) or SIGTERM (docker stop, systemd, Kubernetes): flush every document, exit.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
         tracing::info!("shutting down");
         app.shutdown.cancel();
     });

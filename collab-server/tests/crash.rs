@@ -200,3 +200,30 @@ async fn two_processes_compacting_one_document_lose_nothing_on_postgres() {
         .expect("COLLAB_TEST_POSTGRES_URL must point at a PostgreSQL server (cargo xtask test starts one)");
     two_processes_compacting(Some(&url)).await;
 }
+
+/// SIGTERM (what `docker stop`, systemd and Kubernetes send) is a clean shutdown: the process
+/// exits successfully and every edit it applied is in the store.
+#[tokio::test]
+async fn sigterm_flushes_and_exits_cleanly() {
+    let (dir, doc, token) = fresh_project("term");
+    let server = spawn(dir.path(), None);
+    let writer = DocPeer::connect(&server.url, &doc, &token).await.unwrap();
+    writer.wait_synced(WAIT).await.unwrap();
+    let watcher = DocPeer::connect(&server.url, &doc, &token).await.unwrap();
+    writer.insert(0, "saved on SIGTERM");
+    watcher.wait_text("saved on SIGTERM", WAIT).await.unwrap();
+    let status = Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let exited = tokio::task::spawn_blocking(move || {
+        let mut server = server;
+        server.child.wait()
+    })
+    .await
+    .unwrap()
+    .expect("collab exits");
+    assert!(exited.success(), "collab exited with {exited}");
+    let server = spawn(dir.path(), None);
+    let reader = DocPeer::connect(&server.url, &doc, &token).await.unwrap();
+    reader.wait_synced(WAIT).await.unwrap();
+    assert_eq!(reader.text(), "saved on SIGTERM");
+}
