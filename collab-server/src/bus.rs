@@ -213,8 +213,12 @@ impl Bus {
 
     async fn connect(&self) -> redis::RedisResult<Live> {
         let lost = Arc::new(Notify::new());
-        let pushes =
-            Dispatch { routes: self.inner.routes.clone(), lost: lost.clone(), metrics: self.inner.metrics.clone() };
+        let pushes = Dispatch {
+            node: self.inner.node,
+            routes: self.inner.routes.clone(),
+            lost: lost.clone(),
+            metrics: self.inner.metrics.clone(),
+        };
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(RESPONSE_TIMEOUT))
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
@@ -296,6 +300,8 @@ impl Bus {
 
 /// Hands pushed messages to their rooms from the connection's reader, without waiting.
 struct Dispatch {
+    /// This node: Redis delivers a node's own publications back to it; they stop here.
+    node: NodeId,
     routes: Arc<Mutex<HashMap<Vec<u8>, mpsc::Sender<RoomCmd>>>>,
     lost: Arc<Notify>,
     metrics: Arc<Metrics>,
@@ -318,6 +324,9 @@ impl AsyncPushSender for Dispatch {
                         return Ok(());
                     }
                 };
+                if msg.from() == self.node {
+                    return Ok(());
+                }
                 let room = self.routes.lock().unwrap_or_else(|e| e.into_inner()).get(ch).cloned();
                 match room.map(|room| room.try_send(RoomCmd::Bus(msg))) {
                     Some(Ok(())) => {

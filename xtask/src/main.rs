@@ -45,8 +45,9 @@ enum Task {
     /// the first failure.
     Test,
     /// Run the benchmarks (release build): document loading against SQLite and the throwaway
-    /// PostgreSQL, every load scenario side by side with the reference Yjs servers, and the soak,
-    /// printing the tables BENCHMARKS.md records and writing plots to target/bench.
+    /// PostgreSQL, the classroom on one node against two over Redis, every load scenario side by
+    /// side with the reference Yjs servers, and the soak, printing the tables BENCHMARKS.md
+    /// records and writing plots to target/bench.
     Bench {
         /// Runs of each side-by-side measurement (figures are medians).
         #[arg(long, default_value_t = 3)]
@@ -210,7 +211,11 @@ fn test(root: &Path) -> Result<ExitCode> {
 /// Builds the release binaries and installs the reference servers, then runs `collab-bench
 /// load` against SQLite and the throwaway PostgreSQL (stopped again whatever happened), and
 /// `collab-bench compare` and `soak` with the servers pinned to core 0 and the generator to core 1.
+/// Packages `cargo xtask bench` installs with apt.
+const BENCH_APT_PACKAGES: &[apt::Package] = &[POSTGRESQL, REDIS];
+
 fn bench(root: &Path, runs: usize, soak_minutes: f64, quick: bool) -> Result<ExitCode> {
+    apt::ensure(BENCH_APT_PACKAGES)?;
     let cargo = || std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     let mut build = cargo();
     build.args([
@@ -230,28 +235,36 @@ fn bench(root: &Path, runs: usize, soak_minutes: f64, quick: bool) -> Result<Exi
     let release = steps::target_dir(root).join("release");
     let target_dir = steps::target_dir(root);
     let out = target_dir.join("bench");
-    let port = postgres::start(&target_dir)?;
-    let mut load = std::process::Command::new(release.join("collab-bench"));
-    load.arg("load").arg(postgres::url(port)).current_dir(root);
-    let loaded = cmd::run(&mut load);
-    postgres::stop(&target_dir)?;
-    loaded?;
     let pinned = |what: &str| {
         let mut c = std::process::Command::new("taskset");
         c.args(["-c", "1"]).arg(release.join("collab-bench")).arg(what);
         c.arg("--collab").arg(release.join("collab")).arg("--reference").arg(root.join("loadtest/servers"));
-        c.arg("--core").arg("0").arg("--out").arg(&out).current_dir(root);
+        c.arg("--core").arg("0").current_dir(root);
         c
     };
+    let port = postgres::start(&target_dir)?;
+    let mut load = std::process::Command::new(release.join("collab-bench"));
+    load.arg("load").arg(postgres::url(port)).current_dir(root);
+    let loaded = cmd::run(&mut load).and_then(|_| {
+        // One node against two over Redis, both on the PostgreSQL store.
+        let mut cluster = pinned("cluster");
+        cluster.arg("--database-url").arg(postgres::url(port)).arg("--runs").arg(runs.to_string());
+        if quick {
+            cluster.arg("--quick");
+        }
+        cmd::run(&mut cluster)
+    });
+    postgres::stop(&target_dir)?;
+    loaded?;
     let mut compare = pinned("compare");
-    compare.arg("--runs").arg(runs.to_string());
+    compare.arg("--out").arg(&out).arg("--runs").arg(runs.to_string());
     if quick {
         compare.arg("--quick");
     }
     cmd::run(&mut compare)?;
     if soak_minutes > 0.0 {
         let minutes = if quick { soak_minutes.min(0.5) } else { soak_minutes };
-        cmd::run(pinned("soak").arg("--minutes").arg(minutes.to_string()))?;
+        cmd::run(pinned("soak").arg("--out").arg(&out).arg("--minutes").arg(minutes.to_string()))?;
     }
     Ok(ExitCode::SUCCESS)
 }
