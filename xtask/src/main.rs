@@ -84,8 +84,13 @@ const REDIS: apt::Package =
 const HAPROXY: apt::Package =
     apt::Package { name: "haproxy", needed_by: "the load-balancer test (deploy/haproxy.cfg) and cargo xtask cluster" };
 
+const BUBBLEWRAP: apt::Package =
+    apt::Package { name: "bubblewrap", needed_by: "exec-bridge sandbox tests (the local sandbox runs bwrap)" };
+const GNU_TIME: apt::Package =
+    apt::Package { name: "time", needed_by: "exec-bridge sandbox tests (GNU time reports each run's verdict)" };
+
 /// Packages `cargo xtask test` installs with apt, each with the reason it is needed.
-const APT_PACKAGES: &[apt::Package] = &[CHROMIUM, POSTGRESQL, REDIS, HAPROXY];
+const APT_PACKAGES: &[apt::Package] = &[CHROMIUM, POSTGRESQL, REDIS, HAPROXY, BUBBLEWRAP, GNU_TIME];
 
 /// Packages `cargo xtask cluster` installs with apt.
 const CLUSTER_APT_PACKAGES: &[apt::Package] = &[POSTGRESQL, REDIS, HAPROXY];

@@ -1,0 +1,96 @@
+//! The sandbox seam: run one command in a project's workspace under [`Limits`], streaming its
+//! output and taking its stdin while it runs. Implemented by bubblewrap ([`local`]) and, later,
+//! Docker.
+
+pub mod local;
+
+use std::path::Path;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::run::{Limits, RunEvent, RunOutput, Stream};
+
+/// Chunks of stdin that may wait for the program before a writer waits.
+pub const STDIN_QUEUE: usize = 16;
+/// Events that may wait for the reader before the program's output is no longer read (the
+/// program then blocks writing, and its wall time runs on).
+pub const EVENT_QUEUE: usize = 64;
+
+/// A command as seen inside the sandbox: `program` is a path there (e.g. `/usr/bin/python3`, or
+/// `./a.out` relative to the workspace, which is the working directory).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxCommand {
+    pub program: String,
+    pub args: Vec<String>,
+}
+
+impl SandboxCommand {
+    pub fn new(program: impl Into<String>, args: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        SandboxCommand { program: program.into(), args: args.into_iter().map(Into::into).collect() }
+    }
+}
+
+/// A command running in a sandbox.
+///
+/// Dropping `events` kills the command; dropping `stdin` closes the command's stdin.
+#[derive(Debug)]
+pub struct Execution {
+    /// Bytes for the command's stdin, written as they arrive.
+    pub stdin: mpsc::Sender<Bytes>,
+    /// Output chunks in order, then one [`RunEvent::Finished`] as last event.
+    pub events: mpsc::Receiver<RunEvent>,
+}
+
+impl Execution {
+    /// Closes stdin and waits for the end, gathering all output.
+    pub async fn collect(self) -> Result<RunOutput, SandboxError> {
+        let Execution { stdin, mut events } = self;
+        drop(stdin);
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        while let Some(event) = events.recv().await {
+            match event {
+                RunEvent::Output { stream: Stream::Stdout, bytes } => stdout.extend_from_slice(&bytes),
+                RunEvent::Output { stream: Stream::Stderr, bytes } => stderr.extend_from_slice(&bytes),
+                RunEvent::Finished(verdict) => return Ok(RunOutput { stdout, stderr, verdict }),
+            }
+        }
+        Err(SandboxError::Vanished)
+    }
+}
+
+/// Why a command could not be run at all (as opposed to a run that ended with a bad verdict).
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("the sandbox tool {tool} is not installed ({hint})")]
+    ToolMissing { tool: &'static str, hint: &'static str },
+    #[error("preparing the workspace {path} failed")]
+    Workspace {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("starting the sandbox failed")]
+    Spawn(#[source] std::io::Error),
+    #[error("the run ended without a verdict")]
+    Vanished,
+}
+
+/// Runs commands in a project's workspace, isolated from the host and from each other.
+///
+/// Every implementation gives the same guarantees, checked by one test suite: no network, the
+/// workspace (mounted at `/workspace`, the working directory) is the only writable place that
+/// outlives the run, nothing of the host beyond the system's programs and libraries is
+/// visible, and every limit in [`Limits`] holds.
+#[async_trait]
+pub trait Sandbox: Send + Sync {
+    /// Starts `command` in `workspace` (a directory on the host). Returns once the command
+    /// runs; its output and verdict come through the returned [`Execution`].
+    async fn start(
+        &self,
+        workspace: &Path,
+        command: &SandboxCommand,
+        limits: &Limits,
+    ) -> Result<Execution, SandboxError>;
+}
