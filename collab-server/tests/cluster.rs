@@ -80,9 +80,7 @@ impl Workload {
             if id < DOCS {
                 first_node[id] = node;
             }
-            let peer =
-                DocPeer::connect(&cluster.nodes[node].url, &doc, &cluster.token(&format!("w{id}"))).await.unwrap();
-            peer.wait_synced(WAIT).await.unwrap();
+            let peer = cluster.peer(node, &doc, &format!("w{id}")).await;
             writers.push(Writer { id, doc, node, peer, next: 0, live: BTreeSet::new() });
         }
         Workload { rng, writers, docs }
@@ -140,8 +138,7 @@ impl Workload {
         let mut observers = Vec::new();
         for node in cluster.live() {
             for doc in &self.docs {
-                let peer = DocPeer::connect(&cluster.nodes[node].url, doc, &cluster.token("observer")).await.unwrap();
-                peer.wait_synced(WAIT).await.unwrap();
+                let peer = cluster.peer(node, doc, "observer").await;
                 observers.push((node, doc.clone(), peer));
             }
         }
@@ -201,6 +198,26 @@ async fn stored_text(store: &dyn doc_store::DocStore, doc: &str) -> String {
     let state = sync_core::DocState::load(parts).unwrap();
     let text = state.doc().get_or_insert_text("content");
     text.get_string(&state.doc().transact())
+}
+
+/// Waits until the store holds `doc` with exactly `text`.
+async fn stored_eventually(cluster: &Cluster, doc: &str, text: &str) {
+    let store = doc_store::open_store(&cluster.postgres_url).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while stored_text(store.as_ref(), doc).await != text {
+        assert!(tokio::time::Instant::now() < deadline, "{text:?} never stored:\n{}", cluster.logs());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Two nodes, and one document with a synced client on each (users `a` and `b`); and the seed.
+async fn two_nodes(test: &str, prefix: &str, file: &str) -> (Cluster, String, DocPeer, DocPeer, u64) {
+    let seed = seed(test);
+    let cluster = Cluster::start(2, &project(prefix, seed)).await;
+    let doc = format!("{}/{file}", cluster.project);
+    let a = cluster.peer(0, &doc, "a").await;
+    let b = cluster.peer(1, &doc, "b").await;
+    (cluster, doc, a, b, seed)
 }
 
 fn project(name: &str, seed: u64) -> String {
@@ -270,8 +287,7 @@ async fn a_joining_node_gets_unsaved_edits_from_the_others() {
     let seed = seed("a_joining_node_gets_unsaved_edits_from_the_others");
     let cluster = Cluster::start(2, &project("join", seed)).await;
     let doc = format!("{}/notes.txt", cluster.project);
-    let writer = DocPeer::connect(&cluster.nodes[0].url, &doc, &cluster.token("a")).await.unwrap();
-    writer.wait_synced(WAIT).await.unwrap();
+    let writer = cluster.peer(0, &doc, "a").await;
     cluster.nodes[0].postgres.cut();
     writer.insert(0, "only in node 0's memory");
     let persist_errors = || cluster.nodes[0].metric("collab_persist_errors_total");
@@ -280,59 +296,36 @@ async fn a_joining_node_gets_unsaved_edits_from_the_others() {
         assert!(tokio::time::Instant::now() < deadline, "node 0 never failed to save:\n{}", cluster.logs());
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    let reader = DocPeer::connect(&cluster.nodes[1].url, &doc, &cluster.token("b")).await.unwrap();
-    reader.wait_synced(WAIT).await.unwrap();
+    let reader = cluster.peer(1, &doc, "b").await;
     // Synced means the initial state is in: no waiting for a later relay.
     assert_eq!(reader.text(), "only in node 0's memory", "{}", cluster.logs());
     // Node 1 saved what it got from node 0, so the edit is durable although node 0 is cut off.
     cluster.nodes[0].postgres.heal();
-    let store = doc_store::open_store(&cluster.postgres_url).await.unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while stored_text(store.as_ref(), &doc).await != "only in node 0's memory" {
-        assert!(tokio::time::Instant::now() < deadline, "never stored:\n{}", cluster.logs());
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    stored_eventually(&cluster, &doc, "only in node 0's memory").await;
 }
 
 /// Cursors and presence cross nodes, and a client's state leaves with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn awareness_crosses_nodes() {
-    let seed = seed("awareness_crosses_nodes");
-    let cluster = Cluster::start(2, &project("aw", seed)).await;
-    let doc = format!("{}/a.txt", cluster.project);
-    let a = DocPeer::connect(&cluster.nodes[0].url, &doc, &cluster.token("a")).await.unwrap();
-    let mut b = DocPeer::connect(&cluster.nodes[1].url, &doc, &cluster.token("b")).await.unwrap();
-    a.wait_synced(WAIT).await.unwrap();
-    b.wait_synced(WAIT).await.unwrap();
+    let (_cluster, _doc, a, mut b, _) = two_nodes("awareness_crosses_nodes", "aw", "a.txt").await;
     b.set_awareness(r#"{"user":"b"}"#);
     until("a sees b", || a.peers_awareness().iter().any(|s| s.contains(r#""user":"b""#))).await;
     b.disconnect();
     until("b's state leaves a", || !a.peers_awareness().iter().any(|s| s.contains(r#""user":"b""#))).await;
-    let _ = &mut b;
 }
 
 /// An edit relayed to another node and then lost with its own node (which could not save it) is
 /// saved by the node it reached, even if its writer never comes back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relayed_edit_outlives_the_crash_of_its_node() {
-    let seed = seed("a_relayed_edit_outlives_the_crash_of_its_node");
-    let mut cluster = Cluster::start(2, &project("relay", seed)).await;
-    let doc = format!("{}/notes.txt", cluster.project);
-    let mut writer = DocPeer::connect(&cluster.nodes[0].url, &doc, &cluster.token("a")).await.unwrap();
-    let reader = DocPeer::connect(&cluster.nodes[1].url, &doc, &cluster.token("b")).await.unwrap();
-    writer.wait_synced(WAIT).await.unwrap();
-    reader.wait_synced(WAIT).await.unwrap();
+    let (mut cluster, doc, mut writer, reader, _) =
+        two_nodes("a_relayed_edit_outlives_the_crash_of_its_node", "relay", "notes.txt").await;
     cluster.nodes[0].postgres.cut();
     writer.insert(0, "relayed, never saved by its node");
     reader.wait_text("relayed, never saved by its node", WAIT).await.unwrap();
     cluster.nodes[0].kill();
     writer.disconnect();
-    let store = doc_store::open_store(&cluster.postgres_url).await.unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while stored_text(store.as_ref(), &doc).await != "relayed, never saved by its node" {
-        assert!(tokio::time::Instant::now() < deadline, "never stored:\n{}", cluster.logs());
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    stored_eventually(&cluster, &doc, "relayed, never saved by its node").await;
 }
 
 /// Whatever reaches a document's channel from elsewhere (garbage, an update that does not decode,
@@ -341,13 +334,8 @@ async fn a_relayed_edit_outlives_the_crash_of_its_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_bus_messages_are_refused_without_harm() {
     use sync_core::peering::{NodeMsg, Summary};
-    let seed = seed("hostile_bus_messages_are_refused_without_harm");
-    let cluster = Cluster::start(2, &project("hostile", seed)).await;
-    let doc = format!("{}/h.txt", cluster.project);
-    let a = DocPeer::connect(&cluster.nodes[0].url, &doc, &cluster.token("a")).await.unwrap();
-    let b = DocPeer::connect(&cluster.nodes[1].url, &doc, &cluster.token("b")).await.unwrap();
-    a.wait_synced(WAIT).await.unwrap();
-    b.wait_synced(WAIT).await.unwrap();
+    let (cluster, doc, a, b, seed) =
+        two_nodes("hostile_bus_messages_are_refused_without_harm", "hostile", "h.txt").await;
     a.insert(0, "before");
     b.wait_text("before", WAIT).await.unwrap();
 
@@ -381,13 +369,7 @@ async fn hostile_bus_messages_are_refused_without_harm() {
 /// of the delete set is what tells them apart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_deletion_is_repaired() {
-    let seed = seed("a_lost_deletion_is_repaired");
-    let cluster = Cluster::start(2, &project("del", seed)).await;
-    let doc = format!("{}/d.txt", cluster.project);
-    let a = DocPeer::connect(&cluster.nodes[0].url, &doc, &cluster.token("a")).await.unwrap();
-    let b = DocPeer::connect(&cluster.nodes[1].url, &doc, &cluster.token("b")).await.unwrap();
-    a.wait_synced(WAIT).await.unwrap();
-    b.wait_synced(WAIT).await.unwrap();
+    let (cluster, _doc, a, b, _) = two_nodes("a_lost_deletion_is_repaired", "del", "d.txt").await;
     a.insert(0, "keep, drop, keep");
     b.wait_text("keep, drop, keep", WAIT).await.unwrap();
     let node = &cluster.nodes[0];

@@ -275,6 +275,13 @@ impl Cluster {
         self.keys.sign(&identity, Duration::from_secs(3600)).unwrap()
     }
 
+    /// A client of `doc` on node `node`, synced.
+    pub async fn peer(&self, node: usize, doc: &str, user: &str) -> collab_client::DocPeer {
+        let peer = collab_client::DocPeer::connect(&self.nodes[node].url, doc, &self.token(user)).await.unwrap();
+        peer.wait_synced(WAIT).await.unwrap();
+        peer
+    }
+
     pub fn live(&self) -> Vec<usize> {
         (0..self.nodes.len()).filter(|i| self.nodes[*i].is_alive()).collect()
     }
