@@ -4,6 +4,7 @@
 mod apt;
 mod cluster;
 mod cmd;
+mod docker;
 mod haproxy;
 mod postgres;
 mod redis;
@@ -59,6 +60,9 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Install Docker and debootstrap, start dockerd unless an engine answers, and build the
+    /// exec-bridge Docker sandbox's runtime images from Debian packages (as `test` does).
+    Images,
     /// Start or stop the tests' throwaway PostgreSQL cluster by hand, e.g. to run one test.
     Postgres {
         #[command(subcommand)]
@@ -88,9 +92,17 @@ const BUBBLEWRAP: apt::Package =
     apt::Package { name: "bubblewrap", needed_by: "exec-bridge sandbox tests (the local sandbox runs bwrap)" };
 const GNU_TIME: apt::Package =
     apt::Package { name: "time", needed_by: "exec-bridge sandbox tests (GNU time reports each run's verdict)" };
+const DOCKER: apt::Package =
+    apt::Package { name: "docker.io", needed_by: "exec-bridge Docker sandbox tests (dockerd, the docker client)" };
+const DEBOOTSTRAP: apt::Package =
+    apt::Package { name: "debootstrap", needed_by: "the Docker sandbox's runtime images, built from Debian packages" };
+
+/// Packages `cargo xtask images` installs with apt.
+const DOCKER_APT_PACKAGES: &[apt::Package] = &[DOCKER, DEBOOTSTRAP];
 
 /// Packages `cargo xtask test` installs with apt, each with the reason it is needed.
-const APT_PACKAGES: &[apt::Package] = &[CHROMIUM, POSTGRESQL, REDIS, HAPROXY, BUBBLEWRAP, GNU_TIME];
+const APT_PACKAGES: &[apt::Package] =
+    &[CHROMIUM, POSTGRESQL, REDIS, HAPROXY, BUBBLEWRAP, GNU_TIME, DOCKER, DEBOOTSTRAP];
 
 /// Packages `cargo xtask cluster` installs with apt.
 const CLUSTER_APT_PACKAGES: &[apt::Package] = &[POSTGRESQL, REDIS, HAPROXY];
@@ -99,6 +111,8 @@ const CLUSTER_APT_PACKAGES: &[apt::Package] = &[POSTGRESQL, REDIS, HAPROXY];
 const TEST_PLAN: &[Step] = &[
     Step::AptPackages(APT_PACKAGES),
     Step::StartPostgres,
+    Step::StartDocker,
+    Step::RuntimeImages,
     Step::Fmt,
     Step::NpmInstall,
     Step::NpmInstallReference,
@@ -112,6 +126,9 @@ const TEST_PLAN: &[Step] = &[
     Step::PythonTests,
     Step::NodeTests,
 ];
+
+/// What `cargo xtask images` runs.
+const IMAGES_PLAN: &[Step] = &[Step::AptPackages(DOCKER_APT_PACKAGES), Step::StartDocker, Step::RuntimeImages];
 
 /// What `cargo xtask run` builds before it starts the server.
 const RUN_PLAN: &[Step] = &[Step::NpmInstall, Step::NpmBuild, Step::BuildServer];
@@ -135,6 +152,7 @@ fn main() -> ExitCode {
         Task::Cluster { nodes } => run_cluster(&root, nodes),
         Task::Test => test(&root),
         Task::Bench { runs, soak_minutes, quick } => bench(&root, runs, soak_minutes, quick),
+        Task::Images => images(&root),
         Task::Postgres { action } => postgres_by_hand(&root, action),
     });
     match outcome {
@@ -272,6 +290,13 @@ fn bench(root: &Path, runs: usize, soak_minutes: f64, quick: bool) -> Result<Exi
         cmd::run(pinned("soak").arg("--out").arg(&out).arg("--minutes").arg(minutes.to_string()))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `IMAGES_PLAN` and prints its summary.
+fn images(root: &Path) -> Result<ExitCode> {
+    let mut ctx = steps::Context::new(root);
+    let results = steps::run_plan(IMAGES_PLAN, &mut ctx);
+    Ok(steps::print_summary(&results))
 }
 
 fn postgres_by_hand(root: &Path, action: PostgresAction) -> Result<ExitCode> {

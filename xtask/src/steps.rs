@@ -9,13 +9,17 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, Result, anyhow};
 
-use crate::{apt, cmd, postgres};
+use crate::{apt, cmd, docker, postgres};
 
 /// One unit of work with a header line and a row in the summary.
 #[derive(Debug, Clone, Copy)]
 pub enum Step {
     AptPackages(&'static [apt::Package]),
     StartPostgres,
+    /// Starts `dockerd` unless an engine answers already.
+    StartDocker,
+    /// Builds the Docker sandbox's runtime images that do not exist yet.
+    RuntimeImages,
     Fmt,
     NpmInstall,
     /// `npm ci` in `loadtest/servers`: the reference Yjs servers the load tests compare against.
@@ -37,6 +41,8 @@ fn name(step: Step) -> &'static str {
     match step {
         Step::AptPackages(_) => "apt packages",
         Step::StartPostgres => "start postgres",
+        Step::StartDocker => "start dockerd",
+        Step::RuntimeImages => "runtime images",
         Step::Fmt => "cargo fmt --check",
         Step::NpmInstall => "npm ci",
         Step::NpmInstallReference => "npm ci (reference servers)",
@@ -90,6 +96,8 @@ pub fn run_step(step: Step, ctx: &mut Context) -> Result<String> {
             ctx.test_env.push(("COLLAB_TEST_POSTGRES_URL", postgres::url(port)));
             Ok(format!("port {port}"))
         }
+        Step::StartDocker => docker::ensure_engine(&target_dir(&ctx.root)),
+        Step::RuntimeImages => docker::ensure_images(&target_dir(&ctx.root)),
         Step::Fmt => ran(cargo(ctx).args(["fmt", "--all", "--", "--check"]), ""),
         Step::NpmInstall => npm_install(&ctx.root.join("web"), &[]),
         Step::NpmInstallReference => reference_servers(&ctx.root),

@@ -220,7 +220,7 @@ fn inner_args(command: &SandboxCommand, limits: &Limits) -> Vec<OsString> {
 
 /// Gives the workspace tree to `id` (not following symlinks), so the sandboxed program can
 /// change the project's files.
-fn give_workspace(dir: &Path, id: u32) -> std::io::Result<()> {
+pub(super) fn give_workspace(dir: &Path, id: u32) -> std::io::Result<()> {
     std::os::unix::fs::lchown(dir, Some(id), Some(id))?;
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
@@ -396,7 +396,7 @@ fn parse_report(text: &str) -> Option<Report> {
 }
 
 /// The verdict of a run that ended by itself, from bwrap's status and `time`'s report.
-fn judge(status: ExitStatus, report: &str, limits: &Limits) -> Verdict {
+pub(super) fn judge(status: ExitStatus, report: &str, limits: &Limits) -> Verdict {
     let Some(report) = parse_report(report) else {
         // `time` never ran (bwrap failed to set up, which it explains on stderr) or the
         // program mangled the report: fall back on bwrap's status, 128+N meaning signal N.

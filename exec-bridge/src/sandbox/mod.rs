@@ -1,7 +1,8 @@
 //! The sandbox seam: run one command in a project's workspace under [`Limits`], streaming its
-//! output and taking its stdin while it runs. Implemented by bubblewrap ([`local`]) and, later,
-//! Docker.
+//! output and taking its stdin while it runs. Implemented by bubblewrap ([`local`]) and by
+//! Docker ([`docker`]), both held to one conformance suite (`tests/sandbox.rs`).
 
+pub mod docker;
 pub mod local;
 
 use std::path::Path;
@@ -75,6 +76,16 @@ pub enum SandboxError {
     Spawn(#[source] std::io::Error),
     #[error("the run ended without a verdict")]
     Vanished,
+    #[error("the container engine cannot be reached ({hint})")]
+    EngineUnavailable {
+        hint: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("the runtime image {image} does not exist ({hint})")]
+    ImageMissing { image: String, hint: &'static str },
+    #[error("the container engine failed")]
+    Engine(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// Runs commands in a project's workspace, isolated from the host and from each other.

@@ -1,0 +1,623 @@
+//! The Docker sandbox: one long-lived container per project, each run executed in it through
+//! the exec API, with the limits, verdicts and isolation of the bubblewrap sandbox.
+//!
+//! # The project container
+//!
+//! Created on a project's first run from a runtime image (built from Debian packages by
+//! `cargo xtask images`, never pulled), kept running, reused by every later run:
+//!
+//! ```text
+//! network_mode none, read-only root, tmpfs /tmp, WORKSPACE bound at /workspace,
+//! a per-project report folder bound at /.exec-bridge-reports,
+//! cap_drop ALL, security_opt no-new-privileges, user nobody (65534) for `sleep infinity`,
+//! memory = memory+swap, nano_cpus, pids_limit, ulimits nofile/fsize/core=0, init (tini)
+//! ```
+//!
+//! # A run
+//!
+//! ```text
+//! exec as PROJECT_ID:PROJECT_ID in /workspace:
+//!   sh -c '"$@"; s=$?; kill -KILL -1; exit $s' sh
+//!     prlimit --as=.. --cpu=C:C+1 --fsize=.. --nproc=.. --core=0 --
+//!       time -o /.exec-bridge-reports/run-N -f '%x %U %S %M' -- PROGRAM ARGS..
+//! ```
+//!
+//! * **A uid per project.** Runs execute as a uid derived from the workspace path (no passwd
+//!   entry needed), not as the container's user. Docker uses no user namespace, so
+//!   `RLIMIT_NPROC` counts a uid's processes across the whole host: a uid per project makes
+//!   the process limit this project's own, and a fork bomb in one project cannot starve the
+//!   runs of another. The container's own `sleep` runs as `nobody`, so it survives the kills.
+//! * **One run at a time per project.** A run holds its project's lock until it has ended and
+//!   every process it left behind is dead; the next run of the same project waits. This is
+//!   what makes "kill every process of the project's uid" exactly "kill this run": `kill -1`
+//!   reaches processes that changed session or process group, which a group kill misses.
+//! * **Leftovers die with the run.** The `sh` wrapper kills every process of the uid once the
+//!   program ends (as bubblewrap's pid namespace does), so a background child cannot keep the
+//!   output open or outlive the run. `/tmp` and `/dev/shm` do outlive a run: they belong to
+//!   the project's container and vanish with it.
+//! * **Wall time and output** are enforced by the bridge, which then executes
+//!   `sh -c 'kill -KILL -1'` as the project's uid. The container's pids limit, set above the
+//!   run's process limit, leaves room for that exec even while a fork bomb is going off.
+//! * **CPU time and file size** are rlimits set by `prlimit`; **memory** is bounded twice: the
+//!   run's `RLIMIT_AS` (as in the local sandbox) and the container's cgroup limit (memory equal
+//!   to memory+swap) for the project as a whole.
+//!
+//! # Telling the limits apart
+//!
+//! As in [`super::local`], from GNU `time`'s report, plus Docker's own OOM information: a run
+//! killed by SIGKILL while Docker reported an `oom` event for the container is
+//! [`Verdict::MemoryLimit`], whatever its peak resident size.
+
+use std::collections::HashMap;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bollard::Docker;
+use bollard::container::LogOutput;
+use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
+use bollard::models::{ContainerCreateBody, HostConfig, ResourcesUlimits};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, EventsOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
+};
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Mutex, OwnedMutexGuard, mpsc, oneshot};
+
+use super::local::{WORKSPACE_MOUNT, give_workspace, judge};
+use super::{EVENT_QUEUE, Execution, STDIN_QUEUE, Sandbox, SandboxCommand, SandboxError};
+use crate::run::{Limits, RunEvent, Stream as OutputStream, TimeLimit, Verdict};
+
+/// The runtime image `cargo xtask images` builds: python3, gcc, g++ and GNU time on Debian
+/// bookworm. (xtask names it too; the two must agree.)
+pub const DEFAULT_IMAGE: &str = "collab-runtime:1";
+
+/// The label every project container carries, holding its workspace path on the host.
+pub const WORKSPACE_LABEL: &str = "dev.collab.exec-bridge.workspace";
+
+const REPORT_MOUNT: &str = "/.exec-bridge-reports";
+const CONTAINER_PREFIX: &str = "collab-sandbox-";
+/// The container's own user (`nobody`), which runs only the idle `sleep`.
+const KEEPER_USER: &str = "65534:65534";
+/// Project uids are `PROJECT_ID_BASE + hash(workspace) % PROJECT_ID_SPAN`: above the local
+/// sandbox's id, below 2^31.
+const PROJECT_ID_BASE: u32 = 2_100_000_000;
+const PROJECT_ID_SPAN: u64 = 40_000_000;
+const PRLIMIT: &str = "/usr/bin/prlimit";
+const TIME: &str = "/usr/bin/time";
+const HINT: &str = "`cargo xtask test` starts dockerd and builds the runtime images";
+const SIGKILL: i32 = 9;
+/// How long a SIGKILLed run waits for Docker's `oom` event, which may trail the exit.
+const OOM_GRACE: Duration = Duration::from_millis(500);
+const ENV: &[&str] =
+    &["PATH=/usr/local/bin:/usr/bin:/bin", "HOME=/workspace", "LANG=C.UTF-8", "TMPDIR=/tmp", "PYTHONUNBUFFERED=1"];
+
+/// Configuration of [`DockerSandbox`]: the image and the limits of each project's container
+/// (a run's own limits come with the run, in [`Limits`]).
+#[derive(Debug, Clone)]
+pub struct DockerSandboxConfig {
+    /// The runtime image, which must exist already (it is built, never pulled).
+    pub image: String,
+    /// Memory of the whole container, also its memory+swap (so no swap).
+    pub memory_bytes: u64,
+    /// CPU quota of the container, in thousandths of a CPU.
+    pub cpu_millis: u32,
+    /// Processes and threads in the container at once. Keep it well above a run's
+    /// [`Limits::processes`]: the bridge needs room to start its kill.
+    pub pids: u32,
+    /// Size of the container's `/tmp`.
+    pub tmp_bytes: u64,
+    /// `ulimit -f` of the whole container; a run's own limit can only be lower.
+    pub file_size_bytes: u64,
+    /// `ulimit -n` of the whole container.
+    pub open_files: u64,
+    /// Where the per-project report folders are created on the host (outside every workspace).
+    pub scratch_dir: PathBuf,
+}
+
+impl Default for DockerSandboxConfig {
+    fn default() -> Self {
+        DockerSandboxConfig {
+            image: DEFAULT_IMAGE.to_owned(),
+            memory_bytes: 1 << 30,
+            cpu_millis: 1000,
+            pids: 256,
+            tmp_bytes: 64 << 20,
+            file_size_bytes: 64 << 20,
+            open_files: 1024,
+            scratch_dir: std::env::temp_dir(),
+        }
+    }
+}
+
+/// Runs commands in per-project Docker containers; see the module documentation.
+pub struct DockerSandbox {
+    docker: Docker,
+    config: DockerSandboxConfig,
+    /// Projects by canonical workspace path. An async lock: creating a container awaits.
+    projects: Mutex<HashMap<PathBuf, Arc<Project>>>,
+    runs: AtomicU64,
+}
+
+impl std::fmt::Debug for DockerSandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DockerSandbox").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+/// A project's running container.
+struct Project {
+    container: String,
+    id: u32,
+    /// Bound at [`REPORT_MOUNT`]; removed with the project.
+    reports: tempfile::TempDir,
+    /// Held by the project's run from start to the death of its last process.
+    run_lock: Arc<Mutex<()>>,
+}
+
+fn engine(err: bollard::errors::Error) -> SandboxError {
+    SandboxError::Engine(Box::new(err))
+}
+
+impl DockerSandbox {
+    /// Connects to the local Docker engine (`DOCKER_HOST` or `/var/run/docker.sock`) and checks
+    /// that the runtime image exists.
+    pub async fn connect(config: DockerSandboxConfig) -> Result<Self, SandboxError> {
+        let unavailable =
+            |err: bollard::errors::Error| SandboxError::EngineUnavailable { hint: HINT, source: Box::new(err) };
+        let docker = Docker::connect_with_local_defaults().map_err(unavailable)?;
+        let docker = docker.negotiate_version().await.map_err(unavailable)?;
+        docker.ping().await.map_err(unavailable)?;
+        if docker.inspect_image(&config.image).await.is_err() {
+            return Err(SandboxError::ImageMissing { image: config.image.clone(), hint: HINT });
+        }
+        Ok(DockerSandbox { docker, config, projects: Mutex::new(HashMap::new()), runs: AtomicU64::new(0) })
+    }
+
+    /// The engine client, e.g. for inspecting a project's container.
+    pub fn docker(&self) -> &Docker {
+        &self.docker
+    }
+
+    /// The name of the container that runs `workspace`'s commands (whether it exists yet or not).
+    pub fn container_name(workspace: &Path) -> String {
+        format!("{CONTAINER_PREFIX}{:016x}", fnv1a(workspace))
+    }
+
+    /// The uid and gid `workspace`'s runs execute as.
+    pub fn project_id(workspace: &Path) -> u32 {
+        // The modulus keeps the sum below 2^31, so the cast is lossless.
+        PROJECT_ID_BASE + (fnv1a(workspace) % PROJECT_ID_SPAN) as u32
+    }
+
+    /// Starts `workspace`'s container now rather than on its first run; returns its name.
+    pub async fn prepare(&self, workspace: &Path) -> Result<String, SandboxError> {
+        let workspace = canonical(workspace).await?;
+        Ok(self.project(&workspace).await?.container.clone())
+    }
+
+    /// Removes `workspace`'s container (killing a run in it), if this sandbox started one.
+    pub async fn remove_project(&self, workspace: &Path) -> Result<(), SandboxError> {
+        let workspace = canonical(workspace).await?;
+        let project = self.projects.lock().await.remove(&workspace);
+        match project {
+            Some(project) => self.remove_container(&project.container).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Removes every container this sandbox started.
+    pub async fn shutdown(&self) -> Result<(), SandboxError> {
+        let projects: Vec<Arc<Project>> = self.projects.lock().await.drain().map(|(_, project)| project).collect();
+        for project in projects {
+            self.remove_container(&project.container).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes project containers (of any sandbox on this engine) whose workspace no longer
+    /// exists on this host, left behind by a bridge that died; returns how many.
+    pub async fn prune_orphans(&self) -> Result<usize, SandboxError> {
+        let filters = HashMap::from([("label", vec![WORKSPACE_LABEL])]);
+        let options = ListContainersOptionsBuilder::new().all(true).filters(&filters).build();
+        let containers = self.docker.list_containers(Some(options)).await.map_err(engine)?;
+        let mut removed = 0;
+        for container in containers {
+            let workspace = container.labels.as_ref().and_then(|labels| labels.get(WORKSPACE_LABEL));
+            let (Some(id), Some(workspace)) = (&container.id, workspace) else { continue };
+            if Path::new(workspace).exists() {
+                continue;
+            }
+            self.remove_container(id).await?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    async fn remove_container(&self, container: &str) -> Result<(), SandboxError> {
+        let options = RemoveContainerOptionsBuilder::new().force(true).build();
+        match self.docker.remove_container(container, Some(options)).await {
+            Ok(()) => Ok(()),
+            // Gone already (removed elsewhere, or auto-removed) or being removed.
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404 | 409, .. }) => Ok(()),
+            Err(err) => Err(engine(err)),
+        }
+    }
+
+    /// The running project of `workspace` (canonical), created on first use.
+    async fn project(&self, workspace: &Path) -> Result<Arc<Project>, SandboxError> {
+        let mut projects = self.projects.lock().await;
+        if let Some(project) = projects.get(workspace) {
+            return Ok(Arc::clone(project));
+        }
+        let project = Arc::new(self.create_project(workspace).await?);
+        projects.insert(workspace.to_path_buf(), Arc::clone(&project));
+        Ok(project)
+    }
+
+    async fn create_project(&self, workspace: &Path) -> Result<Project, SandboxError> {
+        let id = Self::project_id(workspace);
+        let container = Self::container_name(workspace);
+        let reports = tempfile::Builder::new()
+            .prefix("exec-bridge-reports-")
+            .tempdir_in(&self.config.scratch_dir)
+            .map_err(SandboxError::Spawn)?;
+        std::os::unix::fs::chown(reports.path(), Some(id), Some(id)).map_err(SandboxError::Spawn)?;
+        // A container of the same name is a leftover of an earlier bridge, maybe configured
+        // differently: start afresh.
+        self.remove_container(&container).await?;
+        let body = container_body(&self.config, workspace, reports.path());
+        let options = CreateContainerOptionsBuilder::new().name(&container).build();
+        let created = self.docker.create_container(Some(options), body).await.map_err(engine)?;
+        for warning in created.warnings {
+            tracing::warn!(%container, %warning, "the engine changed the sandbox container's configuration");
+        }
+        self.docker.start_container(&container, None).await.map_err(engine)?;
+        tracing::info!(%container, workspace = %workspace.display(), "project container started");
+        Ok(Project { container, id, reports, run_lock: Arc::new(Mutex::new(())) })
+    }
+}
+
+/// The container of one project; see the module documentation.
+fn container_body(config: &DockerSandboxConfig, workspace: &Path, reports: &Path) -> ContainerCreateBody {
+    let ulimit = |name: &str, value: u64| {
+        let value = i64::try_from(value).unwrap_or(i64::MAX);
+        ResourcesUlimits { name: Some(name.to_owned()), soft: Some(value), hard: Some(value) }
+    };
+    let memory = i64::try_from(config.memory_bytes).unwrap_or(i64::MAX);
+    let tmp_options = format!("rw,nosuid,nodev,size={},mode=1777", config.tmp_bytes);
+    let host_config = HostConfig {
+        network_mode: Some("none".to_owned()),
+        readonly_rootfs: Some(true),
+        tmpfs: Some(HashMap::from([("/tmp".to_owned(), tmp_options)])),
+        binds: Some(vec![
+            format!("{}:{WORKSPACE_MOUNT}:rw", workspace.display()),
+            format!("{}:{REPORT_MOUNT}:rw", reports.display()),
+        ]),
+        cap_drop: Some(vec!["ALL".to_owned()]),
+        security_opt: Some(vec!["no-new-privileges".to_owned()]),
+        memory: Some(memory),
+        memory_swap: Some(memory),
+        nano_cpus: Some(i64::from(config.cpu_millis) * 1_000_000),
+        pids_limit: Some(i64::from(config.pids)),
+        ulimits: Some(vec![
+            ulimit("nofile", config.open_files),
+            ulimit("fsize", config.file_size_bytes),
+            ulimit("core", 0),
+        ]),
+        init: Some(true),
+        auto_remove: Some(true),
+        ..HostConfig::default()
+    };
+    ContainerCreateBody {
+        image: Some(config.image.clone()),
+        user: Some(KEEPER_USER.to_owned()),
+        cmd: Some(vec!["sleep".to_owned(), "infinity".to_owned()]),
+        working_dir: Some(WORKSPACE_MOUNT.to_owned()),
+        env: Some(ENV.iter().map(|var| (*var).to_owned()).collect()),
+        network_disabled: Some(true),
+        labels: Some(HashMap::from([(WORKSPACE_LABEL.to_owned(), workspace.display().to_string())])),
+        host_config: Some(host_config),
+        ..ContainerCreateBody::default()
+    }
+}
+
+/// FNV-1a of the path's bytes: stable across processes and releases, unlike `DefaultHasher`.
+fn fnv1a(path: &Path) -> u64 {
+    path.as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325, |hash, byte| (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3))
+}
+
+async fn canonical(workspace: &Path) -> Result<PathBuf, SandboxError> {
+    tokio::fs::canonicalize(workspace)
+        .await
+        .map_err(|source| SandboxError::Workspace { path: workspace.display().to_string(), source })
+}
+
+/// The exec's command line: the `sh` wrapper that kills leftovers, `prlimit`, `time`, the program.
+fn run_command(report: &str, command: &SandboxCommand, limits: &Limits) -> Vec<String> {
+    let cpu = limits.cpu_time.as_secs().max(1);
+    let mut line: Vec<String> =
+        ["/bin/sh", "-c", "\"$@\"; status=$?; kill -KILL -1 2>/dev/null; exit $status", "sh", PRLIMIT]
+            .map(str::to_owned)
+            .into();
+    line.extend([
+        format!("--as={}", limits.memory_bytes),
+        // SIGXCPU at the limit, SIGKILL one second later for a program that ignores it.
+        format!("--cpu={cpu}:{}", cpu + 1),
+        format!("--fsize={}", limits.file_size_bytes),
+        format!("--nproc={}", limits.processes),
+    ]);
+    line.extend(["--core=0", "--", TIME, "-o", report, "-f", "%x %U %S %M", "--"].map(str::to_owned));
+    line.push(command.program.clone());
+    line.extend(command.args.iter().cloned());
+    line
+}
+
+#[async_trait]
+impl Sandbox for DockerSandbox {
+    async fn start(
+        &self,
+        workspace: &Path,
+        command: &SandboxCommand,
+        limits: &Limits,
+    ) -> Result<Execution, SandboxError> {
+        let workspace = canonical(workspace).await?;
+        let project = self.project(&workspace).await?;
+        let turn = Arc::clone(&project.run_lock).lock_owned().await;
+        let id = project.id;
+        let report_name = format!("run-{}", self.runs.fetch_add(1, Ordering::Relaxed));
+        let report = project.reports.path().join(&report_name);
+        let (dir, report_path) = (workspace.clone(), report.clone());
+        let given = tokio::task::spawn_blocking(move || {
+            give_workspace(&dir, id)?;
+            std::fs::write(&report_path, "")?;
+            std::os::unix::fs::chown(&report_path, Some(id), Some(id))
+        })
+        .await
+        .map_err(|join| SandboxError::Spawn(std::io::Error::other(join)))?;
+        given.map_err(|source| SandboxError::Workspace { path: workspace.display().to_string(), source })?;
+
+        let started_at = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let oom = watch_oom(self.docker.clone(), project.container.clone(), started_at);
+        let cmd = run_command(&format!("{REPORT_MOUNT}/{report_name}"), command, limits);
+        let user = format!("{id}:{id}");
+        let options = CreateExecOptions {
+            attach_stdin: Some(true),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            tty: Some(false),
+            env: Some(ENV.to_vec()),
+            cmd: Some(cmd.iter().map(String::as_str).collect()),
+            user: Some(user.as_str()),
+            working_dir: Some(WORKSPACE_MOUNT),
+            ..CreateExecOptions::default()
+        };
+        let exec = match self.docker.create_exec(&project.container, options).await {
+            Ok(exec) => exec,
+            Err(err) => {
+                // The container may be gone (removed by hand, the engine restarted): forget it,
+                // so the project's next run starts a new one.
+                self.projects.lock().await.remove(&workspace);
+                return Err(engine(err));
+            }
+        };
+        let start = StartExecOptions { detach: false, tty: false, output_capacity: None };
+        let StartExecResults::Attached { output, input } =
+            self.docker.start_exec(&exec.id, Some(start)).await.map_err(engine)?
+        else {
+            return Err(SandboxError::Vanished);
+        };
+        tracing::debug!(program = %command.program, container = %project.container, "docker run started");
+
+        let (stdin_tx, stdin_rx) = mpsc::channel(STDIN_QUEUE);
+        let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+        let (out_tx, out_rx) = mpsc::channel(EVENT_QUEUE);
+        tokio::spawn(feed_stdin(input, stdin_rx));
+        tokio::spawn(read_output(output, out_tx));
+        let run = Supervised {
+            docker: self.docker.clone(),
+            container: project.container.clone(),
+            exec: exec.id,
+            id,
+            report,
+            limits: limits.clone(),
+            oom,
+            turn,
+        };
+        tokio::spawn(supervise(run, out_rx, events_tx));
+        Ok(Execution { stdin: stdin_tx, events: events_rx })
+    }
+}
+
+async fn feed_stdin(mut stdin: std::pin::Pin<Box<dyn AsyncWrite + Send>>, mut chunks: mpsc::Receiver<Bytes>) {
+    while let Some(chunk) = chunks.recv().await {
+        // A program that stopped reading (or exited) is not an error of the run.
+        if stdin.write_all(&chunk).await.is_err() || stdin.flush().await.is_err() {
+            return;
+        }
+    }
+    // Half-closes the connection: the engine closes the program's stdin.
+    let _ = stdin.shutdown().await;
+}
+
+async fn read_output(
+    mut output: std::pin::Pin<Box<dyn Stream<Item = Result<LogOutput, bollard::errors::Error>> + Send>>,
+    out: mpsc::Sender<(OutputStream, Bytes)>,
+) {
+    while let Some(Ok(chunk)) = output.next().await {
+        let (stream, bytes) = match chunk {
+            LogOutput::StdOut { message } | LogOutput::Console { message } => (OutputStream::Stdout, message),
+            LogOutput::StdErr { message } => (OutputStream::Stderr, message),
+            LogOutput::StdIn { .. } => continue,
+        };
+        if out.send((stream, bytes)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Resolves once Docker reports an `oom` event for `container` at or after `since`.
+struct OomWatch {
+    seen: oneshot::Receiver<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn watch_oom(docker: Docker, container: String, since: Duration) -> OomWatch {
+    let (tx, rx) = oneshot::channel();
+    let task = tokio::spawn(async move {
+        let filters = HashMap::from([("container", vec![container.as_str()]), ("event", vec!["oom"])]);
+        let options = EventsOptionsBuilder::new().since(&since.as_secs().to_string()).filters(&filters).build();
+        let mut events = docker.events(Some(options));
+        let since_nanos = i64::try_from(since.as_nanos()).unwrap_or(i64::MAX);
+        while let Some(Ok(event)) = events.next().await {
+            if event.time_nano.unwrap_or(i64::MAX) >= since_nanos {
+                let _ = tx.send(());
+                return;
+            }
+        }
+    });
+    OomWatch { seen: rx, task }
+}
+
+struct Supervised {
+    docker: Docker,
+    container: String,
+    exec: String,
+    id: u32,
+    report: PathBuf,
+    limits: Limits,
+    oom: OomWatch,
+    /// The project's run lock, released once every process of the run is dead.
+    turn: OwnedMutexGuard<()>,
+}
+
+/// Forwards output, enforces the wall-time and output limits, and sends the verdict.
+async fn supervise(
+    mut run: Supervised,
+    mut output: mpsc::Receiver<(OutputStream, Bytes)>,
+    events: mpsc::Sender<RunEvent>,
+) {
+    let deadline = tokio::time::sleep(run.limits.wall_time);
+    tokio::pin!(deadline);
+    let mut written: u64 = 0;
+    let killed = loop {
+        tokio::select! {
+            chunk = output.recv() => {
+                // The output ends when the wrapper has exited and killed every leftover.
+                let Some((stream, bytes)) = chunk else { break None };
+                let room = run.limits.output_bytes.saturating_sub(written);
+                let over = bytes.len() as u64 > room;
+                let bytes = if over { bytes.slice(..room as usize) } else { bytes };
+                written += bytes.len() as u64;
+                if !bytes.is_empty() && events.send(RunEvent::Output { stream, bytes }).await.is_err() {
+                    break Some(None); // nobody listens any more
+                }
+                if over {
+                    break Some(Some(Verdict::OutputLimit));
+                }
+            }
+            () = &mut deadline => break Some(Some(Verdict::TimeLimit(TimeLimit::Wall))),
+        }
+    };
+    let verdict = match killed {
+        Some(verdict) => {
+            // Stop reading first: an engine stuck writing output it cannot deliver would not
+            // start the kill. Dropping the receiver ends the reader, which closes the stream.
+            drop(output);
+            if let Err(err) = kill_project_processes(&run.docker, &run.container, run.id).await {
+                tracing::warn!(error = %err, container = %run.container, "killing a run failed");
+            }
+            verdict
+        }
+        None => Some(judge_exec(&mut run).await),
+    };
+    run.oom.task.abort();
+    let _ = tokio::fs::remove_file(&run.report).await;
+    drop(run.turn);
+    if let Some(verdict) = verdict {
+        tracing::debug!(?verdict, "docker run finished");
+        let _ = events.send(RunEvent::Finished(verdict)).await;
+    }
+}
+
+/// The verdict of a run that ended by itself: `time`'s report, the exec's exit code, and
+/// Docker's OOM events.
+async fn judge_exec(run: &mut Supervised) -> Verdict {
+    let code = exit_code(&run.docker, &run.exec).await;
+    let report = tokio::fs::read_to_string(&run.report).await.unwrap_or_default();
+    let verdict = judge(ExitStatus::from_raw((code & 0xff) << 8), &report, &run.limits);
+    let oom = &mut run.oom.seen;
+    let oom_killed = match verdict {
+        Verdict::Signaled { signal: SIGKILL } => {
+            tokio::time::timeout(OOM_GRACE, oom).await.is_ok_and(|seen| seen.is_ok())
+        }
+        _ => false,
+    };
+    if oom_killed { Verdict::MemoryLimit } else { verdict }
+}
+
+/// The exit code of a finished exec; the engine may take a moment to record the exit.
+async fn exit_code(docker: &Docker, exec: &str) -> i32 {
+    for _ in 0..50 {
+        match docker.inspect_exec(exec).await {
+            Ok(inspect) if inspect.running != Some(true) => {
+                return inspect.exit_code.and_then(|code| i32::try_from(code).ok()).unwrap_or(-1);
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(err) => {
+                tracing::warn!(error = %err, "inspecting a finished run failed");
+                return -1;
+            }
+        }
+    }
+    -1
+}
+
+/// Kills every process of the project's uid in its container (the run holds the project's
+/// lock, so these are the run's), and waits for the kill to be done.
+async fn kill_project_processes(docker: &Docker, container: &str, id: u32) -> Result<(), bollard::errors::Error> {
+    let user = format!("{id}:{id}");
+    let options = CreateExecOptions {
+        attach_stdout: Some(true),
+        attach_stderr: Some(true),
+        cmd: Some(vec!["/bin/sh", "-c", "kill -KILL -1"]),
+        user: Some(user.as_str()),
+        ..CreateExecOptions::default()
+    };
+    let exec = docker.create_exec(container, options).await?;
+    if let StartExecResults::Attached { mut output, .. } = docker.start_exec(&exec.id, None).await? {
+        while output.next().await.is_some() {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn project_ids_are_stable_and_in_range() {
+        let id = DockerSandbox::project_id(Path::new("/srv/projects/42"));
+        assert_eq!(id, DockerSandbox::project_id(Path::new("/srv/projects/42")));
+        assert!((PROJECT_ID_BASE..i32::MAX as u32).contains(&id));
+        assert_ne!(DockerSandbox::container_name(Path::new("/a")), DockerSandbox::container_name(Path::new("/b")));
+    }
+
+    #[test]
+    fn a_run_is_wrapped_in_the_killer_prlimit_and_time() {
+        let limits = Limits::default();
+        let line =
+            run_command("/.exec-bridge-reports/run-0", &SandboxCommand::new("/usr/bin/python3", ["a.py"]), &limits);
+        assert_eq!(&line[..4], ["/bin/sh", "-c", "\"$@\"; status=$?; kill -KILL -1 2>/dev/null; exit $status", "sh"]);
+        assert!(line.contains(&format!("--nproc={}", limits.processes)));
+        assert_eq!(&line[line.len() - 2..], ["/usr/bin/python3", "a.py"]);
+    }
+}

@@ -1,0 +1,120 @@
+//! Checks of the Docker sandbox beyond the conformance suite (`tests/sandbox.rs`): the project
+//! container's configuration as the engine reports it, Docker's OOM verdict, container reuse
+//! and the end of every process a run leaves behind.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bollard::query_parameters::TopOptionsBuilder;
+use exec_bridge::run::{Limits, Program, RunOutput, Verdict, run_program};
+use exec_bridge::sandbox::Sandbox;
+use exec_bridge::sandbox::docker::{DockerSandbox, DockerSandboxConfig};
+
+const PATIENCE: Duration = Duration::from_secs(60);
+
+async fn docker_sandbox(config: DockerSandboxConfig) -> Arc<DockerSandbox> {
+    let sandbox = match DockerSandbox::connect(config).await {
+        Ok(sandbox) => sandbox,
+        Err(err) => panic!(
+            "the Docker sandbox tests need a running dockerd and the runtime image: {err}; run `cargo xtask test`, which starts dockerd and builds the image"
+        ),
+    };
+    sandbox.prune_orphans().await.expect("pruning containers of gone workspaces");
+    Arc::new(sandbox)
+}
+
+fn workspace_with(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    for (name, text) in files {
+        std::fs::write(dir.path().join(name), text).expect("write workspace file");
+    }
+    dir
+}
+
+async fn python(sandbox: &Arc<DockerSandbox>, workspace: &Path, script: &str, limits: &Limits) -> RunOutput {
+    let dyn_sandbox: Arc<dyn Sandbox> = sandbox.clone();
+    let program = Program::python(script);
+    let execution =
+        run_program(&dyn_sandbox, workspace, &program, &Limits::compile(), limits).await.expect("the run starts");
+    tokio::time::timeout(PATIENCE, execution.collect()).await.expect("the run ends in time").expect("a verdict")
+}
+
+#[tokio::test]
+async fn the_project_container_is_locked_down() {
+    let config = DockerSandboxConfig::default();
+    let sandbox = docker_sandbox(config.clone()).await;
+    let workspace = workspace_with(&[("id.py", "import os\nprint(os.getuid(), os.getgid())\n")]);
+    let container = sandbox.prepare(workspace.path()).await.expect("the container starts");
+    let inspect = sandbox.docker().inspect_container(&container, None).await.expect("inspect");
+    let host = inspect.host_config.expect("host config");
+    assert_eq!(host.network_mode.as_deref(), Some("none"));
+    assert_eq!(host.readonly_rootfs, Some(true));
+    assert_eq!(host.cap_drop, Some(vec!["ALL".to_owned()]));
+    assert_eq!(host.security_opt, Some(vec!["no-new-privileges".to_owned()]));
+    assert_eq!(host.pids_limit, Some(i64::from(config.pids)));
+    assert_eq!(host.memory, Some(config.memory_bytes as i64));
+    assert_eq!(host.memory_swap, host.memory, "memory+swap equals memory: no swap");
+    assert_eq!(host.nano_cpus, Some(i64::from(config.cpu_millis) * 1_000_000));
+    assert_eq!(host.init, Some(true));
+    assert!(host.tmpfs.as_ref().is_some_and(|tmpfs| tmpfs.contains_key("/tmp")), "{:?}", host.tmpfs);
+    let ulimits: Vec<(String, i64)> = host
+        .ulimits
+        .unwrap_or_default()
+        .into_iter()
+        .map(|ulimit| (ulimit.name.unwrap_or_default(), ulimit.hard.unwrap_or_default()))
+        .collect();
+    assert!(ulimits.contains(&("core".to_owned(), 0)), "{ulimits:?}");
+    assert!(ulimits.contains(&("fsize".to_owned(), config.file_size_bytes as i64)), "{ulimits:?}");
+    assert!(ulimits.iter().any(|(name, _)| name == "nofile"), "{ulimits:?}");
+    let user = inspect.config.and_then(|config| config.user).unwrap_or_default();
+    assert!(!user.is_empty() && !user.starts_with("0") && !user.starts_with("root"), "container user {user:?}");
+
+    // Runs execute as the project's own unprivileged id.
+    let out = python(&sandbox, workspace.path(), "id.py", &Limits::default()).await;
+    assert_eq!(out.verdict, Verdict::Exited { code: 0 }, "stderr: {}", out.stderr_text());
+    let id = DockerSandbox::project_id(&workspace.path().canonicalize().expect("canonical"));
+    assert_eq!(out.stdout_text(), format!("{id} {id}\n"));
+    sandbox.shutdown().await.expect("removed");
+}
+
+#[tokio::test]
+async fn the_container_memory_limit_gives_an_exact_memory_verdict() {
+    // The run may reserve 1 GiB but the project's container has 96 MiB: the cgroup's OOM
+    // killer, not the run's own limit, stops the bomb, and Docker's `oom` event tells why.
+    let config = DockerSandboxConfig { memory_bytes: 96 << 20, ..DockerSandboxConfig::default() };
+    let sandbox = docker_sandbox(config).await;
+    let workspace = workspace_with(&[("bomb.py", "chunks = []\nwhile True:\n    chunks.append(b'x' * (1 << 20))\n")]);
+    let limits = Limits { memory_bytes: 1 << 30, ..Limits::default() };
+    let out = python(&sandbox, workspace.path(), "bomb.py", &limits).await;
+    assert_eq!(out.verdict, Verdict::MemoryLimit, "stderr: {}", out.stderr_text());
+    sandbox.shutdown().await.expect("removed");
+}
+
+#[tokio::test]
+async fn a_project_reuses_its_container_and_no_process_outlives_a_run() {
+    let sandbox = docker_sandbox(DockerSandboxConfig::default()).await;
+    let script =
+        "import subprocess\nsubprocess.Popen(['sleep', '300'], start_new_session=True)\nprint('left a sleeper')\n";
+    let workspace = workspace_with(&[("main.py", script)]);
+    let started = Instant::now();
+    let first = python(&sandbox, workspace.path(), "main.py", &Limits::default()).await;
+    let cold = started.elapsed();
+    assert_eq!(first.verdict, Verdict::Exited { code: 0 }, "stderr: {}", first.stderr_text());
+    let container = sandbox.prepare(workspace.path()).await.expect("the same container");
+    let started = Instant::now();
+    let second = python(&sandbox, workspace.path(), "main.py", &Limits::default()).await;
+    let warm = started.elapsed();
+    assert_eq!(second.verdict, Verdict::Exited { code: 0 }, "stderr: {}", second.stderr_text());
+    println!("first run (container start) {cold:?}, warm run {warm:?}");
+
+    let top =
+        sandbox.docker().top_processes(&container, Some(TopOptionsBuilder::new().ps_args("-eo pid,uid,args").build()));
+    let top = top.await.expect("top");
+    let processes: Vec<String> = top.processes.unwrap_or_default().into_iter().map(|row| row.join(" ")).collect();
+    assert!(!processes.iter().any(|row| row.contains("sleep 300")), "a sleeper outlived its run: {processes:?}");
+    assert!(processes.iter().any(|row| row.contains("sleep infinity")), "the container itself stays up: {processes:?}");
+    sandbox.shutdown().await.expect("removed");
+    let gone = sandbox.docker().inspect_container(&container, None).await;
+    assert!(gone.is_err(), "the container is removed with the project");
+}
