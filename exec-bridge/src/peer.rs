@@ -1,0 +1,245 @@
+//! The bridge as a peer of the server: one multiplexed connection carrying the project's root
+//! document and every file document, kept in step with a workspace folder through [`Mirror`].
+//!
+//! Documents to files: every update to a document (other than the mirror's own) marks it; a
+//! [`Debounce`] writes marked documents once they are quiet for `quiet` (or at most `max_delay`
+//! after the first mark), so a burst of keystrokes is one write and a single keystroke reaches the
+//! disk within milliseconds. Files to documents: the workspace is scanned every `scan_every`
+//! (a polling scan: simple and correct for the project sizes of a classroom; an inotify watcher
+//! is the next step for large trees), and what changed becomes minimal CRDT edits.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use collab_client::{DocPeer, MuxConnection};
+use sync_core::tree;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use yrs::{Doc, Origin, Transact};
+
+use crate::mirror::{Debounce, FileDocs, MIRROR_ORIGIN, Mirror};
+use crate::workspace::{Workspace, WorkspaceConfig};
+
+/// Where the bridge connects and what it mirrors.
+#[derive(Debug, Clone)]
+pub struct BridgeConfig {
+    /// `ws://host:port` of a collab server.
+    pub server: String,
+    pub project: String,
+    /// An editor token for the project, issued to the bridge (its own user id and name).
+    pub token: String,
+    /// The name other peers see in awareness.
+    pub display_name: String,
+    pub workspace: PathBuf,
+    pub workspace_config: WorkspaceConfig,
+    pub quiet: Duration,
+    pub max_delay: Duration,
+    pub scan_every: Duration,
+}
+
+impl BridgeConfig {
+    /// Defaults: writes 5 ms after the last keystroke (at most 50 ms after the first), a scan
+    /// every 100 ms.
+    pub fn new(server: &str, project: &str, token: &str, workspace: PathBuf) -> BridgeConfig {
+        BridgeConfig {
+            server: server.to_owned(),
+            project: project.to_owned(),
+            token: token.to_owned(),
+            display_name: "Run bridge".to_owned(),
+            workspace,
+            workspace_config: WorkspaceConfig::default(),
+            quiet: Duration::from_millis(5),
+            max_delay: Duration::from_millis(50),
+            scan_every: Duration::from_millis(100),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    #[error("connecting to the server: {0}")]
+    Connect(#[from] collab_client::ClientError),
+    #[error(transparent)]
+    Workspace(#[from] crate::workspace::WorkspaceError),
+    #[error("the connection to the server closed")]
+    Disconnected,
+}
+
+/// Key of the root document in the debounce set (file ids are 16 hex characters).
+const ROOT: &str = "";
+
+/// Which documents changed since the mirror last looked.
+#[derive(Default)]
+struct Marks {
+    changed: Mutex<Vec<String>>,
+    wake: Notify,
+}
+
+impl Marks {
+    fn mark(&self, id: &str) {
+        self.changed.lock().unwrap_or_else(|e| e.into_inner()).push(id.to_owned());
+        self.wake.notify_one();
+    }
+
+    fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.changed.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// Marks `id` on every update to `doc` that the mirror did not make itself.
+fn watch(doc: &Doc, id: &str, marks: &Arc<Marks>) {
+    let (id, marks) = (id.to_owned(), marks.clone());
+    let own = Origin::from(MIRROR_ORIGIN);
+    doc.observe_update_v1("exec-bridge", move |txn, _| {
+        if txn.origin() != Some(&own) {
+            marks.mark(&id);
+        }
+    })
+    .expect("a document accepts an update observer");
+}
+
+/// The file documents the bridge holds, and the ones the mirror created but that are not yet
+/// opened on the connection.
+#[derive(Default)]
+struct Files {
+    peers: HashMap<String, DocPeer>,
+    created: Vec<(String, Doc)>,
+}
+
+impl FileDocs for Files {
+    fn get(&self, id: &str) -> Option<Doc> {
+        self.peers
+            .get(id)
+            .map(|p| p.doc().clone())
+            .or_else(|| self.created.iter().find(|(c, _)| c == id).map(|(_, d)| d.clone()))
+    }
+
+    fn create(&mut self, id: &str) -> Doc {
+        let doc = Doc::new();
+        self.created.push((id.to_owned(), doc.clone()));
+        doc
+    }
+}
+
+/// Runs the bridge until `shutdown`: connects, mirrors both ways, and returns on shutdown or
+/// when the connection fails. The caller restarts it with the same `mirror`: its memory of what
+/// both sides last agreed on is what lets files written while the bridge was away merge into
+/// the documents instead of being overwritten by them.
+pub async fn run(config: BridgeConfig, mirror: &mut Mirror, shutdown: CancellationToken) -> Result<(), BridgeError> {
+    let ws = Workspace::open(&config.workspace, &config.workspace_config)?;
+    let mux = MuxConnection::connect(&config.server).await?;
+    let root = mux.open(&config.project, &config.token).await?;
+    root.wait_synced(Duration::from_secs(30)).await?;
+    root.set_awareness(&serde_json::json!({ "user": { "name": config.display_name, "bridge": true } }).to_string());
+    let marks = Arc::new(Marks::default());
+    watch(root.doc(), ROOT, &marks);
+    let mut files = Files::default();
+    let mut debounce: Debounce<String> = Debounce::new(config.quiet, config.max_delay);
+    open_files(&mux, &config, root.doc(), &mut files, &marks).await?;
+    write_out(mirror, &ws, root.doc(), &files);
+    info!(project = config.project, workspace = %config.workspace.display(), "bridge mirroring");
+    let mut scan = tokio::time::interval(config.scan_every);
+    scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let deadline = debounce.deadline().map(Instant::from_std);
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = marks.wake.notified() => {
+                let now = std::time::Instant::now();
+                for id in marks.take() {
+                    debounce.touch(id, now);
+                }
+            }
+            _ = sleep_until_opt(deadline) => {
+                let Some(due) = debounce.take_due(std::time::Instant::now()) else { continue };
+                if due.contains(ROOT) {
+                    open_files(&mux, &config, root.doc(), &mut files, &marks).await?;
+                }
+                write_out(mirror, &ws, root.doc(), &files);
+            }
+            _ = scan.tick() => {
+                if !root.status().connected {
+                    return Err(BridgeError::Disconnected);
+                }
+                match ws.scan() {
+                    Ok(found) => {
+                        let report = mirror.files_to_docs(&found, root.doc(), &mut files);
+                        if !report.refused.is_empty() {
+                            warn!(refused = ?report.refused, "workspace files not mirrored");
+                        }
+                        // A merge that kept other people's typing leaves the document ahead of
+                        // the file: write it back (the mirror's own edits mark nothing).
+                        let now = std::time::Instant::now();
+                        for id in report.edited {
+                            debounce.touch(id, now);
+                        }
+                        open_created(&mux, &config, &mut files, &marks).await?;
+                    }
+                    Err(e) => warn!(error = %e, "workspace scan failed; trying again"),
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn write_out(mirror: &mut Mirror, ws: &Workspace, root: &Doc, files: &Files) {
+    let report = mirror.docs_to_files(ws, root, files);
+    if !report.refused.is_empty() {
+        warn!(refused = ?report.refused, "documents not written to the workspace");
+    }
+}
+
+/// Opens every file of the tree not open yet, and waits until each holds the server's state.
+async fn open_files(
+    mux: &MuxConnection,
+    config: &BridgeConfig,
+    root: &Doc,
+    files: &mut Files,
+    marks: &Arc<Marks>,
+) -> Result<(), BridgeError> {
+    let ids: Vec<String> = {
+        let txn = root.transact();
+        tree::entries(&txn).into_iter().filter(|e| e.kind == tree::EntryKind::File).map(|e| e.id).collect()
+    };
+    let mut opened = Vec::new();
+    for id in ids {
+        if files.peers.contains_key(&id) {
+            continue;
+        }
+        let peer = mux.open(&tree::file_doc_name(&config.project, &id), &config.token).await?;
+        watch(peer.doc(), &id, marks);
+        opened.push(id.clone());
+        files.peers.insert(id, peer);
+    }
+    for id in opened {
+        files.peers[&id].wait_synced(Duration::from_secs(30)).await?;
+    }
+    Ok(())
+}
+
+/// Opens on the connection the file documents the mirror created for new files on disk: their
+/// content goes to the server with the sync handshake.
+async fn open_created(
+    mux: &MuxConnection,
+    config: &BridgeConfig,
+    files: &mut Files,
+    marks: &Arc<Marks>,
+) -> Result<(), BridgeError> {
+    for (id, doc) in std::mem::take(&mut files.created) {
+        let peer = mux.open_with(&tree::file_doc_name(&config.project, &id), &config.token, doc).await?;
+        watch(peer.doc(), &id, marks);
+        files.peers.insert(id, peer);
+    }
+    Ok(())
+}

@@ -1,0 +1,218 @@
+//! The bridge against a real server: it joins the project as a peer, writes the files of the
+//! project into its workspace as people type, and brings files that programs write back into the
+//! documents while a person types in the same file.
+
+use std::path::Path;
+use std::time::Duration;
+
+use collab_client::{DocPeer, MuxConnection};
+use collab_server::auth::{Identity, Keys};
+use collab_server::{Config, Running};
+use exec_bridge::mirror::Mirror;
+use exec_bridge::peer::{self, BridgeConfig};
+use sync_core::Role;
+use sync_core::tree::{self, EntryKind};
+use tokio_util::sync::CancellationToken;
+use yrs::{GetString, Transact, WriteTxn};
+
+const WAIT: Duration = Duration::from_secs(20);
+const PROJECT: &str = "bridged";
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    running: Running,
+    config: Config,
+    keys: Keys,
+    url: String,
+}
+
+async fn server() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::for_data_dir(dir.path().join("data"));
+    config.web_dir = "/nonexistent".into();
+    let keys = Keys::load_or_create(&config.data_dir).unwrap();
+    let running = collab_server::start(config.clone()).await.unwrap();
+    let url = format!("ws://{}", running.addr);
+    config.listen = running.addr;
+    Setup { _dir: dir, running, config, keys, url }
+}
+
+impl Setup {
+    /// A clean stop, `meanwhile`, then a new server on the same port and data.
+    async fn restart(self, meanwhile: impl FnOnce()) -> Setup {
+        let Setup { _dir, running, config, keys, url } = self;
+        running.shutdown().await.unwrap();
+        meanwhile();
+        let running = collab_server::start(config.clone()).await.unwrap();
+        Setup { _dir, running, config, keys, url }
+    }
+
+    fn token(&self, user: &str) -> String {
+        let identity = Identity { user: user.into(), name: user.into(), project: PROJECT.into(), role: Role::Editor };
+        self.keys.sign(&identity, Duration::from_secs(600)).unwrap()
+    }
+}
+
+/// Runs the bridge as `collab-bridge` does: restarted with the same mirror when it stops.
+fn spawn_bridge(config: BridgeConfig, shutdown: &CancellationToken) -> tokio::task::JoinHandle<()> {
+    let shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        let mut mirror = Mirror::new();
+        while !shutdown.is_cancelled() {
+            if peer::run(config.clone(), &mut mirror, shutdown.clone()).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    })
+}
+
+/// Polls `cond` until it holds.
+async fn until(what: &str, cond: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn read(path: &Path) -> Option<String> {
+    std::fs::read_to_string(path).ok()
+}
+
+fn text(peer: &DocPeer) -> String {
+    let content = peer.doc().get_or_insert_text(tree::CONTENT);
+    content.get_string(&peer.doc().transact())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_flow_both_ways_while_people_type() {
+    let setup = server().await;
+    let human = MuxConnection::connect(&setup.url).await.unwrap();
+    let root = human.open(PROJECT, &setup.token("ada")).await.unwrap();
+    root.wait_synced(WAIT).await.unwrap();
+    let id = {
+        let mut txn = root.doc().transact_mut();
+        tree::init(&mut txn);
+        tree::create(&mut txn, "src/main.py", EntryKind::File).unwrap()
+    };
+    let file = human.open(&tree::file_doc_name(PROJECT, &id), &setup.token("ada")).await.unwrap();
+    file.wait_synced(WAIT).await.unwrap();
+    file.insert(0, "print('héllo')\n");
+
+    let workspace = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let config = BridgeConfig::new(&setup.url, PROJECT, &setup.token("exec-bridge"), workspace.path().to_owned());
+    let bridge = spawn_bridge(config, &shutdown);
+
+    // Documents to files: the existing file, then a keystroke.
+    let main = workspace.path().join("src/main.py");
+    until("the file in the workspace", || read(&main).as_deref() == Some("print('héllo')\n")).await;
+    let len = text(&file).len() as u32;
+    file.insert(len, "print(2)\n");
+    until("the keystroke in the workspace", || read(&main).as_deref() == Some("print('héllo')\nprint(2)\n")).await;
+
+    // Files to documents: a program rewrites the first line while the person types at the end.
+    std::fs::write(&main, "print('formatted')\nprint(2)\n").unwrap();
+    let len = text(&file).len() as u32;
+    file.insert(len, "# typed\n");
+    file.wait_until("both edits", WAIT, |p| text(p) == "print('formatted')\nprint(2)\n# typed\n").await.unwrap();
+    until("both edits in the workspace", || read(&main).as_deref() == Some("print('formatted')\nprint(2)\n# typed\n"))
+        .await;
+
+    // A new file written by a program joins the tree with its content; a deleted one leaves it.
+    std::fs::write(workspace.path().join("out.txt"), "42\n").unwrap();
+    root.wait_until("out.txt in the tree", WAIT, |p| tree::find_by_path(&p.doc().transact(), "out.txt").is_some())
+        .await
+        .unwrap();
+    let out_id = tree::find_by_path(&root.doc().transact(), "out.txt").unwrap().id;
+    let out = human.open(&tree::file_doc_name(PROJECT, &out_id), &setup.token("ada")).await.unwrap();
+    out.wait_until("out.txt content", WAIT, |p| text(p) == "42\n").await.unwrap();
+    std::fs::remove_file(workspace.path().join("out.txt")).unwrap();
+    root.wait_until("out.txt gone", WAIT, |p| tree::find_by_path(&p.doc().transact(), "out.txt").is_none())
+        .await
+        .unwrap();
+
+    // A file created in the tree by a person appears in the workspace.
+    let new_id = tree::create(&mut root.doc().transact_mut(), "notes.md", EntryKind::File).unwrap();
+    let notes = human.open(&tree::file_doc_name(PROJECT, &new_id), &setup.token("ada")).await.unwrap();
+    notes.wait_synced(WAIT).await.unwrap();
+    notes.insert(0, "# notes\n");
+    let notes_path = workspace.path().join("notes.md");
+    until("notes.md in the workspace", || read(&notes_path).as_deref() == Some("# notes\n")).await;
+
+    shutdown.cancel();
+    bridge.await.unwrap();
+    setup.running.shutdown().await.unwrap();
+}
+
+/// A hostile path in the tree is refused: nothing is written outside the workspace, and the
+/// bridge keeps mirroring the other files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_path_in_the_tree_writes_nothing_outside() {
+    let setup = server().await;
+    let human = MuxConnection::connect(&setup.url).await.unwrap();
+    let root = human.open(PROJECT, &setup.token("ada")).await.unwrap();
+    root.wait_synced(WAIT).await.unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let workspace = outside.path().join("ws");
+    std::fs::create_dir(&workspace).unwrap();
+    let (bad, good) = {
+        let mut txn = root.doc().transact_mut();
+        tree::init(&mut txn);
+        // Written straight into the map, as a hostile client would, bypassing tree::create's checks.
+        let bad = tree::new_file_id();
+        let files = txn.get_or_insert_map("files");
+        let entry: yrs::MapPrelim =
+            [("path", yrs::Any::from("../escaped.txt")), ("kind", yrs::Any::from("file"))].into_iter().collect();
+        yrs::Map::insert(&files, &mut txn, bad.as_str(), entry);
+        (bad, tree::create(&mut txn, "fine.txt", EntryKind::File).unwrap())
+    };
+    for (id, content) in [(&bad, "escape"), (&good, "fine")] {
+        let peer = human.open(&tree::file_doc_name(PROJECT, id), &setup.token("ada")).await.unwrap();
+        peer.wait_synced(WAIT).await.unwrap();
+        peer.insert(0, content);
+    }
+    let shutdown = CancellationToken::new();
+    let config = BridgeConfig::new(&setup.url, PROJECT, &setup.token("exec-bridge"), workspace.clone());
+    let bridge = spawn_bridge(config, &shutdown);
+    let fine = workspace.join("fine.txt");
+    until("fine.txt in the workspace", || read(&fine).as_deref() == Some("fine")).await;
+    assert!(!outside.path().join("escaped.txt").exists(), "a file was written outside the workspace");
+    shutdown.cancel();
+    bridge.await.unwrap();
+    setup.running.shutdown().await.unwrap();
+}
+
+/// The server goes away and comes back: the bridge reconnects, and a file a program changed
+/// meanwhile merges into the document instead of being overwritten by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_written_while_the_server_is_away_merge_when_it_returns() {
+    let setup = server().await;
+    let human = MuxConnection::connect(&setup.url).await.unwrap();
+    let root = human.open(PROJECT, &setup.token("ada")).await.unwrap();
+    root.wait_synced(WAIT).await.unwrap();
+    let id = {
+        let mut txn = root.doc().transact_mut();
+        tree::init(&mut txn);
+        tree::create(&mut txn, "log.txt", EntryKind::File).unwrap()
+    };
+    let file = human.open(&tree::file_doc_name(PROJECT, &id), &setup.token("ada")).await.unwrap();
+    file.wait_synced(WAIT).await.unwrap();
+    file.insert(0, "one\n");
+    let workspace = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let config = BridgeConfig::new(&setup.url, PROJECT, &setup.token("exec-bridge"), workspace.path().to_owned());
+    let bridge = spawn_bridge(config, &shutdown);
+    let log = workspace.path().join("log.txt");
+    until("log.txt in the workspace", || read(&log).as_deref() == Some("one\n")).await;
+    drop((file, root, human));
+
+    let setup = setup.restart(|| std::fs::write(&log, "one\ntwo\n").unwrap()).await;
+    let human = MuxConnection::connect(&setup.url).await.unwrap();
+    let file = human.open(&tree::file_doc_name(PROJECT, &id), &setup.token("ada")).await.unwrap();
+    file.wait_until("the program's line", WAIT, |p| text(p) == "one\ntwo\n").await.unwrap();
+    assert_eq!(read(&log).as_deref(), Some("one\ntwo\n"));
+    shutdown.cancel();
+    bridge.await.unwrap();
+    setup.running.shutdown().await.unwrap();
+}
