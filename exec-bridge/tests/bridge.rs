@@ -53,6 +53,31 @@ impl Setup {
     }
 }
 
+/// A project whose tree holds one file `path` with `text`, edited by `ada` over one socket.
+async fn project_with_file(setup: &Setup, path: &str, text: &str) -> (MuxConnection, DocPeer, DocPeer, String) {
+    let human = MuxConnection::connect(&setup.url).await.unwrap();
+    let root = human.open(PROJECT, &setup.token("ada")).await.unwrap();
+    root.wait_synced(WAIT).await.unwrap();
+    let id = {
+        let mut txn = root.doc().transact_mut();
+        tree::init(&mut txn);
+        tree::create(&mut txn, path, EntryKind::File).unwrap()
+    };
+    let file = human.open(&tree::file_doc_name(PROJECT, &id), &setup.token("ada")).await.unwrap();
+    file.wait_synced(WAIT).await.unwrap();
+    file.insert(0, text);
+    (human, root, file, id)
+}
+
+/// A bridge for the project on a fresh workspace: the workspace, its stop switch and its task.
+fn start_bridge(setup: &Setup) -> (tempfile::TempDir, CancellationToken, tokio::task::JoinHandle<()>) {
+    let workspace = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let config = BridgeConfig::new(&setup.url, PROJECT, &setup.token("exec-bridge"), workspace.path().to_owned());
+    let bridge = spawn_bridge(config, &shutdown);
+    (workspace, shutdown, bridge)
+}
+
 /// Runs the bridge as `collab-bridge` does: restarted with the same mirror when it stops.
 fn spawn_bridge(config: BridgeConfig, shutdown: &CancellationToken) -> tokio::task::JoinHandle<()> {
     let shutdown = shutdown.clone();
@@ -87,22 +112,8 @@ fn text(peer: &DocPeer) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_flow_both_ways_while_people_type() {
     let setup = server().await;
-    let human = MuxConnection::connect(&setup.url).await.unwrap();
-    let root = human.open(PROJECT, &setup.token("ada")).await.unwrap();
-    root.wait_synced(WAIT).await.unwrap();
-    let id = {
-        let mut txn = root.doc().transact_mut();
-        tree::init(&mut txn);
-        tree::create(&mut txn, "src/main.py", EntryKind::File).unwrap()
-    };
-    let file = human.open(&tree::file_doc_name(PROJECT, &id), &setup.token("ada")).await.unwrap();
-    file.wait_synced(WAIT).await.unwrap();
-    file.insert(0, "print('héllo')\n");
-
-    let workspace = tempfile::tempdir().unwrap();
-    let shutdown = CancellationToken::new();
-    let config = BridgeConfig::new(&setup.url, PROJECT, &setup.token("exec-bridge"), workspace.path().to_owned());
-    let bridge = spawn_bridge(config, &shutdown);
+    let (human, root, file, _) = project_with_file(&setup, "src/main.py", "print('héllo')\n").await;
+    let (workspace, shutdown, bridge) = start_bridge(&setup);
 
     // Documents to files: the existing file, then a keystroke.
     let main = workspace.path().join("src/main.py");
@@ -188,21 +199,8 @@ async fn a_hostile_path_in_the_tree_writes_nothing_outside() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_written_while_the_server_is_away_merge_when_it_returns() {
     let setup = server().await;
-    let human = MuxConnection::connect(&setup.url).await.unwrap();
-    let root = human.open(PROJECT, &setup.token("ada")).await.unwrap();
-    root.wait_synced(WAIT).await.unwrap();
-    let id = {
-        let mut txn = root.doc().transact_mut();
-        tree::init(&mut txn);
-        tree::create(&mut txn, "log.txt", EntryKind::File).unwrap()
-    };
-    let file = human.open(&tree::file_doc_name(PROJECT, &id), &setup.token("ada")).await.unwrap();
-    file.wait_synced(WAIT).await.unwrap();
-    file.insert(0, "one\n");
-    let workspace = tempfile::tempdir().unwrap();
-    let shutdown = CancellationToken::new();
-    let config = BridgeConfig::new(&setup.url, PROJECT, &setup.token("exec-bridge"), workspace.path().to_owned());
-    let bridge = spawn_bridge(config, &shutdown);
+    let (human, root, file, id) = project_with_file(&setup, "log.txt", "one\n").await;
+    let (workspace, shutdown, bridge) = start_bridge(&setup);
     let log = workspace.path().join("log.txt");
     until("log.txt in the workspace", || read(&log).as_deref() == Some("one\n")).await;
     drop((file, root, human));

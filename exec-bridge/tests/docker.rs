@@ -2,35 +2,19 @@
 //! container's configuration as the engine reports it, Docker's OOM verdict, container reuse
 //! and the end of every process a run leaves behind.
 
+mod common;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bollard::query_parameters::TopOptionsBuilder;
+use common::{docker_sandbox, workspace_with};
 use exec_bridge::run::{Limits, Program, RunOutput, Verdict, run_program};
 use exec_bridge::sandbox::Sandbox;
 use exec_bridge::sandbox::docker::{DockerSandbox, DockerSandboxConfig};
 
 const PATIENCE: Duration = Duration::from_secs(60);
-
-async fn docker_sandbox(config: DockerSandboxConfig) -> Arc<DockerSandbox> {
-    let sandbox = match DockerSandbox::connect(config).await {
-        Ok(sandbox) => sandbox,
-        Err(err) => panic!(
-            "the Docker sandbox tests need a running dockerd and the runtime image: {err}; run `cargo xtask test`, which starts dockerd and builds the image"
-        ),
-    };
-    sandbox.prune_orphans().await.expect("pruning containers of gone workspaces");
-    Arc::new(sandbox)
-}
-
-fn workspace_with(files: &[(&str, &str)]) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().expect("temp dir");
-    for (name, text) in files {
-        std::fs::write(dir.path().join(name), text).expect("write workspace file");
-    }
-    dir
-}
 
 async fn python(sandbox: &Arc<DockerSandbox>, workspace: &Path, script: &str, limits: &Limits) -> RunOutput {
     let dyn_sandbox: Arc<dyn Sandbox> = sandbox.clone();

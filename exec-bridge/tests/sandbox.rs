@@ -4,12 +4,15 @@
 //! Each check is an `async fn` taking the sandbox; the `conformance!` macro at the end makes a
 //! test of it per implementation (`local::NAME`, `docker::NAME`).
 
+mod common;
+
 use std::net::TcpListener;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::workspace_with;
 use exec_bridge::run::{Limits, Program, RunEvent, RunOutput, Stream, TimeLimit, Verdict, run_program};
 use exec_bridge::sandbox::docker::{DockerSandbox, DockerSandboxConfig};
 use exec_bridge::sandbox::local::{LocalSandbox, LocalSandboxConfig};
@@ -30,22 +33,7 @@ fn local_sandbox() -> Arc<dyn Sandbox> {
 /// A Docker sandbox with the default runtime image; containers of earlier test runs whose
 /// workspace is gone (a test that panicked) are removed first.
 async fn docker_sandbox() -> Arc<DockerSandbox> {
-    let sandbox = match DockerSandbox::connect(DockerSandboxConfig::default()).await {
-        Ok(sandbox) => sandbox,
-        Err(err) => panic!(
-            "the Docker sandbox tests need a running dockerd and the runtime image: {err}; run `cargo xtask test`, which starts dockerd and builds the image"
-        ),
-    };
-    sandbox.prune_orphans().await.expect("pruning containers of gone workspaces");
-    Arc::new(sandbox)
-}
-
-fn workspace_with(files: &[(&str, &str)]) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().expect("temp dir");
-    for (name, text) in files {
-        std::fs::write(dir.path().join(name), text).expect("write workspace file");
-    }
-    dir
+    common::docker_sandbox(DockerSandboxConfig::default()).await
 }
 
 async fn run(sandbox: &Arc<dyn Sandbox>, workspace: &Path, program: &Program, limits: &Limits) -> RunOutput {

@@ -70,7 +70,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Mutex, OwnedMutexGuard, mpsc, oneshot};
 
 use super::local::{WORKSPACE_MOUNT, give_workspace, judge};
-use super::{EVENT_QUEUE, Execution, STDIN_QUEUE, Sandbox, SandboxCommand, SandboxError};
+use super::{EVENT_QUEUE, Execution, Forwarded, OutputBudget, STDIN_QUEUE, Sandbox, SandboxCommand, SandboxError};
 use crate::run::{Limits, RunEvent, Stream as OutputStream, TimeLimit, Verdict};
 
 /// The runtime image `cargo xtask images` builds: python3, gcc, g++ and GNU time on Debian
@@ -507,21 +507,16 @@ async fn supervise(
 ) {
     let deadline = tokio::time::sleep(run.limits.wall_time);
     tokio::pin!(deadline);
-    let mut written: u64 = 0;
+    let mut budget = OutputBudget::new(run.limits.output_bytes);
     let killed = loop {
         tokio::select! {
             chunk = output.recv() => {
                 // The output ends when the wrapper has exited and killed every leftover.
                 let Some((stream, bytes)) = chunk else { break None };
-                let room = run.limits.output_bytes.saturating_sub(written);
-                let over = bytes.len() as u64 > room;
-                let bytes = if over { bytes.slice(..room as usize) } else { bytes };
-                written += bytes.len() as u64;
-                if !bytes.is_empty() && events.send(RunEvent::Output { stream, bytes }).await.is_err() {
-                    break Some(None); // nobody listens any more
-                }
-                if over {
-                    break Some(Some(Verdict::OutputLimit));
+                match budget.forward(&events, stream, bytes).await {
+                    Forwarded::Sent => {}
+                    Forwarded::OverLimit => break Some(Some(Verdict::OutputLimit)),
+                    Forwarded::NobodyListens => break Some(None),
                 }
             }
             () = &mut deadline => break Some(Some(Verdict::TimeLimit(TimeLimit::Wall))),

@@ -67,7 +67,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
 
-use super::{EVENT_QUEUE, Execution, STDIN_QUEUE, Sandbox, SandboxCommand, SandboxError};
+use super::{EVENT_QUEUE, Execution, Forwarded, OutputBudget, STDIN_QUEUE, Sandbox, SandboxCommand, SandboxError};
 use crate::run::{Limits, RunEvent, Stream, TimeLimit, Verdict};
 
 /// The uid and gid sandboxed programs run as when the bridge runs as root: outside passwd,
@@ -319,7 +319,7 @@ struct Supervised {
 async fn supervise(mut run: Supervised, mut output: mpsc::Receiver<(Stream, Bytes)>, events: mpsc::Sender<RunEvent>) {
     let deadline = tokio::time::sleep(run.limits.wall_time);
     tokio::pin!(deadline);
-    let mut written: u64 = 0;
+    let mut budget = OutputBudget::new(run.limits.output_bytes);
     let mut status: Option<ExitStatus> = None;
     let mut output_open = true;
     let killed = loop {
@@ -332,15 +332,10 @@ async fn supervise(mut run: Supervised, mut output: mpsc::Receiver<(Stream, Byte
                     output_open = false;
                     continue;
                 };
-                let room = run.limits.output_bytes.saturating_sub(written);
-                let over = bytes.len() as u64 > room;
-                let bytes = if over { bytes.slice(..room as usize) } else { bytes };
-                written += bytes.len() as u64;
-                if !bytes.is_empty() && events.send(RunEvent::Output { stream, bytes }).await.is_err() {
-                    break Some(None); // nobody listens any more
-                }
-                if over {
-                    break Some(Some(Verdict::OutputLimit));
+                match budget.forward(&events, stream, bytes).await {
+                    Forwarded::Sent => {}
+                    Forwarded::OverLimit => break Some(Some(Verdict::OutputLimit)),
+                    Forwarded::NobodyListens => break Some(None),
                 }
             }
             exited = run.child.wait(), if status.is_none() => match exited {

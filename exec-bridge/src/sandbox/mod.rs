@@ -105,3 +105,36 @@ pub trait Sandbox: Send + Sync {
         limits: &Limits,
     ) -> Result<Execution, SandboxError>;
 }
+
+/// What forwarding one chunk of a run's output did.
+pub(crate) enum Forwarded {
+    Sent,
+    /// The chunk reached the output limit: what fitted was sent, the run must be stopped.
+    OverLimit,
+    /// The events receiver is gone: nobody wants the run any more.
+    NobodyListens,
+}
+
+/// A run's output counted against its limit on the way to the events channel.
+pub(crate) struct OutputBudget {
+    written: u64,
+    limit: u64,
+}
+
+impl OutputBudget {
+    pub(crate) fn new(limit: u64) -> OutputBudget {
+        OutputBudget { written: 0, limit }
+    }
+
+    /// Sends `bytes`, cut at the limit, as an output event.
+    pub(crate) async fn forward(&mut self, events: &mpsc::Sender<RunEvent>, stream: Stream, bytes: Bytes) -> Forwarded {
+        let room = self.limit.saturating_sub(self.written);
+        let over = bytes.len() as u64 > room;
+        let bytes = if over { bytes.slice(..room as usize) } else { bytes };
+        self.written += bytes.len() as u64;
+        if !bytes.is_empty() && events.send(RunEvent::Output { stream, bytes }).await.is_err() {
+            return Forwarded::NobodyListens;
+        }
+        if over { Forwarded::OverLimit } else { Forwarded::Sent }
+    }
+}
