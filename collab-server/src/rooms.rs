@@ -191,6 +191,7 @@ impl Rooms {
             unsaved_bytes: 0,
             remote_unsaved: Vec::new(),
             tx: tx.downgrade(),
+            echo_pending: HashMap::new(),
             awaiting: Vec::new(),
             backoff: Duration::ZERO,
             server_awaiting: Vec::new(),
@@ -252,6 +253,9 @@ struct Actor {
     remote_unsaved: Vec<Vec<u8>>,
     /// This room's inbox, for the bus to route the document's channel to.
     tx: mpsc::WeakSender<RoomCmd>,
+    /// Update frames held (in `awaiting` or the commit in flight) per peer: while a peer has
+    /// any, its later update frames queue behind them.
+    echo_pending: HashMap<PeerId, usize>,
     /// Confirmations (echoes, sync statuses) to send once `unsaved` is in the store.
     awaiting: Vec<(PeerId, Awaiting)>,
     backoff: Duration,
@@ -657,7 +661,12 @@ impl Actor {
             for (peer, slot) in &self.peers {
                 let frame =
                     frames.entry(&slot.framing).or_insert_with(|| encode(&slot.framing, OutMsg::Update(&update)));
-                if writers.contains(peer) {
+                // A writer hears this update once it is saved. So does a peer still waiting for
+                // an earlier one: updates reach every peer in order, or its document would hold
+                // content it cannot integrate yet (yrs keeps it pending, and a client's sync
+                // step 2 then carries a hole the room refuses).
+                if writers.contains(peer) || self.echo_pending.contains_key(peer) {
+                    *self.echo_pending.entry(*peer).or_default() += 1;
                     self.awaiting.push((*peer, Awaiting::Frame(frame.clone())));
                 } else if slot.sink.push(frame.clone()).is_err() {
                     evict.push(*peer);
@@ -719,6 +728,14 @@ impl Actor {
             let _ = done.send(());
         }
         for (peer, awaiting) in awaiting {
+            if matches!(awaiting, Awaiting::Frame(_)) {
+                if let Some(left) = self.echo_pending.get_mut(&peer) {
+                    *left -= 1;
+                    if *left == 0 {
+                        self.echo_pending.remove(&peer);
+                    }
+                }
+            }
             if let Some(slot) = self.peers.get(&peer) {
                 // A full queue ends that connection; its client resyncs and loses nothing.
                 let _ = match awaiting {
