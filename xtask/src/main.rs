@@ -235,7 +235,7 @@ fn test(root: &Path) -> Result<ExitCode> {
 /// load` against SQLite and the throwaway PostgreSQL (stopped again whatever happened), and
 /// `collab-bench compare` and `soak` with the servers pinned to core 0 and the generator to core 1.
 /// Packages `cargo xtask bench` installs with apt.
-const BENCH_APT_PACKAGES: &[apt::Package] = &[POSTGRESQL, REDIS];
+const BENCH_APT_PACKAGES: &[apt::Package] = &[POSTGRESQL, REDIS, BUBBLEWRAP, GNU_TIME, DOCKER, DEBOOTSTRAP];
 
 fn bench(root: &Path, runs: usize, soak_minutes: f64, quick: bool) -> Result<ExitCode> {
     apt::ensure(BENCH_APT_PACKAGES)?;
@@ -252,6 +252,10 @@ fn bench(root: &Path, runs: usize, soak_minutes: f64, quick: bool) -> Result<Exi
         "loadtest",
         "--bin",
         "collab-bench",
+        "-p",
+        "exec-bridge",
+        "--bin",
+        "exec-bench",
     ]);
     cmd::run(build.current_dir(root))?;
     steps::reference_servers(root)?;
@@ -279,6 +283,10 @@ fn bench(root: &Path, runs: usize, soak_minutes: f64, quick: bool) -> Result<Exi
     });
     postgres::stop(&target_dir)?;
     loaded?;
+    // Run start latency of the sandboxes, against plain docker and bwrap.
+    docker::ensure_engine(&target_dir)?;
+    docker::ensure_images(&target_dir)?;
+    cmd::run(std::process::Command::new(release.join("exec-bench")).current_dir(root))?;
     let mut compare = pinned("compare");
     compare.arg("--out").arg(&out).arg("--runs").arg(runs.to_string());
     if quick {
