@@ -460,16 +460,23 @@ impl Actor {
         }
         let parts = std::mem::take(&mut self.remote_unsaved);
         let merged = match parts.len() {
-            1 => parts.into_iter().next(),
-            _ => yrs::merge_updates_v1(parts.iter().map(Vec::as_slice)).ok(),
+            1 => parts,
+            // Each part was applied here, so they merge; should yrs refuse, they are saved apart.
+            _ => match yrs::merge_updates_v1(parts.iter().map(Vec::as_slice)) {
+                Ok(merged) => vec![merged],
+                Err(e) => {
+                    warn!(error = %e, "could not merge other nodes' updates; saving them one by one");
+                    parts
+                }
+            },
         };
-        if let Some(update) = merged {
+        for update in merged {
             self.env().metrics.unsaved_bytes.inc_by(update.len() as i64);
             self.unsaved_bytes += update.len();
             self.unsaved.push(update);
-            if self.retry_at.is_none() {
-                self.persist();
-            }
+        }
+        if self.retry_at.is_none() {
+            self.persist();
         }
     }
 
