@@ -17,7 +17,7 @@
 //! The `collab-bridge` binary runs [`peer`] for one project, reconnecting with the same mirror.
 //!
 //! Not built yet: runs started by peers and their output relayed to the project's peers (with
-//! history for late joiners), terminals, previews, a warm sandbox pool, idle stop, ownership
+//! history for late joiners), terminals, previews, a warm sandbox pool, ownership
 //! across several bridges, and the browser's Run button and terminal pane.
 
 pub mod detect;

@@ -102,3 +102,31 @@ async fn a_project_reuses_its_container_and_no_process_outlives_a_run() {
     let gone = sandbox.docker().inspect_container(&container, None).await;
     assert!(gone.is_err(), "the container is removed with the project");
 }
+
+/// A project that ran nothing for the idle time loses its container; its next run starts a new
+/// one and works; a busy or recently used project keeps its container.
+#[tokio::test]
+async fn an_idle_project_stops_and_starts_again_on_demand() {
+    let sandbox = docker_sandbox(DockerSandboxConfig::default()).await;
+    let workspace = workspace_with(&[("main.py", "print('again')")]);
+    let container = sandbox.prepare(workspace.path()).await.expect("container starts");
+    let run = || async {
+        let program = Program::python("main.py");
+        let sandbox: Arc<dyn Sandbox> = sandbox.clone();
+        let output = run_program(&sandbox, workspace.path(), &program, &Limits::compile(), &Limits::default())
+            .await
+            .expect("run starts")
+            .collect()
+            .await
+            .expect("run ends");
+        assert_eq!(output.verdict, Verdict::Exited { code: 0 });
+        assert_eq!(String::from_utf8_lossy(&output.stdout), "again\n");
+    };
+    run().await;
+    assert_eq!(sandbox.stop_idle(Duration::from_secs(3600)).await.unwrap(), 0, "used just now");
+    assert_eq!(sandbox.stop_idle(Duration::ZERO).await.unwrap(), 1);
+    assert!(sandbox.docker().inspect_container(&container, None).await.is_err(), "the idle container is gone");
+    run().await;
+    assert!(sandbox.docker().inspect_container(&container, None).await.is_ok(), "a new container runs it");
+    sandbox.shutdown().await.unwrap();
+}
