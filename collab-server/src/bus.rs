@@ -162,7 +162,12 @@ impl Bus {
     /// Queues `msg` for every other node with `doc` loaded. Never waits: when the queue is full or
     /// Redis is down the message is dropped and counted, and the state comparison repairs it.
     pub fn publish(&self, doc: &DocName, msg: &NodeMsg) {
-        if self.inner.outbox.try_send((channel(doc), Bytes::from(msg.encode()))).is_err() {
+        self.publish_encoded(doc, msg.encode());
+    }
+
+    /// [`Bus::publish`] for a message already encoded.
+    pub fn publish_encoded(&self, doc: &DocName, msg: Vec<u8>) {
+        if self.inner.outbox.try_send((channel(doc), Bytes::from(msg))).is_err() {
             self.inner.metrics.bus_dropped.inc();
         }
     }

@@ -680,8 +680,8 @@ impl Actor {
                 }
             }
             if origin == Origin::Local {
-                if let Some(from) = self.node() {
-                    self.publish(&NodeMsg::Update { from, update: update.clone() });
+                if let Some(bus) = &self.env().bus {
+                    bus.publish_encoded(&self.doc, NodeMsg::encode_update(bus.node(), &update));
                 }
             }
             if origin == Origin::Remote {

@@ -72,11 +72,7 @@ impl NodeMsg {
         let mut out = Vec::new();
         out.write_u8(VERSION);
         match self {
-            NodeMsg::Update { from, update } => {
-                out.write_u8(0);
-                out.write_var(*from);
-                out.write_buf(update);
-            }
+            NodeMsg::Update { from, update } => return NodeMsg::encode_update(*from, update),
             NodeMsg::Awareness { from, update } => {
                 out.write_u8(1);
                 out.write_var(*from);
@@ -101,6 +97,16 @@ impl NodeMsg {
                 out.write_buf(update);
             }
         }
+        out
+    }
+
+    /// [`NodeMsg::Update`] encoded from a borrowed update: the hot path, one copy of the bytes.
+    pub fn encode_update(from: NodeId, update: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(update.len() + 16);
+        out.write_u8(VERSION);
+        out.write_u8(0);
+        out.write_var(from);
+        out.write_buf(update);
         out
     }
 
