@@ -24,6 +24,7 @@ pub mod detect;
 pub mod mirror;
 pub mod paths;
 pub mod peer;
+pub mod protocol;
 pub mod run;
 pub mod sandbox;
 pub mod workspace;

@@ -236,6 +236,19 @@ pub(super) fn give_workspace(dir: &Path, id: u32) -> std::io::Result<()> {
 
 #[async_trait]
 impl Sandbox for LocalSandbox {
+    async fn open_terminal(
+        &self,
+        _workspace: &Path,
+        _size: super::TermSize,
+        _limits: &Limits,
+    ) -> Result<super::Terminal, SandboxError> {
+        Err(SandboxError::Spawn(std::io::Error::other("terminals are not built yet")))
+    }
+
+    async fn connect_port(&self, _workspace: &Path, port: u16) -> Result<Box<dyn super::PortStream>, SandboxError> {
+        Err(SandboxError::NotListening { port })
+    }
+
     async fn start(
         &self,
         workspace: &Path,

@@ -9,7 +9,8 @@ use std::path::Path;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::run::{Limits, RunEvent, RunOutput, Stream};
 
@@ -61,6 +62,36 @@ impl Execution {
     }
 }
 
+/// A terminal's size in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TermSize {
+    pub cols: u16,
+    pub rows: u16,
+}
+
+/// Chunks of terminal output that may wait for the reader. When they are not read, the pty's
+/// buffer fills and the shell's programs block writing: this is the terminal's flow control.
+pub const TERM_QUEUE: usize = 16;
+
+/// An interactive shell on a pseudo-terminal in a sandbox, in the workspace.
+///
+/// Dropping `output` ends the shell and everything it started; dropping `input` does not.
+#[derive(Debug)]
+pub struct Terminal {
+    /// Keystrokes, written to the pty as they arrive.
+    pub input: mpsc::Sender<Bytes>,
+    /// New sizes for the pty (the shell's programs get `SIGWINCH`).
+    pub resize: mpsc::Sender<TermSize>,
+    /// What the pty prints, in order; ends when the shell has exited.
+    pub output: mpsc::Receiver<Bytes>,
+    /// The shell's exit code once it ended; `None` when it was killed by a signal.
+    pub exited: oneshot::Receiver<Option<i32>>,
+}
+
+/// A byte stream to a port inside a sandbox (for live previews).
+pub trait PortStream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> PortStream for T {}
+
 /// Why a command could not be run at all (as opposed to a run that ended with a bad verdict).
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
@@ -84,6 +115,8 @@ pub enum SandboxError {
     },
     #[error("the runtime image {image} does not exist ({hint})")]
     ImageMissing { image: String, hint: &'static str },
+    #[error("nothing listens on port {port} in this project's sandbox")]
+    NotListening { port: u16 },
     #[error("the container engine failed")]
     Engine(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
@@ -104,6 +137,20 @@ pub trait Sandbox: Send + Sync {
         command: &SandboxCommand,
         limits: &Limits,
     ) -> Result<Execution, SandboxError>;
+
+    /// Opens an interactive shell (`/bin/bash`) on a pty in `workspace`, with the same isolation
+    /// as a run. Of `limits`, CPU time, memory, processes and file size apply; wall time and
+    /// output bytes do not (a terminal lives until closed; its output is flow-controlled).
+    async fn open_terminal(
+        &self,
+        workspace: &Path,
+        size: TermSize,
+        limits: &Limits,
+    ) -> Result<Terminal, SandboxError>;
+
+    /// Connects to `port` on which a program of this workspace's sandbox listens (on any of its
+    /// addresses inside the sandbox), for live previews. Reaches nothing outside the sandbox.
+    async fn connect_port(&self, workspace: &Path, port: u16) -> Result<Box<dyn PortStream>, SandboxError>;
 }
 
 /// What forwarding one chunk of a run's output did.
