@@ -44,7 +44,7 @@ pub enum StreamName {
 pub enum ClientMsg {
     /// Starts the project's program (its `run` setting, or detected from its files). Refused
     /// while another run of the project is still going.
-    Run,
+    Run {},
     /// Bytes for a running program's stdin.
     Stdin { run: u64, data: Data },
     /// Closes a running program's stdin (end of input).
@@ -152,7 +152,7 @@ mod tests {
     fn client_messages_parse_from_json() {
         let msg: ClientMsg = serde_json::from_str(r#"{"type":"term_input","term":3,"data":"bHMK"}"#).unwrap();
         assert_eq!(msg, ClientMsg::TermInput { term: 3, data: Data(b"ls\n".to_vec()) });
-        assert_eq!(serde_json::from_str::<ClientMsg>(r#"{"type":"run"}"#).unwrap(), ClientMsg::Run);
+        assert_eq!(serde_json::from_str::<ClientMsg>(r#"{"type":"run"}"#).unwrap(), ClientMsg::Run {});
     }
 
     #[test]
