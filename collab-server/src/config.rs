@@ -52,6 +52,18 @@ pub struct Config {
     /// Automatic checkpoints kept per project (older ones are deleted; named ones never are).
     #[arg(long, env = "COLLAB_AUTO_CHECKPOINTS_KEPT", default_value_t = 20)]
     pub auto_checkpoints_kept: usize,
+    /// Where runs and terminals execute: `none` (the exec channel is off), `local`
+    /// (bubblewrap on this machine) or `docker` (a container per project).
+    #[arg(long, env = "COLLAB_SANDBOX", value_enum, default_value = "none")]
+    pub sandbox: crate::exec::SandboxKind,
+    /// Folder of the projects' workspaces (the files runs see); default: `workspaces` in the
+    /// data directory.
+    #[arg(long, env = "COLLAB_WORKSPACES_DIR")]
+    pub workspaces_dir: Option<PathBuf>,
+    /// Seconds a project's runs-and-terminals session stays after its last exec peer left, when
+    /// nothing runs in it.
+    #[arg(long, env = "COLLAB_EXEC_IDLE", value_parser = parse_secs, default_value = "600")]
+    pub exec_idle: Duration,
     #[command(flatten)]
     pub limits: Limits,
 }

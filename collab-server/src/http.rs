@@ -36,6 +36,8 @@ pub enum AppError {
     Archive(#[from] ArchiveError),
     #[error("{0}")]
     Project(#[from] ProjectError),
+    #[error("{0}")]
+    Unavailable(String),
     #[error("could not build the archive")]
     Export,
     #[error("{0}")]
@@ -49,7 +51,7 @@ impl IntoResponse for AppError {
             AppError::Project(ProjectError::Tree(_) | ProjectError::BadName) => StatusCode::BAD_REQUEST,
             AppError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             AppError::Forbidden => StatusCode::FORBIDDEN,
-            AppError::Project(ProjectError::Unavailable) => StatusCode::SERVICE_UNAVAILABLE,
+            AppError::Project(ProjectError::Unavailable) | AppError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             AppError::Export => StatusCode::INTERNAL_SERVER_ERROR,
             AppError::Checkpoint(CheckpointError::NotFound | CheckpointError::NoSuchFile(_)) => StatusCode::NOT_FOUND,
             AppError::Checkpoint(CheckpointError::Project(ProjectError::Tree(_) | ProjectError::BadName)) => {
@@ -95,6 +97,7 @@ pub fn router(app: Arc<AppState>) -> Router {
     Router::new()
         .merge(sync)
         .merge(api)
+        .route("/exec/{project}", get(exec_upgrade))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .merge(web)
@@ -155,6 +158,31 @@ async fn mux_upgrade(State(app): State<Arc<AppState>>, ws: WebSocketUpgrade) -> 
         let task = app.tracker.track_future(conn::run(socket, app.clone(), handler));
         tracing::Instrument::instrument(task, span)
     })
+}
+
+/// `GET /exec/{project}?token=...`: the project's runs and terminals (see [`crate::exec`]).
+async fn exec_upgrade(
+    State(app): State<Arc<AppState>>,
+    Path(project): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Result<Response, AppError> {
+    let (_, identity) = project_identity(&app, &project, &params, &headers)?;
+    if !app.exec.enabled() {
+        return Err(AppError::Unavailable(crate::exec::ExecError::Disabled.to_string()));
+    }
+    let upgrade = ws
+        .max_message_size(crate::exec::MAX_MESSAGE)
+        .max_frame_size(crate::exec::MAX_MESSAGE)
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER);
+    let span = tracing::info_span!("exec", project = %identity.project, user_id = %identity.user);
+    Ok(upgrade.on_upgrade(move |socket| {
+        let task =
+            app.tracker.track_future(crate::exec::serve_peer(socket, app.exec.clone(), identity, app.shutdown.clone()));
+        tracing::Instrument::instrument(task, span)
+    }))
 }
 
 /// Largest accepted import upload (compressed), in bytes.

@@ -11,6 +11,7 @@ pub mod config;
 pub mod conn;
 pub mod conn_sink;
 pub mod demo;
+pub mod exec;
 pub mod http;
 pub mod metrics;
 pub mod project;
@@ -19,6 +20,7 @@ pub mod rooms;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -38,6 +40,7 @@ pub struct AppState {
     pub config: Config,
     pub keys: Keys,
     pub rooms: Rooms,
+    pub exec: Arc<exec::ExecHub>,
     pub metrics: Arc<Metrics>,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
@@ -108,17 +111,25 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
     };
+    let sandbox = open_sandbox(config.sandbox).await?;
+    let workspaces = config.workspaces_dir.clone().unwrap_or_else(|| config.data_dir.join("workspaces"));
+    let exec = Arc::new(exec::ExecHub::new(sandbox, workspaces, keys.clone(), config.exec_idle, shutdown.clone()));
     let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
     let app = Arc::new(AppState {
         keys,
         rooms: Rooms::new(env),
+        exec,
         metrics,
         shutdown: shutdown.clone(),
         tracker,
         next_peer: AtomicU64::new(1),
         config,
     });
+    app.exec.set_listening(addr);
+    if app.exec.enabled() {
+        app.tracker.spawn(sweep_exec(app.clone()));
+    }
     if !app.config.auto_checkpoint_interval.is_zero() {
         app.tracker.spawn(auto_checkpoints(app.clone()));
     }
@@ -137,6 +148,37 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     });
     info!(%addr, "listening");
     Ok(Running { addr, app, serve })
+}
+
+/// The sandbox `kind` names; a sandbox that cannot work here is an error at startup.
+async fn open_sandbox(kind: exec::SandboxKind) -> anyhow::Result<Option<Arc<dyn exec_bridge::sandbox::Sandbox>>> {
+    use exec_bridge::sandbox::{docker, local};
+    Ok(match kind {
+        exec::SandboxKind::None => None,
+        exec::SandboxKind::Local => {
+            Some(Arc::new(local::LocalSandbox::new(local::LocalSandboxConfig::default()).context("--sandbox local")?))
+        }
+        exec::SandboxKind::Docker => Some(Arc::new(
+            docker::DockerSandbox::connect(docker::DockerSandboxConfig::default()).await.context("--sandbox docker")?,
+        )),
+    })
+}
+
+/// Closes idle exec sessions now and then, and every session at shutdown.
+async fn sweep_exec(app: Arc<AppState>) {
+    let every = (app.config.exec_idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                app.exec.sweep();
+            }
+            _ = app.shutdown.cancelled() => {
+                app.exec.close_all();
+                return;
+            }
+        }
+    }
 }
 
 /// Checkpoints every project that saved changes during the last interval, then prunes the

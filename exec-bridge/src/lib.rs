@@ -27,4 +27,5 @@ pub mod peer;
 pub mod protocol;
 pub mod run;
 pub mod sandbox;
+pub mod session;
 pub mod workspace;

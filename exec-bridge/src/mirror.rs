@@ -417,6 +417,13 @@ impl<K: Ord> Debounce<K> {
         self.last = None;
         Some(std::mem::take(&mut self.pending))
     }
+
+    /// Clears the pending keys whether due or not; true when there were any.
+    pub fn take_all(&mut self) -> bool {
+        self.first = None;
+        self.last = None;
+        !std::mem::take(&mut self.pending).is_empty()
+    }
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use collab_client::{DocPeer, MuxConnection};
 use sync_core::tree;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -125,11 +125,35 @@ impl FileDocs for Files {
     }
 }
 
+/// What a run needs to know of the project, read after every pending document edit is written.
+#[derive(Debug, Clone, Default)]
+pub struct Prepared {
+    pub settings: tree::Settings,
+    /// Every file's path in the tree.
+    pub paths: Vec<String>,
+}
+
+/// Asks the bridge to write out every edit it holds now (skipping the debounce) and answer
+/// with the project's settings and files: sent before each run, so the run sees the documents
+/// as the bridge last received them.
+pub type PrepareRequest = oneshot::Sender<Prepared>;
+
 /// Runs the bridge until `shutdown`: connects, mirrors both ways, and returns on shutdown or
 /// when the connection fails. The caller restarts it with the same `mirror`: its memory of what
 /// both sides last agreed on is what lets files written while the bridge was away merge into
 /// the documents instead of being overwritten by them.
 pub async fn run(config: BridgeConfig, mirror: &mut Mirror, shutdown: CancellationToken) -> Result<(), BridgeError> {
+    let (_keep, mut requests) = mpsc::channel(1);
+    run_serving(config, mirror, shutdown, &mut requests).await
+}
+
+/// [`run`], also answering [`PrepareRequest`]s.
+pub async fn run_serving(
+    config: BridgeConfig,
+    mirror: &mut Mirror,
+    shutdown: CancellationToken,
+    requests: &mut mpsc::Receiver<PrepareRequest>,
+) -> Result<(), BridgeError> {
     let ws = Workspace::open(&config.workspace, &config.workspace_config)?;
     let mux = MuxConnection::connect(&config.server).await?;
     let root = mux.open(&config.project, &config.token).await?;
@@ -148,6 +172,25 @@ pub async fn run(config: BridgeConfig, mirror: &mut Mirror, shutdown: Cancellati
         let deadline = debounce.deadline().map(Instant::from_std);
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
+            Some(reply) = requests.recv() => {
+                for id in marks.take() {
+                    debounce.touch(id, std::time::Instant::now());
+                }
+                if debounce.take_all() {
+                    open_files(&mux, &config, root.doc(), &mut files, &marks).await?;
+                    write_out(mirror, &ws, root.doc(), &files);
+                }
+                let prepared = {
+                    let txn = root.doc().transact();
+                    let paths = tree::entries(&txn)
+                        .into_iter()
+                        .filter(|e| e.kind == tree::EntryKind::File)
+                        .map(|e| e.path)
+                        .collect();
+                    Prepared { settings: tree::settings(&txn), paths }
+                };
+                let _ = reply.send(prepared);
+            }
             _ = marks.wake.notified() => {
                 let now = std::time::Instant::now();
                 for id in marks.take() {

@@ -97,12 +97,18 @@ const DOCKER: apt::Package =
 const DEBOOTSTRAP: apt::Package =
     apt::Package { name: "debootstrap", needed_by: "the Docker sandbox's runtime images, built from Debian packages" };
 
+const PYTHON: apt::Package =
+    apt::Package { name: "python3", needed_by: "the demo project's run (python3 main.py) in the local sandbox" };
+
+/// Packages `cargo xtask run` installs with apt: the embedded default's local sandbox.
+const RUN_APT_PACKAGES: &[apt::Package] = &[BUBBLEWRAP, GNU_TIME, PYTHON];
+
 /// Packages `cargo xtask images` installs with apt.
 const DOCKER_APT_PACKAGES: &[apt::Package] = &[DOCKER, DEBOOTSTRAP];
 
 /// Packages `cargo xtask test` installs with apt, each with the reason it is needed.
 const APT_PACKAGES: &[apt::Package] =
-    &[CHROMIUM, POSTGRESQL, REDIS, HAPROXY, BUBBLEWRAP, GNU_TIME, DOCKER, DEBOOTSTRAP];
+    &[CHROMIUM, POSTGRESQL, REDIS, HAPROXY, BUBBLEWRAP, GNU_TIME, PYTHON, DOCKER, DEBOOTSTRAP];
 
 /// Packages `cargo xtask cluster` installs with apt.
 const CLUSTER_APT_PACKAGES: &[apt::Package] = &[POSTGRESQL, REDIS, HAPROXY];
@@ -131,7 +137,7 @@ const TEST_PLAN: &[Step] = &[
 const IMAGES_PLAN: &[Step] = &[Step::AptPackages(DOCKER_APT_PACKAGES), Step::StartDocker, Step::RuntimeImages];
 
 /// What `cargo xtask run` builds before it starts the server.
-const RUN_PLAN: &[Step] = &[Step::NpmInstall, Step::NpmBuild, Step::BuildServer];
+const RUN_PLAN: &[Step] = &[Step::AptPackages(RUN_APT_PACKAGES), Step::NpmInstall, Step::NpmBuild, Step::BuildServer];
 
 /// What `cargo xtask cluster` installs and builds before it starts the services.
 const CLUSTER_PLAN: &[Step] =
@@ -143,6 +149,7 @@ const SERVE_DEFAULTS: &[(&str, Option<&str>)] = &[
     ("--data-dir", Some("data")),
     ("--web-dir", Some("web/dist")),
     ("--demo", None),
+    ("--sandbox", Some("local")),
 ];
 
 fn main() -> ExitCode {

@@ -79,6 +79,10 @@ impl TestServer {
             .unwrap_or_else(|| panic!("metric {name} not found in\n{}", self.metrics()))
     }
 
+    pub fn app(&self) -> &std::sync::Arc<collab_server::AppState> {
+        &self.running().app
+    }
+
     pub fn loaded_documents(&self) -> usize {
         self.running().app.rooms.loaded()
     }

@@ -1,0 +1,294 @@
+//! The exec channel (`GET /exec/{project}`): runs and shared terminals of a project, through the
+//! bridge this node hosts.
+//!
+//! A node started with `--sandbox local|docker` hosts one exec-bridge session per project that
+//! has exec peers: a mirror peer that joins the project over this node's own sync endpoint (with
+//! a token the node signs for itself) and keeps the project's files in a workspace folder, and
+//! the project's runs and terminals in that sandbox. Sessions outlive their peers (a terminal
+//! survives a closed browser tab) and are closed after `--exec-idle` without peers and with
+//! nothing running.
+//!
+//! Invariants: a peer's role comes from its token and only editors change anything (the
+//! session refuses viewers); a peer that cannot keep up with the project's events is
+//! disconnected with 1013 and never holds back the others; malformed messages are answered with
+//! an error message and change nothing.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use exec_bridge::mirror::Mirror;
+use exec_bridge::peer::{self, BridgeConfig};
+use exec_bridge::protocol::{ClientMsg, ServerMsg};
+use exec_bridge::sandbox::Sandbox;
+use exec_bridge::session::{Actor, Session, SessionConfig};
+use futures_util::{SinkExt, StreamExt};
+use sync_core::Role;
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::auth::{Identity, Keys};
+
+/// The user id and name the node's bridge peers join projects as.
+pub const BRIDGE_USER: &str = "exec-bridge";
+pub const BRIDGE_NAME: &str = "Run bridge";
+/// How long a send to an exec peer may take before the peer counts as stuck.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest message an exec peer may send (keystrokes and stdin come in small pieces).
+pub const MAX_MESSAGE: usize = 64 << 10;
+
+/// Which sandbox runs a node's programs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SandboxKind {
+    /// No runs or terminals: the exec channel answers 503.
+    None,
+    /// bubblewrap on this machine (the embedded default).
+    Local,
+    /// A Docker container per project.
+    Docker,
+}
+
+/// One project's session and the bridge peer feeding it.
+struct ProjectExec {
+    session: Arc<Session>,
+    peers: AtomicUsize,
+    /// When the last peer left (meaningful while `peers` is 0).
+    left: Mutex<Instant>,
+    stop: CancellationToken,
+}
+
+/// Every project's exec session on this node.
+pub struct ExecHub {
+    sandbox: Option<Arc<dyn Sandbox>>,
+    workspaces: PathBuf,
+    keys: Keys,
+    /// `ws://addr` of this node, set once it listens.
+    server: OnceLock<String>,
+    projects: Mutex<HashMap<String, Arc<ProjectExec>>>,
+    idle: Duration,
+    shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for ExecHub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecHub")
+            .field("workspaces", &self.workspaces)
+            .field("enabled", &self.sandbox.is_some())
+            .finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("runs and terminals are not enabled on this server (start it with --sandbox local or docker)")]
+    Disabled,
+    #[error("the server is not ready yet")]
+    NotListening,
+}
+
+impl ExecHub {
+    pub fn new(
+        sandbox: Option<Arc<dyn Sandbox>>,
+        workspaces: PathBuf,
+        keys: Keys,
+        idle: Duration,
+        shutdown: CancellationToken,
+    ) -> ExecHub {
+        ExecHub { sandbox, workspaces, keys, server: OnceLock::new(), projects: Mutex::default(), idle, shutdown }
+    }
+
+    /// Records the node's own address, which bridge peers connect to.
+    pub fn set_listening(&self, addr: std::net::SocketAddr) {
+        let _ = self.server.set(format!("ws://{addr}"));
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.sandbox.is_some()
+    }
+
+    /// The workspace folder of `project` on this node.
+    pub fn workspace(&self, project: &str) -> PathBuf {
+        self.workspaces.join(project)
+    }
+
+    /// The session of `project` (starting it if needed), counted as used by one more peer until
+    /// the returned guard drops.
+    fn join(&self, project: &str) -> Result<(Arc<Session>, PeerGuard), ExecError> {
+        let sandbox = self.sandbox.clone().ok_or(ExecError::Disabled)?;
+        let server = self.server.get().ok_or(ExecError::NotListening)?;
+        let mut projects = self.projects.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = projects.entry(project.to_owned()).or_insert_with(|| {
+            let workspace = self.workspace(project);
+            let (prepare_tx, prepare_rx) = mpsc::channel(8);
+            let session = Session::new(SessionConfig::new(sandbox, workspace.clone()), prepare_tx);
+            let stop = self.shutdown.child_token();
+            let bridge =
+                BridgeLink { server: server.clone(), project: project.to_owned(), keys: self.keys.clone(), workspace };
+            tokio::spawn(bridge.run(prepare_rx, stop.clone()));
+            info!(project, "exec session started");
+            Arc::new(ProjectExec { session, peers: AtomicUsize::new(0), left: Mutex::new(Instant::now()), stop })
+        });
+        entry.peers.fetch_add(1, Ordering::SeqCst);
+        Ok((entry.session.clone(), PeerGuard { project: entry.clone() }))
+    }
+
+    /// Closes the sessions that had no peers for `idle` and run nothing.
+    pub fn sweep(&self) -> usize {
+        let mut projects = self.projects.lock().unwrap_or_else(|e| e.into_inner());
+        let before = projects.len();
+        projects.retain(|name, p| {
+            let idle = p.peers.load(Ordering::SeqCst) == 0
+                && p.left.lock().unwrap_or_else(|e| e.into_inner()).elapsed() >= self.idle
+                && !p.session.busy();
+            if idle {
+                info!(project = name, "exec session idle; closing it");
+                p.session.close();
+                p.stop.cancel();
+            }
+            !idle
+        });
+        before - projects.len()
+    }
+
+    /// Closes every session (runs and terminals end).
+    pub fn close_all(&self) {
+        let projects = self.projects.lock().unwrap_or_else(|e| e.into_inner());
+        for p in projects.values() {
+            p.session.close();
+            p.stop.cancel();
+        }
+    }
+}
+
+struct PeerGuard {
+    project: Arc<ProjectExec>,
+}
+
+impl Drop for PeerGuard {
+    fn drop(&mut self) {
+        *self.project.left.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        self.project.peers.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The bridge peer of one project: mirrors its documents into the workspace, reconnecting with
+/// the same mirror until stopped.
+struct BridgeLink {
+    server: String,
+    project: String,
+    keys: Keys,
+    workspace: PathBuf,
+}
+
+impl BridgeLink {
+    async fn run(self, mut prepare: mpsc::Receiver<peer::PrepareRequest>, stop: CancellationToken) {
+        if let Err(e) = std::fs::create_dir_all(&self.workspace) {
+            warn!(error = %e, workspace = %self.workspace.display(), "cannot create the workspace");
+            return;
+        }
+        let identity = Identity {
+            user: BRIDGE_USER.to_owned(),
+            name: BRIDGE_NAME.to_owned(),
+            project: self.project.clone(),
+            role: Role::Editor,
+        };
+        let mut mirror = Mirror::new();
+        let mut backoff = Duration::from_millis(100);
+        while !stop.is_cancelled() {
+            let token = match self.keys.sign(&identity, Duration::from_secs(24 * 3600)) {
+                Ok(token) => token,
+                Err(e) => {
+                    warn!(error = %e, "cannot sign the bridge's token");
+                    return;
+                }
+            };
+            let mut config = BridgeConfig::new(&self.server, &self.project, &token, self.workspace.clone());
+            config.display_name = BRIDGE_NAME.to_owned();
+            match peer::run_serving(config, &mut mirror, stop.clone(), &mut prepare).await {
+                Ok(()) => return,
+                Err(e) => {
+                    warn!(project = self.project, error = %e, retry_in = ?backoff, "bridge peer stopped; reconnecting");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
+
+/// Serves one exec peer until it leaves, is too slow, or the server shuts down.
+pub async fn serve_peer(socket: WebSocket, hub: Arc<ExecHub>, identity: Identity, shutdown: CancellationToken) {
+    let (mut tx, mut rx) = socket.split();
+    let (session, _guard) = match hub.join(&identity.project) {
+        Ok(joined) => joined,
+        Err(e) => {
+            let _ = send(&mut tx, &ServerMsg::Error { message: e.to_string() }).await;
+            let _ = tx.send(close(1011, "exec unavailable")).await;
+            return;
+        }
+    };
+    let actor = Actor { name: identity.name.clone(), role: identity.role };
+    let (hello, mut events) = session.subscribe(identity.role);
+    if send(&mut tx, &hello).await.is_err() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            frame = rx.next() => {
+                let reply = match frame {
+                    Some(Ok(Message::Text(text))) => match serde_json::from_str::<ClientMsg>(&text) {
+                        Ok(msg) => session.handle(&actor, msg).await.err().map(|r| r.0),
+                        Err(e) => Some(format!("not a valid exec message: {e}")),
+                    },
+                    Some(Ok(Message::Binary(_))) => Some("exec messages are JSON text frames".to_owned()),
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => None,
+                    Some(Ok(Message::Close(_)) | Err(_)) | None => return,
+                };
+                if let Some(message) = reply
+                    && send(&mut tx, &ServerMsg::Error { message }).await.is_err()
+                {
+                    return;
+                }
+            }
+            event = events.recv() => match event {
+                Ok(msg) => {
+                    if send(&mut tx, &msg).await.is_err() {
+                        return;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    info!(user_id = identity.user, "exec peer too slow; disconnecting it");
+                    let _ = tx.send(close(1013, "too slow: reconnect for a fresh copy")).await;
+                    return;
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+            _ = shutdown.cancelled() => {
+                let _ = tx.send(close(1001, "server shutting down")).await;
+                return;
+            }
+        }
+    }
+}
+
+type Sink = futures_util::stream::SplitSink<WebSocket, Message>;
+
+/// Sends one message; a peer that takes longer than [`SEND_TIMEOUT`] fails the send.
+async fn send(tx: &mut Sink, msg: &ServerMsg) -> Result<(), ()> {
+    let text = serde_json::to_string(msg).map_err(|_| ())?;
+    match tokio::time::timeout(SEND_TIMEOUT, tx.send(Message::Text(text.into()))).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
+    }
+}
+
+fn close(code: u16, reason: &'static str) -> Message {
+    Message::Close(Some(CloseFrame { code, reason: reason.into() }))
+}
