@@ -82,6 +82,24 @@ impl Live {
 #[error("cluster bus unavailable: {0}")]
 pub struct BusDown(String);
 
+/// Takes or renews a lease atomically: `KEYS[1]` held by `ARGV[1]` for `ARGV[2]` ms.
+const HOLD_LEASE: &str = r"
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] or not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+";
+
+/// Deletes a lease only when `ARGV[1]` holds it.
+const RELEASE_LEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
 fn channel(doc: &DocName) -> Vec<u8> {
     format!("collab:doc:{doc}").into_bytes()
 }
@@ -178,6 +196,36 @@ impl Bus {
         let mut live = self.live()?;
         let result = redis::cmd("SPUBLISH").arg(channel(doc)).arg(msg.encode()).query_async(&mut live.conn).await;
         result.map_err(|e| {
+            live.lost();
+            BusDown(e.to_string())
+        })
+    }
+
+    /// Holds the lease `key` for this node for `ttl` from now: takes it when nobody holds it,
+    /// renews it when this node does. True when this node holds it after the call.
+    pub async fn hold_lease(&self, key: &str, ttl: Duration) -> Result<bool, BusDown> {
+        let mut live = self.live()?;
+        let held: Result<i64, _> = redis::Script::new(HOLD_LEASE)
+            .key(key)
+            .arg(self.inner.node.to_string())
+            .arg(ttl.as_millis().max(1) as u64)
+            .invoke_async(&mut live.conn)
+            .await;
+        held.map(|h| h == 1).map_err(|e| {
+            live.lost();
+            BusDown(e.to_string())
+        })
+    }
+
+    /// Gives up the lease `key` if this node holds it.
+    pub async fn release_lease(&self, key: &str) -> Result<(), BusDown> {
+        let mut live = self.live()?;
+        let released: Result<i64, _> = redis::Script::new(RELEASE_LEASE)
+            .key(key)
+            .arg(self.inner.node.to_string())
+            .invoke_async(&mut live.conn)
+            .await;
+        released.map(|_| ()).map_err(|e| {
             live.lost();
             BusDown(e.to_string())
         })

@@ -64,6 +64,10 @@ pub struct Config {
     /// nothing runs in it.
     #[arg(long, env = "COLLAB_EXEC_IDLE", value_parser = parse_secs, default_value = "600")]
     pub exec_idle: Duration,
+    /// Seconds a node's hold on a project's sandbox lasts without renewal (cluster mode): after
+    /// a node dies, another takes the project's runs and terminals over this much later.
+    #[arg(long, env = "COLLAB_EXEC_LEASE", value_parser = parse_secs, default_value = "10")]
+    pub exec_lease: Duration,
     #[command(flatten)]
     pub limits: Limits,
 }

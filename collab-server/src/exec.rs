@@ -23,7 +23,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use exec_bridge::mirror::Mirror;
 use exec_bridge::peer::{self, BridgeConfig};
 use exec_bridge::protocol::{ClientMsg, ServerMsg};
-use exec_bridge::sandbox::Sandbox;
+use exec_bridge::sandbox::{PortStream, Sandbox};
 use exec_bridge::session::{Actor, Session, SessionConfig};
 use futures_util::{SinkExt, StreamExt};
 use sync_core::Role;
@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::auth::{Identity, Keys};
+use crate::bus::Bus;
 
 /// The user id and name the node's bridge peers join projects as.
 pub const BRIDGE_USER: &str = "exec-bridge";
@@ -70,6 +71,8 @@ pub struct ExecHub {
     server: OnceLock<String>,
     projects: Mutex<HashMap<String, Arc<ProjectExec>>>,
     idle: Duration,
+    /// With a cluster bus: the lease that makes one node's bridge the project's only one.
+    lease: Option<(Bus, Duration)>,
     shutdown: CancellationToken,
 }
 
@@ -88,6 +91,18 @@ pub enum ExecError {
     Disabled,
     #[error("the server is not ready yet")]
     NotListening,
+    #[error("this project's sandbox is on another node; try again")]
+    OwnedElsewhere,
+    #[error("the cluster bus is unreachable, so this node cannot take this project's sandbox; try again")]
+    BusDown,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecPortError {
+    #[error(transparent)]
+    Exec(#[from] ExecError),
+    #[error(transparent)]
+    Sandbox(#[from] exec_bridge::sandbox::SandboxError),
 }
 
 impl ExecHub {
@@ -96,9 +111,19 @@ impl ExecHub {
         workspaces: PathBuf,
         keys: Keys,
         idle: Duration,
+        lease: Option<(Bus, Duration)>,
         shutdown: CancellationToken,
     ) -> ExecHub {
-        ExecHub { sandbox, workspaces, keys, server: OnceLock::new(), projects: Mutex::default(), idle, shutdown }
+        ExecHub {
+            sandbox,
+            workspaces,
+            keys,
+            server: OnceLock::new(),
+            projects: Mutex::default(),
+            idle,
+            lease,
+            shutdown,
+        }
     }
 
     /// Records the node's own address, which bridge peers connect to.
@@ -116,24 +141,51 @@ impl ExecHub {
     }
 
     /// The session of `project` (starting it if needed), counted as used by one more peer until
-    /// the returned guard drops.
-    fn join(&self, project: &str) -> Result<(Arc<Session>, PeerGuard), ExecError> {
+    /// the returned guard drops. In a cluster, a session starts only on the node that holds the
+    /// project's lease.
+    async fn join(&self, project: &str) -> Result<(Arc<Session>, PeerGuard), ExecError> {
+        if let Some(joined) = self.join_hosted(project) {
+            return Ok(joined);
+        }
         let sandbox = self.sandbox.clone().ok_or(ExecError::Disabled)?;
-        let server = self.server.get().ok_or(ExecError::NotListening)?;
+        let server = self.server.get().ok_or(ExecError::NotListening)?.clone();
+        if let Some((bus, ttl)) = &self.lease {
+            match bus.hold_lease(&lease_key(project), *ttl).await {
+                Ok(true) => {}
+                Ok(false) => return Err(ExecError::OwnedElsewhere),
+                Err(_) => return Err(ExecError::BusDown),
+            }
+        }
         let mut projects = self.projects.lock().unwrap_or_else(|e| e.into_inner());
         let entry = projects.entry(project.to_owned()).or_insert_with(|| {
             let workspace = self.workspace(project);
             let (prepare_tx, prepare_rx) = mpsc::channel(8);
             let session = Session::new(SessionConfig::new(sandbox, workspace.clone()), prepare_tx);
             let stop = self.shutdown.child_token();
-            let bridge =
-                BridgeLink { server: server.clone(), project: project.to_owned(), keys: self.keys.clone(), workspace };
+            let bridge = BridgeLink { server, project: project.to_owned(), keys: self.keys.clone(), workspace };
             tokio::spawn(bridge.run(prepare_rx, stop.clone()));
+            if let Some((bus, ttl)) = &self.lease {
+                tokio::spawn(keep_lease(bus.clone(), project.to_owned(), *ttl, session.clone(), stop.clone()));
+            }
             info!(project, "exec session started");
             Arc::new(ProjectExec { session, peers: AtomicUsize::new(0), left: Mutex::new(Instant::now()), stop })
         });
         entry.peers.fetch_add(1, Ordering::SeqCst);
         Ok((entry.session.clone(), PeerGuard { project: entry.clone() }))
+    }
+
+    /// [`ExecHub::join`] when this node hosts the project's session already.
+    fn join_hosted(&self, project: &str) -> Option<(Arc<Session>, PeerGuard)> {
+        let projects = self.projects.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = projects.get(project)?;
+        entry.peers.fetch_add(1, Ordering::SeqCst);
+        Some((entry.session.clone(), PeerGuard { project: entry.clone() }))
+    }
+
+    /// A connection to `port` in `project`'s sandbox, for its live preview.
+    pub async fn connect_port(&self, project: &str, port: u16) -> Result<Box<dyn PortStream>, ExecPortError> {
+        let sandbox = self.sandbox.as_ref().ok_or(ExecPortError::Exec(ExecError::Disabled))?;
+        Ok(sandbox.connect_port(&self.workspace(project), port).await?)
     }
 
     /// Closes the sessions that had no peers for `idle` and run nothing.
@@ -173,6 +225,44 @@ impl Drop for PeerGuard {
         *self.project.left.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
         self.project.peers.fetch_sub(1, Ordering::SeqCst);
     }
+}
+
+fn lease_key(project: &str) -> String {
+    format!("collab:exec-owner:{project}")
+}
+
+/// Renews the project's lease every third of `ttl` while the session lives, and gives it up when
+/// the session stops. A lease taken by another node, or not renewed for a whole `ttl` (Redis
+/// unreachable: another node may take it once it expires), closes the session: two bridges never
+/// run one project's sandbox at once.
+async fn keep_lease(bus: Bus, project: String, ttl: Duration, session: Arc<Session>, stop: CancellationToken) {
+    let key = lease_key(&project);
+    let mut renewed = Instant::now();
+    let closed = session.closed();
+    let mut tick = tokio::time::interval(ttl / 3);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => break,
+            _ = closed.cancelled() => break,
+        }
+        match bus.hold_lease(&key, ttl).await {
+            Ok(true) => renewed = Instant::now(),
+            Ok(false) => {
+                warn!(project, "another node took this project's sandbox lease; closing the session here");
+                break;
+            }
+            Err(e) if renewed.elapsed() >= ttl => {
+                warn!(project, error = %e, "could not renew the sandbox lease in time; closing the session");
+                break;
+            }
+            Err(_) => {}
+        }
+    }
+    session.close();
+    stop.cancel();
+    let _ = bus.release_lease(&key).await;
 }
 
 /// The bridge peer of one project: mirrors its documents into the workspace, reconnecting with
@@ -226,14 +316,16 @@ impl BridgeLink {
 /// Serves one exec peer until it leaves, is too slow, or the server shuts down.
 pub async fn serve_peer(socket: WebSocket, hub: Arc<ExecHub>, identity: Identity, shutdown: CancellationToken) {
     let (mut tx, mut rx) = socket.split();
-    let (session, _guard) = match hub.join(&identity.project) {
+    let (session, _guard) = match hub.join(&identity.project).await {
         Ok(joined) => joined,
         Err(e) => {
             let _ = send(&mut tx, &ServerMsg::Error { message: e.to_string() }).await;
-            let _ = tx.send(close(1011, "exec unavailable")).await;
+            let code = if matches!(e, ExecError::Disabled) { 1011 } else { 1013 };
+            let _ = tx.send(close(code, "exec unavailable here; try again")).await;
             return;
         }
     };
+    let session_closed = session.closed();
     let actor = Actor { name: identity.name.clone(), role: identity.role };
     let (hello, mut events) = session.subscribe(identity.role);
     if send(&mut tx, &hello).await.is_err() {
@@ -272,6 +364,10 @@ pub async fn serve_peer(socket: WebSocket, hub: Arc<ExecHub>, identity: Identity
             },
             _ = shutdown.cancelled() => {
                 let _ = tx.send(close(1001, "server shutting down")).await;
+                return;
+            }
+            _ = session_closed.cancelled() => {
+                let _ = tx.send(close(1013, "this project's sandbox closed here; reconnect")).await;
                 return;
             }
         }

@@ -38,6 +38,8 @@ pub enum AppError {
     Project(#[from] ProjectError),
     #[error("{0}")]
     Unavailable(String),
+    #[error("{0}")]
+    BadGateway(String),
     #[error("could not build the archive")]
     Export,
     #[error("{0}")]
@@ -53,6 +55,7 @@ impl IntoResponse for AppError {
             AppError::Forbidden => StatusCode::FORBIDDEN,
             AppError::Project(ProjectError::Unavailable) | AppError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             AppError::Export => StatusCode::INTERNAL_SERVER_ERROR,
+            AppError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             AppError::Checkpoint(CheckpointError::NotFound | CheckpointError::NoSuchFile(_)) => StatusCode::NOT_FOUND,
             AppError::Checkpoint(CheckpointError::Project(ProjectError::Tree(_) | ProjectError::BadName)) => {
                 StatusCode::BAD_REQUEST
@@ -98,6 +101,9 @@ pub fn router(app: Arc<AppState>) -> Router {
         .merge(sync)
         .merge(api)
         .route("/exec/{project}", get(exec_upgrade))
+        .route("/preview/{project}/{port}", get(crate::preview::bare))
+        .route("/preview/{project}/{port}/", axum::routing::any(crate::preview::root))
+        .route("/preview/{project}/{port}/{*path}", axum::routing::any(crate::preview::path))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .merge(web)
@@ -108,7 +114,7 @@ async fn metrics(State(app): State<Arc<AppState>>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], app.metrics.render())
 }
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ")
 }
 
@@ -189,7 +195,7 @@ async fn exec_upgrade(
 const IMPORT_BODY_LIMIT: usize = 32 << 20;
 
 /// Verifies the request's token (`?token=` or `Authorization: Bearer`) for a project's root.
-fn project_identity(
+pub(crate) fn project_identity(
     app: &AppState,
     project: &str,
     params: &HashMap<String, String>,

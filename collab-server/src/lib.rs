@@ -14,6 +14,7 @@ pub mod demo;
 pub mod exec;
 pub mod http;
 pub mod metrics;
+pub mod preview;
 pub mod project;
 pub mod rooms;
 
@@ -102,6 +103,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         Some(url) => Some(bus::Bus::start(url, metrics.clone(), shutdown.clone(), &tracker).context("--redis-url")?),
         None => None,
     };
+    let lease = bus.clone().map(|bus| (bus, config.exec_lease));
     let env = RoomEnv {
         bus,
         committer,
@@ -113,7 +115,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     };
     let sandbox = open_sandbox(config.sandbox).await?;
     let workspaces = config.workspaces_dir.clone().unwrap_or_else(|| config.data_dir.join("workspaces"));
-    let exec = Arc::new(exec::ExecHub::new(sandbox, workspaces, keys.clone(), config.exec_idle, shutdown.clone()));
+    let exec =
+        Arc::new(exec::ExecHub::new(sandbox, workspaces, keys.clone(), config.exec_idle, lease, shutdown.clone()));
     let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
     let app = Arc::new(AppState {

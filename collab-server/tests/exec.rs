@@ -8,122 +8,15 @@ use std::time::Duration;
 
 use collab_server::archive::ArchiveFile;
 use collab_server::exec::SandboxKind;
+use common::exec_peer::ExecPeer;
 use common::{TestServer, WAIT};
 use exec_bridge::protocol::{ClientMsg, Data, ServerMsg};
 use futures_util::{SinkExt, StreamExt};
 use sync_core::Role;
 use tokio_tungstenite::tungstenite::Message;
 
-type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-/// A peer of the exec channel that records everything it receives.
-struct ExecPeer {
-    socket: Socket,
-    seen: Vec<ServerMsg>,
-}
-
-impl ExecPeer {
-    async fn connect(server: &TestServer, project: &str, role: Role, user: &str) -> ExecPeer {
-        let token = server.token(project, role, user);
-        let url = format!("{}/exec/{project}?token={token}", server.url);
-        let (socket, _) = tokio_tungstenite::connect_async(url).await.expect("exec socket opens");
-        let mut peer = ExecPeer { socket, seen: Vec::new() };
-        peer.until("the hello", |m| matches!(m, ServerMsg::Hello { .. })).await;
-        peer
-    }
-
-    async fn send(&mut self, msg: &ClientMsg) {
-        let text = serde_json::to_string(msg).expect("serialize");
-        self.socket.send(Message::text(text)).await.expect("send");
-    }
-
-    async fn send_raw(&mut self, msg: Message) {
-        self.socket.send(msg).await.expect("send");
-    }
-
-    /// Receives until a message satisfies `pred`; returns it.
-    async fn until(&mut self, what: &str, pred: impl Fn(&ServerMsg) -> bool) -> ServerMsg {
-        if let Some(found) = self.seen.iter().find(|m| pred(m)) {
-            return found.clone();
-        }
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let frame = tokio::time::timeout_at(deadline, self.socket.next())
-                .await
-                .unwrap_or_else(|_| panic!("timed out waiting for {what}; saw {:?}", self.summary()));
-            let text = match frame {
-                Some(Ok(Message::Text(text))) => text,
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                other => panic!("socket ended waiting for {what}: {other:?}"),
-            };
-            let msg: ServerMsg = serde_json::from_str(&text).expect("server messages parse");
-            self.seen.push(msg.clone());
-            if pred(&msg) {
-                return msg;
-            }
-        }
-    }
-
-    /// Everything a terminal printed so far (hello scrollback and live output).
-    fn term_text(&self, term: u64) -> String {
-        let mut bytes = Vec::new();
-        for msg in &self.seen {
-            match msg {
-                ServerMsg::Hello { terms, .. } => {
-                    for t in terms.iter().filter(|t| t.term == term) {
-                        bytes.extend_from_slice(&t.scrollback.0);
-                    }
-                }
-                ServerMsg::TermOutput { term: t, data } if *t == term => bytes.extend_from_slice(&data.0),
-                _ => {}
-            }
-        }
-        String::from_utf8_lossy(&bytes).into_owned()
-    }
-
-    /// Everything a run printed so far (both streams).
-    fn run_text(&self, run: u64) -> String {
-        let mut bytes = Vec::new();
-        for msg in &self.seen {
-            match msg {
-                ServerMsg::Hello { runs, .. } => {
-                    for r in runs.iter().filter(|r| r.run == run) {
-                        r.history.iter().for_each(|c| bytes.extend_from_slice(&c.data.0));
-                    }
-                }
-                ServerMsg::RunOutput { run: r, data, .. } if *r == run => bytes.extend_from_slice(&data.0),
-                _ => {}
-            }
-        }
-        String::from_utf8_lossy(&bytes).into_owned()
-    }
-
-    async fn until_term_text(&mut self, term: u64, needle: &str) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while !self.term_text(term).contains(needle) {
-            assert!(tokio::time::Instant::now() < deadline, "no {needle:?} in terminal: {:?}", self.term_text(term));
-            let _ = tokio::time::timeout(Duration::from_millis(200), self.until("output", |_| false)).await;
-        }
-    }
-
-    async fn until_error(&mut self, containing: &str) -> String {
-        let before = self.seen.len();
-        let msg = self
-            .until(
-                &format!("an error about {containing:?}"),
-                |m| matches!(m, ServerMsg::Error { message } if message.contains(containing)),
-            )
-            .await;
-        let _ = before;
-        match msg {
-            ServerMsg::Error { message } => message,
-            _ => unreachable!(),
-        }
-    }
-
-    fn summary(&self) -> Vec<String> {
-        self.seen.iter().rev().take(8).map(|m| format!("{m:?}").chars().take(200).collect()).collect()
-    }
+async fn connect(server: &TestServer, project: &str, role: Role, user: &str) -> ExecPeer {
+    ExecPeer::connect(&server.url, project, &server.token(project, role, user)).await
 }
 
 async fn server(kind: SandboxKind) -> TestServer {
@@ -168,9 +61,9 @@ const ASK_NAME: &str = "import sys\nprint('ready', flush=True)\nname = input()\n
 async fn run_watched_live_and_replayed(kind: SandboxKind) {
     let server = server(kind).await;
     write(&server, "p1", &[("main.py", ASK_NAME)]).await;
-    let mut ann = ExecPeer::connect(&server, "p1", Role::Editor, "ann").await;
-    let mut bob = ExecPeer::connect(&server, "p1", Role::Editor, "bob").await;
-    let mut viv = ExecPeer::connect(&server, "p1", Role::Viewer, "viv").await;
+    let mut ann = connect(&server, "p1", Role::Editor, "ann").await;
+    let mut bob = connect(&server, "p1", Role::Editor, "bob").await;
+    let mut viv = connect(&server, "p1", Role::Viewer, "viv").await;
     until_in_workspace(&server, "p1", "main.py", ASK_NAME).await;
 
     viv.send(&ClientMsg::Run {}).await;
@@ -195,7 +88,7 @@ async fn run_watched_live_and_replayed(kind: SandboxKind) {
         assert_eq!(peer.run_text(run), "ready\nhello bob\n");
     }
 
-    let late = ExecPeer::connect(&server, "p1", Role::Viewer, "late").await;
+    let late = connect(&server, "p1", Role::Viewer, "late").await;
     let ServerMsg::Hello { runs, role, .. } = &late.seen[0] else { panic!("hello first") };
     assert_eq!(role, "viewer");
     let replayed = runs.iter().find(|r| r.run == run).expect("the run is replayed");
@@ -208,7 +101,7 @@ async fn run_watched_live_and_replayed(kind: SandboxKind) {
 async fn files_flow_both_ways(kind: SandboxKind) {
     let server = server(kind).await;
     write(&server, "p2", &[("main.py", "print('one')\n")]).await;
-    let mut ann = ExecPeer::connect(&server, "p2", Role::Editor, "ann").await;
+    let mut ann = connect(&server, "p2", Role::Editor, "ann").await;
     until_in_workspace(&server, "p2", "main.py", "print('one')\n").await;
     let program = "open('out.txt', 'w').write('written by the program\\n')\nprint('two')\n";
     write(&server, "p2", &[("main.py", program)]).await;
@@ -233,9 +126,9 @@ async fn files_flow_both_ways(kind: SandboxKind) {
 async fn shared_terminal(kind: SandboxKind) {
     let server = server(kind).await;
     write(&server, "p3", &[("notes.txt", "hi\n")]).await;
-    let mut ann = ExecPeer::connect(&server, "p3", Role::Editor, "ann").await;
-    let mut bob = ExecPeer::connect(&server, "p3", Role::Editor, "bob").await;
-    let mut viv = ExecPeer::connect(&server, "p3", Role::Viewer, "viv").await;
+    let mut ann = connect(&server, "p3", Role::Editor, "ann").await;
+    let mut bob = connect(&server, "p3", Role::Editor, "bob").await;
+    let mut viv = connect(&server, "p3", Role::Viewer, "viv").await;
     viv.send(&ClientMsg::TermOpen { cols: 80, rows: 24 }).await;
     viv.until_error("viewers").await;
     ann.send(&ClientMsg::TermOpen { cols: 0, rows: 24 }).await;
@@ -262,7 +155,7 @@ async fn shared_terminal(kind: SandboxKind) {
         &bob.until("second terminal", |m| matches!(m, ServerMsg::TermOpened { term: t, .. } if *t != term)).await,
     );
     drop(ann);
-    let mut cat = ExecPeer::connect(&server, "p3", Role::Editor, "cat").await;
+    let mut cat = connect(&server, "p3", Role::Editor, "cat").await;
     let ServerMsg::Hello { terms, .. } = &cat.seen[0] else { panic!("hello first") };
     assert_eq!(terms.iter().filter(|t| t.exit_code.is_none()).count(), 2, "{terms:?}");
     assert!(cat.term_text(term).contains("hi-42"));
@@ -279,8 +172,8 @@ async fn shared_terminal(kind: SandboxKind) {
 /// is disconnected, another project's terminal answers meanwhile, and the scrollback is capped.
 async fn flow_control(kind: SandboxKind) {
     let server = server(kind).await;
-    let mut ann = ExecPeer::connect(&server, "p4", Role::Editor, "ann").await;
-    let mut other = ExecPeer::connect(&server, "p5", Role::Editor, "oli").await;
+    let mut ann = connect(&server, "p4", Role::Editor, "ann").await;
+    let mut other = connect(&server, "p5", Role::Editor, "oli").await;
     // A peer that reads nothing at all.
     let token = server.token("p4", Role::Viewer, "sloth");
     let (mut sloth, _) =
@@ -314,7 +207,7 @@ async fn flow_control(kind: SandboxKind) {
     ann.send(&ClientMsg::TermInput { term, data: Data(vec![3]) }).await; // Ctrl-C
     ann.send(&ClientMsg::TermClose { term }).await;
     ann.until("terminal exits", |m| matches!(m, ServerMsg::TermExited { term: t, .. } if *t == term)).await;
-    let late = ExecPeer::connect(&server, "p4", Role::Viewer, "late").await;
+    let late = connect(&server, "p4", Role::Viewer, "late").await;
     let ServerMsg::Hello { terms, .. } = &late.seen[0] else { panic!("hello first") };
     let scrollback = terms.iter().find(|t| t.term == term).expect("terminal kept").scrollback.0.len();
     assert!(scrollback <= exec_bridge::session::SCROLLBACK_BYTES && scrollback > 100_000, "scrollback {scrollback}");
@@ -332,7 +225,7 @@ async fn bad_input(kind: SandboxKind) {
             other => panic!("token {token:?} was not refused: {other:?}"),
         }
     }
-    let mut eve = ExecPeer::connect(&server, "p6", Role::Editor, "eve").await;
+    let mut eve = connect(&server, "p6", Role::Editor, "eve").await;
     eve.send_raw(Message::text("{not json")).await;
     eve.until_error("not a valid exec message").await;
     eve.send_raw(Message::text(r#"{"type":"term_input","term":99,"data":"aGk="}"#)).await;
@@ -354,11 +247,104 @@ async fn bad_input(kind: SandboxKind) {
     assert!(end.is_ok(), "an oversized message closes the socket");
     // The project still works for others.
     write(&server, "p6", &[("main.py", "print('still fine')\n")]).await;
-    let mut ann = ExecPeer::connect(&server, "p6", Role::Editor, "ann").await;
+    let mut ann = connect(&server, "p6", Role::Editor, "ann").await;
     until_in_workspace(&server, "p6", "main.py", "print('still fine')\n").await;
     ann.send(&ClientMsg::Run {}).await;
     let finished = ann.until("run finished", |m| matches!(m, ServerMsg::RunFinished { .. })).await;
     assert_eq!(ann.run_text(run_id(&finished)), "still fine\n");
+    server.stop().await;
+}
+
+const WS_ECHO: &str = r#"import base64, hashlib, socket
+def exactly(c, n):
+    data = b''
+    while len(data) < n:
+        data += c.recv(n - len(data))
+    return data
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('', 8001))
+s.listen()
+while True:
+    c, _ = s.accept()
+    request = b''
+    while b'\r\n\r\n' not in request:
+        request += c.recv(4096)
+    key = [l.split(b':', 1)[1].strip() for l in request.split(b'\r\n') if l.lower().startswith(b'sec-websocket-key')][0]
+    accept = base64.b64encode(hashlib.sha1(key + b'258EAFA5-E914-47DA-95CA-C5AB0DC85B11').digest())
+    c.sendall(b'HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ' + accept + b'\r\n\r\n')
+    head = exactly(c, 2)
+    mask = exactly(c, 4)
+    data = bytes(b ^ mask[i % 4] for i, b in enumerate(exactly(c, head[1] & 127)))
+    c.sendall(bytes([0x81, len(data) + 5]) + b'echo:' + data)
+"#;
+
+/// A raw HTTP/1.1 GET with extra header lines; returns the status, the headers (lowercase) and
+/// the body.
+async fn get(server: &TestServer, path: &str, extra: &str) -> (u16, String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = server.url.trim_start_matches("ws://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let head = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n");
+    stream.write_all(head.as_bytes()).await.expect("write");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.expect("read");
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let (headers, body) = text.split_once("\r\n\r\n").expect("end of headers");
+    let status = headers.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("status");
+    (status, headers.to_lowercase(), body.to_owned())
+}
+
+/// A Python HTTP server and a WebSocket echo started in a terminal are reachable through
+/// `/preview/{project}/{port}/`, by project members only, without the token reaching them.
+async fn live_preview(kind: SandboxKind) {
+    let server = server(kind).await;
+    write(&server, "p7", &[("index.html", "<h1>preview works</h1>\n"), ("ws_echo.py", WS_ECHO)]).await;
+    let mut ann = connect(&server, "p7", Role::Editor, "ann").await;
+    until_in_workspace(&server, "p7", "ws_echo.py", WS_ECHO).await;
+    ann.send(&ClientMsg::TermOpen { cols: 120, rows: 24 }).await;
+    let term = term_id(&ann.until("terminal opened", |m| matches!(m, ServerMsg::TermOpened { .. })).await);
+    ann.send(&ClientMsg::TermInput {
+        term,
+        data: Data(b"python3 ws_echo.py & python3 -m http.server 8000\n".to_vec()),
+    })
+    .await;
+    ann.until_term_text(term, "Serving HTTP").await;
+
+    let token = server.token("p7", Role::Viewer, "viv");
+    let (status, headers, _) = get(&server, &format!("/preview/p7/8000/index.html?token={token}&v=1"), "").await;
+    assert_eq!(status, 307, "{headers}");
+    assert!(headers.contains("location: /preview/p7/8000/index.html?v=1"), "{headers}");
+    let cookie = headers
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .and_then(|c| c.split(';').next())
+        .expect("a cookie")
+        .to_owned();
+    let (status, headers, body) =
+        get(&server, "/preview/p7/8000/index.html?v=1", &format!("Cookie: {cookie}\r\n")).await;
+    assert_eq!((status, body.as_str()), (200, "<h1>preview works</h1>\n"), "{headers}");
+    assert!(headers.contains("content-security-policy: sandbox"), "{headers}");
+    // The program's own log shows the request as it got it: no token.
+    ann.until_term_text(term, "GET /index.html?v=1").await;
+    assert!(!ann.term_text(term).contains(&token[..20]), "the token reached the program");
+
+    let (status, _, _) = get(&server, "/preview/p7/8000/index.html", "").await;
+    assert_eq!(status, 401, "no token");
+    let stranger = server.token("p8", Role::Editor, "eve");
+    let (status, _, _) = get(&server, &format!("/preview/p7/8000/?token={stranger}"), "").await;
+    assert_eq!(status, 401, "another project's token");
+    let (status, _, body) = get(&server, "/preview/p7/8999/", &format!("Authorization: Bearer {token}\r\n")).await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("8999"), "{body}");
+
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = format!("{}/preview/p7/8001/", server.url).into_client_request().expect("request");
+    request.headers_mut().insert("Authorization", format!("Bearer {token}").parse().expect("header"));
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.expect("websocket through the preview");
+    socket.send(Message::text("ping")).await.expect("send");
+    let echo = tokio::time::timeout(WAIT, socket.next()).await.expect("echo in time");
+    assert_eq!(echo.expect("a frame").expect("a frame").into_text().expect("text").as_str(), "echo:ping");
     server.stop().await;
 }
 
@@ -375,4 +361,11 @@ macro_rules! on_both_sandboxes {
     };
 }
 
-on_both_sandboxes!(run_watched_live_and_replayed, files_flow_both_ways, shared_terminal, flow_control, bad_input);
+on_both_sandboxes!(
+    run_watched_live_and_replayed,
+    files_flow_both_ways,
+    shared_terminal,
+    flow_control,
+    bad_input,
+    live_preview
+);

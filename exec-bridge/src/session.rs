@@ -183,6 +183,11 @@ impl Session {
         state.running() || state.terms.values().any(|t| t.exit_code.is_none())
     }
 
+    /// Cancelled once the session is closed.
+    pub fn closed(&self) -> CancellationToken {
+        self.closed.clone()
+    }
+
     /// Stops every run and terminal; the session refuses everything after.
     pub fn close(&self) {
         self.closed.cancel();

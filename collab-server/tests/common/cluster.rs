@@ -203,6 +203,8 @@ pub struct Cluster {
     pub project: String,
     dir: tempfile::TempDir,
     keys: Keys,
+    /// More `collab serve` arguments for every node.
+    extra: Vec<String>,
 }
 
 pub fn postgres_url() -> String {
@@ -220,11 +222,24 @@ fn with_addr(url: &str, addr: &str) -> (String, String) {
 impl Cluster {
     /// Redis, then `n` nodes; each node compares states every `repair` seconds.
     pub async fn start(n: usize, project: &str) -> Cluster {
+        Cluster::start_with(n, project, &[]).await
+    }
+
+    /// [`Cluster::start`] with more `collab serve` arguments for every node.
+    pub async fn start_with(n: usize, project: &str, extra: &[&str]) -> Cluster {
         let redis = Redis::start().await;
         let dir = tempfile::tempdir().unwrap();
         let keys = Keys::load_or_create(dir.path()).unwrap();
-        let mut cluster =
-            Cluster { redis, nodes: Vec::new(), postgres_url: postgres_url(), project: project.into(), dir, keys };
+        let extra = extra.iter().map(|a| (*a).to_owned()).collect();
+        let mut cluster = Cluster {
+            redis,
+            nodes: Vec::new(),
+            postgres_url: postgres_url(),
+            project: project.into(),
+            dir,
+            keys,
+            extra,
+        };
         for _ in 0..n {
             let node = cluster.spawn_node().await;
             cluster.nodes.push(node);
@@ -246,6 +261,9 @@ impl Cluster {
             .args(["--database-url", &pg_url])
             .arg("--data-dir")
             .arg(self.dir.path())
+            .arg("--workspaces-dir")
+            .arg(self.dir.path().join(format!("workspaces{i}")))
+            .args(&self.extra)
             .env("RUST_LOG", "info,collab_server=debug")
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap());
@@ -267,6 +285,18 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         node
+    }
+
+    /// The workspace folder of the cluster's project on node `node`.
+    pub fn workspace(&self, node: usize) -> PathBuf {
+        self.dir.path().join(format!("workspaces{node}")).join(&self.project)
+    }
+
+    /// Starts one more node, like the others.
+    pub async fn add_node(&mut self) -> usize {
+        let node = self.spawn_node().await;
+        self.nodes.push(node);
+        self.nodes.len() - 1
     }
 
     pub fn token(&self, user: &str) -> String {
