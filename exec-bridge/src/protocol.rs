@@ -46,18 +46,37 @@ pub enum ClientMsg {
     /// while another run of the project is still going.
     Run {},
     /// Bytes for a running program's stdin.
-    Stdin { run: u64, data: Data },
+    Stdin {
+        run: u64,
+        data: Data,
+    },
     /// Closes a running program's stdin (end of input).
-    StdinEof { run: u64 },
+    StdinEof {
+        run: u64,
+    },
     /// Stops a running program.
-    Stop { run: u64 },
+    Stop {
+        run: u64,
+    },
     /// Opens a new shell in the project's sandbox.
-    TermOpen { cols: u16, rows: u16 },
+    TermOpen {
+        cols: u16,
+        rows: u16,
+    },
     /// Keystrokes for a terminal.
-    TermInput { term: u64, data: Data },
-    TermResize { term: u64, cols: u16, rows: u16 },
+    TermInput {
+        term: u64,
+        data: Data,
+    },
+    TermResize {
+        term: u64,
+        cols: u16,
+        rows: u16,
+    },
     /// Ends a terminal's shell.
-    TermClose { term: u64 },
+    TermClose {
+        term: u64,
+    },
 }
 
 /// A run as a late joiner learns it.
@@ -97,16 +116,48 @@ pub struct TermInfo {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerMsg {
     /// First message on every connection: the peer's role and the project's runs and terminals.
-    Hello { role: String, runs: Vec<RunInfo>, terms: Vec<TermInfo> },
-    RunStarted { run: u64, by: String, command: String },
-    RunOutput { run: u64, stream: StreamName, data: Data },
-    RunFinished { run: u64, verdict: VerdictInfo },
-    TermOpened { term: u64, by: String, cols: u16, rows: u16 },
-    TermOutput { term: u64, data: Data },
-    TermResized { term: u64, cols: u16, rows: u16 },
-    TermExited { term: u64, exit_code: Option<i32> },
+    Hello {
+        role: String,
+        runs: Vec<RunInfo>,
+        terms: Vec<TermInfo>,
+    },
+    RunStarted {
+        run: u64,
+        by: String,
+        command: String,
+    },
+    RunOutput {
+        run: u64,
+        stream: StreamName,
+        data: Data,
+    },
+    RunFinished {
+        run: u64,
+        verdict: VerdictInfo,
+    },
+    TermOpened {
+        term: u64,
+        by: String,
+        cols: u16,
+        rows: u16,
+    },
+    TermOutput {
+        term: u64,
+        data: Data,
+    },
+    TermResized {
+        term: u64,
+        cols: u16,
+        rows: u16,
+    },
+    TermExited {
+        term: u64,
+        exit_code: Option<i32>,
+    },
     /// A request was refused or failed; nothing changed.
-    Error { message: String },
+    Error {
+        message: String,
+    },
 }
 
 /// A verdict on the wire: a machine-readable `kind` and a sentence for people.
