@@ -24,15 +24,20 @@ use exec_bridge::mirror::Mirror;
 use exec_bridge::peer::{self, BridgeConfig};
 use exec_bridge::protocol::{ClientMsg, ServerMsg};
 use exec_bridge::sandbox::{PortStream, Sandbox};
-use exec_bridge::session::{Actor, Session, SessionConfig};
+use exec_bridge::session::{Actor, RunBarrier, Session, SessionConfig};
 use futures_util::{SinkExt, StreamExt};
+use sync_core::DocName;
 use sync_core::Role;
+use sync_core::tree;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+use yrs::{ReadTxn, StateVector, Transact};
 
 use crate::auth::{Identity, Keys};
 use crate::bus::Bus;
+use crate::project;
+use crate::rooms::Rooms;
 
 /// The user id and name the node's bridge peers join projects as.
 pub const BRIDGE_USER: &str = "exec-bridge";
@@ -73,6 +78,8 @@ pub struct ExecHub {
     idle: Duration,
     /// With a cluster bus: the lease that makes one node's bridge the project's only one.
     lease: Option<(Bus, Duration)>,
+    /// The node's documents, which a run waits for the bridge to catch up with.
+    rooms: OnceLock<Rooms>,
     shutdown: CancellationToken,
 }
 
@@ -122,6 +129,7 @@ impl ExecHub {
             projects: Mutex::default(),
             idle,
             lease,
+            rooms: OnceLock::new(),
             shutdown,
         }
     }
@@ -129,6 +137,11 @@ impl ExecHub {
     /// Records the node's own address, which bridge peers connect to.
     pub fn set_listening(&self, addr: std::net::SocketAddr) {
         let _ = self.server.set(format!("ws://{addr}"));
+    }
+
+    /// Gives the hub the node's documents, so runs see every edit made before them.
+    pub fn set_rooms(&self, rooms: Rooms) {
+        let _ = self.rooms.set(rooms);
     }
 
     pub fn enabled(&self) -> bool {
@@ -160,7 +173,11 @@ impl ExecHub {
         let entry = projects.entry(project.to_owned()).or_insert_with(|| {
             let workspace = self.workspace(project);
             let (prepare_tx, prepare_rx) = mpsc::channel(8);
-            let session = Session::new(SessionConfig::new(sandbox, workspace.clone()), prepare_tx);
+            let mut config = SessionConfig::new(sandbox, workspace.clone());
+            if let Some(rooms) = self.rooms.get() {
+                config.barrier = Some(Arc::new(RoomsBarrier { rooms: rooms.clone(), project: project.to_owned() }));
+            }
+            let session = Session::new(config, prepare_tx);
             let stop = self.shutdown.child_token();
             let bridge = BridgeLink { server, project: project.to_owned(), keys: self.keys.clone(), workspace };
             tokio::spawn(bridge.run(prepare_rx, stop.clone()));
@@ -224,6 +241,35 @@ impl Drop for PeerGuard {
     fn drop(&mut self) {
         *self.project.left.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
         self.project.peers.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The states of a project's documents as this node holds them.
+struct RoomsBarrier {
+    rooms: Rooms,
+    project: String,
+}
+
+#[async_trait::async_trait]
+impl RunBarrier for RoomsBarrier {
+    async fn states(&self) -> Vec<(String, StateVector)> {
+        let mut states = Vec::new();
+        let Ok(root_name) = DocName::parse(&self.project) else { return states };
+        let Ok(root) = project::snapshot(&self.rooms, &root_name).await else { return states };
+        let ids: Vec<String> = {
+            let txn = root.transact();
+            states.push((self.project.clone(), txn.state_vector()));
+            tree::entries(&txn).into_iter().filter(|e| e.kind == tree::EntryKind::File).map(|e| e.id).collect()
+        };
+        for id in ids {
+            let name = tree::file_doc_name(&self.project, &id);
+            let Ok(doc_name) = DocName::parse(&name) else { continue };
+            if let Ok(doc) = project::snapshot(&self.rooms, &doc_name).await {
+                let sv = doc.transact().state_vector();
+                states.push((name, sv));
+            }
+        }
+        states
     }
 }
 

@@ -130,6 +130,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         config,
     });
     app.exec.set_listening(addr);
+    app.exec.set_rooms(app.rooms.clone());
     if app.exec.enabled() {
         app.tracker.spawn(sweep_exec(app.clone()));
     }

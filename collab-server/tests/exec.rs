@@ -121,6 +121,22 @@ async fn files_flow_both_ways(kind: SandboxKind) {
     server.stop().await;
 }
 
+/// A run requested right after an edit reached the server runs the edited program, even when
+/// the bridge has not written the edit out yet.
+async fn run_sees_the_latest_edit(kind: SandboxKind) {
+    let server = server(kind).await;
+    write(&server, "p9", &[("main.py", "print('first')\n")]).await;
+    let mut ann = connect(&server, "p9", Role::Editor, "ann").await;
+    for i in 0..5 {
+        write(&server, "p9", &[("main.py", &format!("print({i} * 11)\n"))]).await;
+        ann.seen.clear();
+        ann.send(&ClientMsg::Run {}).await;
+        let finished = ann.until("run finished", |m| matches!(m, ServerMsg::RunFinished { .. })).await;
+        assert_eq!(ann.run_text(run_id(&finished)), format!("{}\n", i * 11));
+    }
+    server.stop().await;
+}
+
 /// A shared terminal: both editors see the echo, a viewer's keystrokes are refused, resize
 /// works, and the terminal outlives its opener's connection with its scrollback replayed.
 async fn shared_terminal(kind: SandboxKind) {
@@ -363,6 +379,7 @@ macro_rules! on_both_sandboxes {
 
 on_both_sandboxes!(
     run_watched_live_and_replayed,
+    run_sees_the_latest_edit,
     files_flow_both_ways,
     shared_terminal,
     flow_control,

@@ -19,7 +19,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-use yrs::{Doc, Origin, Transact};
+use yrs::{Doc, Origin, ReadTxn, StateVector, Transact};
 
 use crate::mirror::{Debounce, FileDocs, MIRROR_ORIGIN, Mirror};
 use crate::workspace::{Workspace, WorkspaceConfig};
@@ -134,9 +134,19 @@ pub struct Prepared {
 }
 
 /// Asks the bridge to write out every edit it holds now (skipping the debounce) and answer
-/// with the project's settings and files: sent before each run, so the run sees the documents
-/// as the bridge last received them.
-pub type PrepareRequest = oneshot::Sender<Prepared>;
+/// with the project's settings and files: sent before each run.
+///
+/// `wait_for` lists documents (by name) with the state the server held when the run was
+/// requested; the bridge first waits (up to [`CATCH_UP`]) until its replicas hold at least that,
+/// so a run started right after a keystroke sees the keystroke.
+#[derive(Debug)]
+pub struct PrepareRequest {
+    pub wait_for: Vec<(String, StateVector)>,
+    pub reply: oneshot::Sender<Prepared>,
+}
+
+/// Longest a run waits for the bridge to receive the edits made before it was requested.
+pub const CATCH_UP: Duration = Duration::from_secs(2);
 
 /// Runs the bridge until `shutdown`: connects, mirrors both ways, and returns on shutdown or
 /// when the connection fails. The caller restarts it with the same `mirror`: its memory of what
@@ -172,7 +182,8 @@ pub async fn run_serving(
         let deadline = debounce.deadline().map(Instant::from_std);
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            Some(reply) = requests.recv() => {
+            Some(PrepareRequest { wait_for, reply }) = requests.recv() => {
+                catch_up(&mux, &config, root.doc(), &mut files, &marks, &wait_for).await?;
                 for id in marks.take() {
                     debounce.touch(id, std::time::Instant::now());
                 }
@@ -226,6 +237,37 @@ pub async fn run_serving(
                 }
             }
         }
+    }
+}
+
+/// Waits until the bridge's replicas hold at least the states in `wait_for` (opening files the
+/// tree gained meanwhile), or [`CATCH_UP`] passed; updates arrive on the connection's own task.
+async fn catch_up(
+    mux: &MuxConnection,
+    config: &BridgeConfig,
+    root: &Doc,
+    files: &mut Files,
+    marks: &Arc<Marks>,
+    wait_for: &[(String, StateVector)],
+) -> Result<(), BridgeError> {
+    let deadline = Instant::now() + CATCH_UP;
+    loop {
+        open_files(mux, config, root, files, marks).await?;
+        let behind = wait_for.iter().find(|(name, wanted)| {
+            let doc = if *name == config.project {
+                Some(root.clone())
+            } else {
+                name.strip_prefix(&format!("{}/", config.project)).and_then(|id| files.get(id))
+            };
+            let have = doc.map(|d| d.transact().state_vector()).unwrap_or_default();
+            wanted.iter().any(|(client, clock)| have.get(client) < *clock)
+        });
+        let Some((name, _)) = behind else { return Ok(()) };
+        if Instant::now() >= deadline {
+            warn!(doc = name, "a run starts before the bridge received every edit made before it");
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 

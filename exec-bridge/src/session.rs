@@ -56,6 +56,15 @@ pub struct SessionConfig {
     pub term_limits: Limits,
     /// Bytes per second a terminal's output is relayed at most.
     pub term_rate: u64,
+    /// What the server holds of the project when a run is requested (see [`PrepareRequest`]).
+    pub barrier: Option<Arc<dyn RunBarrier>>,
+}
+
+/// The server's side of "a run sees every edit made before it was requested".
+#[async_trait::async_trait]
+pub trait RunBarrier: Send + Sync {
+    /// The current state of the project's documents, by name.
+    async fn states(&self) -> Vec<(String, yrs::StateVector)>;
 }
 
 impl SessionConfig {
@@ -69,6 +78,7 @@ impl SessionConfig {
             run_limits: Limits::default(),
             term_limits: Limits { cpu_time: Duration::from_secs(3600), ..Limits::default() },
             term_rate: 2 << 20,
+            barrier: None,
         }
     }
 }
@@ -317,8 +327,15 @@ impl Session {
 
     async fn prepared(&self) -> Result<Prepared, Refused> {
         let unavailable = || Refused("the project's files are not ready yet; try again".into());
+        let wait_for = match &self.config.barrier {
+            Some(barrier) => barrier.states().await,
+            None => Vec::new(),
+        };
         let (reply, answer) = oneshot::channel();
-        self.prepare.send_timeout(reply, PREPARE_TIMEOUT).await.map_err(|_| unavailable())?;
+        self.prepare
+            .send_timeout(PrepareRequest { wait_for, reply }, PREPARE_TIMEOUT)
+            .await
+            .map_err(|_| unavailable())?;
         tokio::time::timeout(PREPARE_TIMEOUT, answer).await.map_err(|_| unavailable())?.map_err(|_| unavailable())
     }
 

@@ -13,7 +13,7 @@ use exec_bridge::peer::{self, BridgeConfig};
 use sync_core::Role;
 use sync_core::tree::{self, EntryKind};
 use tokio_util::sync::CancellationToken;
-use yrs::{GetString, Transact, WriteTxn};
+use yrs::{GetString, ReadTxn, Transact, WriteTxn};
 
 const WAIT: Duration = Duration::from_secs(20);
 const PROJECT: &str = "bridged";
@@ -210,6 +210,48 @@ async fn files_written_while_the_server_is_away_merge_when_it_returns() {
     let file = human.open(&tree::file_doc_name(PROJECT, &id), &setup.token("ada")).await.unwrap();
     file.wait_until("the program's line", WAIT, |p| text(p) == "one\ntwo\n").await.unwrap();
     assert_eq!(read(&log).as_deref(), Some("one\ntwo\n"));
+    shutdown.cancel();
+    bridge.await.unwrap();
+    setup.running.shutdown().await.unwrap();
+}
+
+/// A run's preparation waits until the bridge holds the state the server had when the run was
+/// requested: the reply comes only after the awaited edit arrived, and the file on disk has it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_waits_for_the_edits_made_before_it() {
+    let setup = server().await;
+    let (_human, _root, file, id) = project_with_file(&setup, "main.py", "print(1)\n").await;
+    let workspace = tempfile::tempdir().unwrap();
+    let config = BridgeConfig::new(&setup.url, PROJECT, &setup.token("exec-bridge"), workspace.path().to_owned());
+    let (requests, mut incoming) = tokio::sync::mpsc::channel(1);
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    let bridge = tokio::spawn(async move {
+        let mut mirror = Mirror::new();
+        let _ = peer::run_serving(config, &mut mirror, stop, &mut incoming).await;
+    });
+    let main = workspace.path().join("main.py");
+    until("the first version on disk", || read(&main).as_deref() == Some("print(1)\n")).await;
+
+    // Ask for a state one edit ahead of what the human has sent so far.
+    let mut ahead = file.doc().transact().state_vector();
+    ahead.inc_by(file.doc().client_id(), 1);
+    let (reply, prepared) = tokio::sync::oneshot::channel();
+    let wait_for = vec![(tree::file_doc_name(PROJECT, &id), ahead)];
+    requests.send(peer::PrepareRequest { wait_for, reply }).await.unwrap();
+    let mut prepared = std::pin::pin!(prepared);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut prepared).await.is_err(),
+        "the bridge answered before it had the awaited edit"
+    );
+    file.edit(|txn, text| {
+        use yrs::Text;
+        text.remove_range(txn, 6, 1);
+        text.insert(txn, 6, "2");
+    });
+    let prepared = tokio::time::timeout(WAIT, prepared).await.expect("answered in time").expect("answered");
+    assert_eq!(prepared.paths, ["main.py"]);
+    assert_eq!(read(&main).as_deref(), Some("print(2)\n"), "the edit is on disk when the run starts");
     shutdown.cancel();
     bridge.await.unwrap();
     setup.running.shutdown().await.unwrap();
