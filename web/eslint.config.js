@@ -26,7 +26,7 @@ export default tseslint.config(
   },
   {
     // Callbacks passed to page.evaluate() run in the browser.
-    files: ['test/browser.test.mjs'],
+    files: ['test/browser.test.mjs', 'test/exec.test.mjs', 'test/exec-ui.test.mjs'],
     languageOptions: { globals: { ...globals.node, ...globals.browser } },
   },
 );

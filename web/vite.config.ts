@@ -11,9 +11,10 @@ export default defineConfig({
     chunkSizeWarningLimit: 2000,
   },
   server: {
-    // `npm exec vite` during development: forward the sync endpoints to a locally running server.
+    // `npm exec vite` during development: forward the sync and exec endpoints to a locally running server.
     proxy: {
       '/sync': { target: 'ws://127.0.0.1:8080', ws: true },
+      '/exec': { target: 'ws://127.0.0.1:8080', ws: true },
     },
   },
 });

@@ -173,7 +173,7 @@ async fn shared_terminal(kind: SandboxKind) {
     drop(ann);
     let mut cat = connect(&server, "p3", Role::Editor, "cat").await;
     let ServerMsg::Hello { terms, .. } = &cat.seen[0] else { panic!("hello first") };
-    assert_eq!(terms.iter().filter(|t| t.exit_code.is_none()).count(), 2, "{terms:?}");
+    assert_eq!(terms.iter().filter(|t| !t.exited).count(), 2, "{terms:?}");
     assert!(cat.term_text(term).contains("hi-42"));
     cat.send(&ClientMsg::TermInput { term: second, data: Data(b"cat notes.txt; exit 4\n".to_vec()) }).await;
     let exited =
@@ -225,7 +225,9 @@ async fn flow_control(kind: SandboxKind) {
     ann.until("terminal exits", |m| matches!(m, ServerMsg::TermExited { term: t, .. } if *t == term)).await;
     let late = connect(&server, "p4", Role::Viewer, "late").await;
     let ServerMsg::Hello { terms, .. } = &late.seen[0] else { panic!("hello first") };
-    let scrollback = terms.iter().find(|t| t.term == term).expect("terminal kept").scrollback.0.len();
+    let closed = terms.iter().find(|t| t.term == term).expect("terminal kept");
+    assert!(closed.exited, "a closed terminal is replayed as ended");
+    let scrollback = closed.scrollback.0.len();
     assert!(scrollback <= exec_bridge::session::SCROLLBACK_BYTES && scrollback > 100_000, "scrollback {scrollback}");
     server.stop().await;
 }

@@ -107,7 +107,10 @@ pub struct TermInfo {
     pub rows: u16,
     /// The last [`crate::session::SCROLLBACK_BYTES`] the terminal printed.
     pub scrollback: Data,
-    /// Set once the shell ended.
+    /// True once the shell ended.
+    pub exited: bool,
+    /// The shell's exit code once it ended by itself (`None` while it runs, and when it was
+    /// killed, e.g. closed by a peer).
     pub exit_code: Option<i32>,
 }
 
@@ -163,8 +166,8 @@ pub enum ServerMsg {
 /// A verdict on the wire: a machine-readable `kind` and a sentence for people.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VerdictInfo {
-    /// `exited`, `signaled`, `time_limit`, `memory_limit`, `output_limit`, `compile_error` or
-    /// `failed` (the run could not be started).
+    /// `exited`, `signaled`, `time_limit`, `memory_limit`, `output_limit`, `compile_error`,
+    /// `stopped` (by a peer) or `failed` (the run could not be started).
     pub kind: String,
     pub code: Option<i32>,
     pub signal: Option<i32>,

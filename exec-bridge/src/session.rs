@@ -124,6 +124,7 @@ impl TermRecord {
             cols: self.size.cols,
             rows: self.size.rows,
             scrollback: Data(self.scrollback.iter().copied().collect()),
+            exited: self.exit_code.is_some(),
             exit_code: self.exit_code.flatten(),
         }
     }

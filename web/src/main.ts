@@ -1,9 +1,10 @@
-// Page entry point: reads the link's token, syncs the project tree and the open file with the server over y-websocket, and drives the UI.
+// Page entry point: reads the link's token, syncs the project tree and the open file with the server over y-websocket, mounts the run console and terminal, and drives the UI.
 import './style.css';
 import * as Y from 'yjs';
 import { WebsocketProvider } from 'y-websocket';
 import { userColor, type UserColor } from './color';
 import { createEditor, type OpenEditor } from './editor';
+import { mountExecPanel, type ExecPanel } from './exec-panel';
 import { decodeToken, secondsLeft, type Claims } from './token';
 import { buildTree, filesInTreeOrder, isFileId, readProjectFiles, type FileEntry } from './tree';
 import { renderTree } from './tree-view';
@@ -105,6 +106,8 @@ class App {
   private readonly rootWatch: ConnectionWatch;
   private readonly user: AwarenessUser;
   private rootSynced = false;
+  /** The run console and shared terminal, over the exec channel. */
+  readonly exec: ExecPanel;
   private entries: FileEntry[] = [];
   private current: {
     id: string;
@@ -121,6 +124,7 @@ class App {
   ) {
     const color: UserColor = userColor(claims.sub);
     this.user = { id: claims.sub, name: claims.name, ...color };
+    this.exec = mountExecPanel(project, token, claims);
     this.rootProvider = this.connect(project, this.rootDoc);
     this.rootWatch = new ConnectionWatch('project', this.rootProvider, () => {
       this.refreshStatus();

@@ -1,15 +1,13 @@
 // End-to-end browser test: the built page (web/dist) served by `collab serve --demo`, driven in two headless Chromium contexts.
 import assert from 'node:assert/strict';
-import { existsSync } from 'node:fs';
-import { after, before, beforeEach, describe, test } from 'node:test';
-import { chromium } from 'playwright-core';
+import { describe, test } from 'node:test';
 import * as Y from 'yjs';
 import {
   Cleanup,
-  assertFreshDist,
   editorTokenFor,
   expiredToken,
   tamperToken,
+  useBrowser,
   useServer,
   viewerTokenFor,
   waitFor,
@@ -17,70 +15,18 @@ import {
   yClient,
 } from './harness.mjs';
 
-const CHROMIUM = process.env.CHROMIUM_BIN ?? '/usr/bin/chromium';
 const SCREENSHOT = '/tmp/web-browser-test.png';
 
+// This server runs no sandbox (test/exec.test.mjs covers runs and terminals), so it refuses the
+// page's exec socket with 503: the console and terminal panes say the runner is unavailable.
+const EXEC_REFUSED = /WebSocket connection to '[^']*\/exec\/[^']*' failed/;
+
 const server = useServer({ demo: true });
-let browser;
-let setupError = null;
-const cleanup = new Cleanup();
-/** Uncaught page errors and console errors, by page label; checked at the end. */
-const pageProblems = [];
+const browser = useBrowser({ ignoreConsole: [EXEC_REFUSED] });
+const pageProblems = browser.problems;
 
-before(async () => {
-  try {
-    assertFreshDist();
-    if (!existsSync(CHROMIUM)) {
-      throw new Error(
-        `Chromium not found at ${CHROMIUM}: apt-get install -y chromium (or set CHROMIUM_BIN)`,
-      );
-    }
-    browser = await chromium.launch({
-      executablePath: CHROMIUM,
-      headless: true,
-      chromiumSandbox: false,
-      // launch() runs Chromium with a fresh temporary user-data-dir of its own.
-      args: [
-        '--no-sandbox',
-        '--disable-gpu',
-        '--disable-background-networking',
-        '--disable-component-update',
-        '--no-first-run',
-        '--disable-quic',
-        '--disable-sync',
-      ],
-    });
-    cleanup.add(() => browser.close());
-  } catch (error) {
-    setupError = error;
-  }
-});
-
-// A missing build or browser fails every test with the reason (instead of cancelling them).
-beforeEach(() => {
-  if (setupError !== null) {
-    throw setupError;
-  }
-});
-
-after(async () => {
-  await cleanup.run();
-});
-
-/** A page in its own browser context (own storage, no BroadcastChannel with the others). */
-async function newPage(label, { ignoreConsole = [] } = {}) {
-  const context = await browser.newContext({ viewport: { width: 1280, height: 760 } });
-  cleanup.add(() => context.close());
-  const page = await context.newPage();
-  page.setDefaultTimeout(15_000);
-  page.on('pageerror', (error) => pageProblems.push(`${label}: page error: ${error.message}`));
-  page.on('console', (message) => {
-    const text = message.text();
-    if (message.type() === 'error' && !ignoreConsole.some((re) => re.test(text))) {
-      pageProblems.push(`${label}: console error: ${text}`);
-    }
-  });
-  return page;
+function newPage(label, opts) {
+  return browser.newPage(label, opts);
 }
 
 function pageUrl(token, project = 'demo') {
@@ -315,6 +261,18 @@ describe('the page in Chromium', { timeout: 180_000 }, () => {
     assert.ok(!(await openFile(page)).text.includes('VIEWER WAS HERE'), 'the viewer cannot type');
     assert.ok(!(await openFile(pageA)).text.includes('VIEWER WAS HERE'));
     assert.ok((await openFile(page)).text.startsWith(before.slice(0, 10)));
+  });
+
+  test('without a sandbox on the server, Run is off and the panel says the runner is unavailable', async () => {
+    await waitFor(
+      async () =>
+        (await pageA.getByTestId('exec-status').getAttribute('data-state')) === 'unavailable',
+      { timeout: 20_000, message: 'page A to call the runner unavailable' },
+    );
+    assert.match(await pageA.getByTestId('exec-status').textContent(), /unavailable/);
+    assert.equal(await pageA.getByTestId('run-button').isDisabled(), true);
+    assert.equal(await pageA.getByTestId('terminal-open').isDisabled(), true);
+    assert.equal(await pageA.getByTestId('stdin-input').isDisabled(), true);
   });
 
   test('the tree is live and shows clashing paths by the clash rule', async () => {

@@ -1,6 +1,6 @@
 // Test harness: starts the `collab` server binary on a free port with a fresh data dir, mints tokens, builds clients, polls with deadlines, and cleans up.
 import { execFile, spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync, statSync, readdirSync } from 'node:fs';
+import { chmodSync, existsSync, mkdtempSync, readdirSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -83,6 +83,80 @@ export async function waitFor(fn, { timeout = 10_000, interval = 20, message, de
   }
 }
 
+export const CHROMIUM = process.env.CHROMIUM_BIN ?? '/usr/bin/chromium';
+
+/**
+ * Launches one headless Chromium (`$CHROMIUM_BIN` or /usr/bin/chromium, never a download) for the
+ * calling test file, after checking that web/dist is fresh, and closes it after the file. A
+ * missing build or browser fails every test of the file with the reason. `newPage(label)` opens a
+ * page in its own context (own storage, no BroadcastChannel with the others) and records its
+ * uncaught errors and console errors, except those matching `ignoreConsole`, in `problems`.
+ */
+export function useBrowser({ ignoreConsole = [] } = {}) {
+  const cleanup = new Cleanup();
+  const ctx = {
+    browser: null,
+    /** Uncaught page errors and console errors, by page label; check them at the end. */
+    problems: [],
+    async newPage(label, { ignoreConsole: ignoreMore = [], viewport } = {}) {
+      const context = await ctx.browser.newContext({
+        viewport: viewport ?? { width: 1280, height: 760 },
+      });
+      cleanup.add(() => context.close());
+      const page = await context.newPage();
+      page.setDefaultTimeout(15_000);
+      const ignored = [...ignoreConsole, ...ignoreMore];
+      page.on('pageerror', (error) => ctx.problems.push(`${label}: page error: ${error.message}`));
+      page.on('console', (message) => {
+        const text = message.text();
+        if (message.type() === 'error' && !ignored.some((re) => re.test(text))) {
+          ctx.problems.push(`${label}: console error: ${text}`);
+        }
+      });
+      return page;
+    },
+  };
+  let setupError = null;
+  before(async () => {
+    try {
+      assertFreshDist();
+      if (!existsSync(CHROMIUM)) {
+        throw new Error(
+          `Chromium not found at ${CHROMIUM}: apt-get install -y chromium (or set CHROMIUM_BIN)`,
+        );
+      }
+      const { chromium } = await import('playwright-core');
+      ctx.browser = await chromium.launch({
+        executablePath: CHROMIUM,
+        headless: true,
+        chromiumSandbox: false,
+        // launch() runs Chromium with a fresh temporary user-data-dir of its own.
+        args: [
+          '--no-sandbox',
+          '--disable-gpu',
+          '--disable-background-networking',
+          '--disable-component-update',
+          '--no-first-run',
+          '--disable-quic',
+          '--disable-sync',
+        ],
+      });
+      cleanup.add(() => ctx.browser.close());
+    } catch (error) {
+      setupError = error;
+    }
+  });
+  beforeEach(() => {
+    if (setupError !== null) {
+      throw setupError;
+    }
+  });
+  after(async () => {
+    await cleanup.run();
+  });
+  return ctx;
+}
+
 /** Runs registered clean-up steps in reverse order; every step runs even if one fails. */
 export class Cleanup {
   #steps = [];
@@ -138,15 +212,28 @@ export function useServer(opts = {}) {
 }
 
 /**
- * Starts `collab serve` on 127.0.0.1 with an OS-chosen port and a fresh data dir.
+ * Starts `collab serve` on 127.0.0.1 with an OS-chosen port and a fresh data dir (and, with
+ * `sandbox`, `--sandbox SANDBOX` for the exec channel's runs and terminals).
  * Resolves once the server printed `listening on http://127.0.0.1:PORT`.
  */
-export async function startServer({ demo = false, webDir = DIST_DIR, timeout = 60_000 } = {}) {
+export async function startServer({
+  demo = false,
+  sandbox,
+  webDir = DIST_DIR,
+  timeout = 60_000,
+} = {}) {
   const bin = collabBin();
   const dataDir = mkdtempSync(path.join(tmpdir(), 'collab-web-test-'));
   const args = ['serve', '--listen', '127.0.0.1:0', '--data-dir', dataDir, '--web-dir', webDir];
   if (demo) {
     args.push('--demo');
+  }
+  if (sandbox !== undefined) {
+    // `local` (bubblewrap) turns the exec channel on; without it /exec answers 503.
+    args.push('--sandbox', sandbox);
+    // Run as root, the local sandbox drops to an unprivileged uid, which must be able to reach
+    // the workspaces inside the data dir (mkdtemp makes it 0700).
+    chmodSync(dataDir, 0o755);
   }
   const child = spawn(bin, args, {
     stdio: ['ignore', 'pipe', 'pipe'],
