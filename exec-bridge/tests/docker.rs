@@ -1,6 +1,6 @@
 //! Checks of the Docker sandbox beyond the conformance suite (`tests/sandbox.rs`): the project
-//! container's configuration as the engine reports it, Docker's OOM verdict, container reuse
-//! and the end of every process a run leaves behind.
+//! and terminal containers' configuration as the engine reports it, Docker's OOM verdict,
+//! container reuse, the end of every process a run leaves behind, and terminals' containers.
 
 mod common;
 
@@ -8,11 +8,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bollard::query_parameters::TopOptionsBuilder;
+use std::collections::HashMap;
+
+use bollard::query_parameters::{ListContainersOptionsBuilder, TopOptionsBuilder};
 use common::{docker_sandbox, workspace_with};
 use exec_bridge::run::{Limits, Program, RunOutput, Verdict, run_program};
-use exec_bridge::sandbox::Sandbox;
-use exec_bridge::sandbox::docker::{DockerSandbox, DockerSandboxConfig};
+use exec_bridge::sandbox::docker::{DockerSandbox, DockerSandboxConfig, TERMINAL_LABEL};
+use exec_bridge::sandbox::{Sandbox, TermSize, Terminal};
 
 const PATIENCE: Duration = Duration::from_secs(60);
 
@@ -129,4 +131,87 @@ async fn an_idle_project_stops_and_starts_again_on_demand() {
     run().await;
     assert!(sandbox.docker().inspect_container(&container, None).await.is_ok(), "a new container runs it");
     sandbox.shutdown().await.unwrap();
+}
+
+/// The containers of `project`'s open terminals, by name.
+async fn terminal_containers(sandbox: &DockerSandbox, project: &str) -> Vec<String> {
+    let label = format!("{TERMINAL_LABEL}={project}");
+    let filters = HashMap::from([("label", vec![label.as_str()])]);
+    let options = ListContainersOptionsBuilder::new().all(true).filters(&filters).build();
+    let containers = sandbox.docker().list_containers(Some(options)).await.expect("list containers");
+    containers.into_iter().flat_map(|container| container.names.unwrap_or_default()).collect()
+}
+
+async fn open_terminal(sandbox: &Arc<DockerSandbox>, workspace: &Path) -> Terminal {
+    let dyn_sandbox: Arc<dyn Sandbox> = sandbox.clone();
+    let limits = Limits { cpu_time: Duration::from_secs(3600), ..Limits::default() };
+    dyn_sandbox.open_terminal(workspace, TermSize { cols: 80, rows: 24 }, &limits).await.expect("the terminal opens")
+}
+
+/// Drops the terminal's output and waits until the sandbox has ended it.
+async fn close(terminal: Terminal) {
+    let Terminal { output, exited, .. } = terminal;
+    drop(output);
+    let code = tokio::time::timeout(PATIENCE, exited).await.expect("ends in time");
+    assert_eq!(code, Ok(None));
+}
+
+/// A terminal runs in a locked-down container of its own that shares only the project
+/// container's (loopback-only) network namespace, and leaves no container behind.
+#[tokio::test]
+async fn a_terminal_has_a_locked_down_container_that_goes_with_it() {
+    let config = DockerSandboxConfig::default();
+    let sandbox = docker_sandbox(config.clone()).await;
+    let workspace = workspace_with(&[]);
+    let project = sandbox.prepare(workspace.path()).await.expect("the container starts");
+    let terminal = open_terminal(&sandbox, workspace.path()).await;
+    let terminals = terminal_containers(&sandbox, &project).await;
+    assert_eq!(terminals.len(), 1, "{terminals:?}");
+    let inspect =
+        sandbox.docker().inspect_container(terminals[0].trim_start_matches('/'), None).await.expect("inspect");
+    let host = inspect.host_config.expect("host config");
+    let network = host.network_mode.unwrap_or_default();
+    assert!(network.starts_with("container:"), "the project container's network namespace: {network}");
+    assert_eq!(host.readonly_rootfs, Some(true));
+    assert_eq!(host.cap_drop, Some(vec!["ALL".to_owned()]));
+    assert_eq!(host.security_opt, Some(vec!["no-new-privileges".to_owned()]));
+    assert_eq!(host.pids_limit, Some(i64::from(config.pids)));
+    assert_eq!(host.memory, Some(config.memory_bytes as i64));
+    assert_eq!(host.log_config.and_then(|log| log.typ).as_deref(), Some("none"), "no copy of the output is kept");
+    let id = DockerSandbox::project_id(&workspace.path().canonicalize().expect("canonical"));
+    let container_config = inspect.config.expect("config");
+    assert_eq!(container_config.user, Some(format!("{id}:{id}")));
+    assert_eq!(container_config.tty, Some(true));
+
+    close(terminal).await;
+    assert!(terminal_containers(&sandbox, &project).await.is_empty(), "the terminal's container is gone");
+    assert!(sandbox.docker().inspect_container(&project, None).await.is_ok(), "the project's container stays");
+    sandbox.shutdown().await.expect("removed");
+}
+
+/// An open terminal keeps its project's container (whose network namespace it shares) up.
+#[tokio::test]
+async fn a_project_with_an_open_terminal_is_not_stopped_as_idle() {
+    let sandbox = docker_sandbox(DockerSandboxConfig::default()).await;
+    let workspace = workspace_with(&[]);
+    let project = sandbox.prepare(workspace.path()).await.expect("the container starts");
+    let terminal = open_terminal(&sandbox, workspace.path()).await;
+    assert_eq!(sandbox.stop_idle(Duration::ZERO).await.expect("stop idle"), 0, "a terminal is open");
+    close(terminal).await;
+    assert_eq!(sandbox.stop_idle(Duration::ZERO).await.expect("stop idle"), 1);
+    assert!(sandbox.docker().inspect_container(&project, None).await.is_err(), "the idle container is gone");
+    sandbox.shutdown().await.expect("removed");
+}
+
+/// Removing a project ends its open terminals too.
+#[tokio::test]
+async fn removing_a_project_ends_its_terminals() {
+    let sandbox = docker_sandbox(DockerSandboxConfig::default()).await;
+    let workspace = workspace_with(&[]);
+    let project = sandbox.prepare(workspace.path()).await.expect("the container starts");
+    let mut terminal = open_terminal(&sandbox, workspace.path()).await;
+    sandbox.remove_project(workspace.path()).await.expect("removed");
+    assert!(terminal_containers(&sandbox, &project).await.is_empty(), "no terminal container is left");
+    let ended = tokio::time::timeout(PATIENCE, async { while terminal.output.recv().await.is_some() {} });
+    ended.await.expect("the terminal's output ends");
 }

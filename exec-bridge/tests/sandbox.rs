@@ -1,5 +1,6 @@
-//! The sandbox conformance suite: every verdict and every isolation promise of [`Sandbox`], run
-//! against each implementation (bubblewrap, Docker) with real python3 and gcc.
+//! The sandbox conformance suite: every verdict and every isolation promise of [`Sandbox`], for
+//! runs, terminals and previews, run against each implementation (bubblewrap, Docker) with real
+//! python3, gcc and bash.
 //!
 //! Each check is an `async fn` taking the sandbox; the `conformance!` macro at the end makes a
 //! test of it per implementation (`local::NAME`, `docker::NAME`).
@@ -16,7 +17,10 @@ use common::workspace_with;
 use exec_bridge::run::{Limits, Program, RunEvent, RunOutput, Stream, TimeLimit, Verdict, run_program};
 use exec_bridge::sandbox::docker::{DockerSandbox, DockerSandboxConfig};
 use exec_bridge::sandbox::local::{LocalSandbox, LocalSandboxConfig};
-use exec_bridge::sandbox::{Sandbox, SandboxCommand};
+use exec_bridge::sandbox::{
+    Execution, PortStream, Sandbox, SandboxCommand, SandboxError, TERM_CHUNK, TermSize, Terminal,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Longest any test waits for a run; far above every limit used here.
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -213,6 +217,330 @@ async fn stdin_is_interactive(sandbox: Arc<dyn Sandbox>) {
     assert!(out.stderr_text().contains("EOFError"), "{}", out.stderr_text());
 }
 
+/// Limits of a terminal as the bridge gives them: CPU time for a long session.
+fn terminal_limits() -> Limits {
+    Limits { cpu_time: Duration::from_secs(3600), ..Limits::default() }
+}
+
+const SIZE: TermSize = TermSize { cols: 80, rows: 24 };
+
+/// A terminal and what it printed so far.
+///
+/// Markers the checks wait for are computed by the shell (`hi-$((6*7))` prints `hi-42`), so the
+/// echo of the typed line never matches them.
+struct Screen {
+    terminal: Terminal,
+    printed: Vec<u8>,
+    /// Where the next search for a marker starts.
+    seen: usize,
+}
+
+impl Screen {
+    async fn open(sandbox: &Arc<dyn Sandbox>, workspace: &Path, size: TermSize) -> Screen {
+        let terminal = sandbox.open_terminal(workspace, size, &terminal_limits()).await.expect("the terminal opens");
+        Screen { terminal, printed: Vec::new(), seen: 0 }
+    }
+
+    async fn type_line(&self, line: &str) {
+        self.terminal.input.send(Bytes::from(format!("{line}\n"))).await.expect("the terminal takes input");
+    }
+
+    /// Reads until `marker` is printed; returns what was printed since the previous marker.
+    async fn wait_for(&mut self, marker: &str) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let printed = &self.printed[self.seen..];
+            if let Some(at) = printed.windows(marker.len()).position(|window| window == marker.as_bytes()) {
+                let text = String::from_utf8_lossy(&printed[..at + marker.len()]).into_owned();
+                self.seen += at + marker.len();
+                return text;
+            }
+            let chunk = tokio::time::timeout_at(deadline.into(), self.terminal.output.recv()).await;
+            match chunk {
+                Ok(Some(chunk)) => {
+                    assert!(chunk.len() <= TERM_CHUNK, "a chunk of {} bytes", chunk.len());
+                    self.printed.extend_from_slice(&chunk);
+                }
+                Ok(None) => panic!("the terminal ended before printing {marker:?}: {}", self.transcript()),
+                Err(_) => panic!("{marker:?} was not printed in time: {}", self.transcript()),
+            }
+        }
+    }
+
+    fn transcript(&self) -> String {
+        let tail = self.printed.len().saturating_sub(4096);
+        String::from_utf8_lossy(&self.printed[tail..]).into_owned()
+    }
+}
+
+/// A number no other test (of this process or another) uses, to find a test's processes.
+fn unique() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").subsec_nanos();
+    let next = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    u64::from(std::process::id()) * 1_000_000 + u64::from(nanos % 10_000) * 100 + next % 100
+}
+
+/// The host's processes (of every sandbox: the host sees into their pid namespaces) whose
+/// command line is exactly `args`.
+fn host_processes(args: &str) -> Vec<u32> {
+    let ps = std::process::Command::new("ps").args(["-eo", "pid=,args="]).output().expect("ps runs");
+    assert!(ps.status.success(), "ps failed");
+    String::from_utf8_lossy(&ps.stdout)
+        .lines()
+        .filter_map(|line| {
+            let (pid, command) = line.trim().split_once(' ')?;
+            (command.trim() == args).then(|| pid.parse().ok()).flatten()
+        })
+        .collect()
+}
+
+/// Polls `condition` until it holds; panics with `what` at the deadline.
+async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !condition() {
+        assert!(Instant::now() < deadline, "{what}: not so after {PATIENCE:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn a_terminal_runs_what_is_typed(sandbox: Arc<dyn Sandbox>) {
+    let workspace = workspace_with(&[]);
+    let mut screen = Screen::open(&sandbox, workspace.path(), SIZE).await;
+    screen.type_line("echo hi-$((6*7))").await;
+    screen.wait_for("hi-42").await;
+    screen.type_line("echo $TERM-$((1+1)) in $PWD").await;
+    screen.wait_for("xterm-256color-2 in /workspace").await;
+}
+
+async fn a_terminal_passes_every_byte_through(sandbox: Arc<dyn Sandbox>) {
+    let workspace = workspace_with(&[]);
+    let mut screen = Screen::open(&sandbox, workspace.path(), SIZE).await;
+    // After a pause, so the bytes likely start a read of their own: what looks like the header
+    // of one of Docker's multiplexed frames (stdout, 4 GiB long) must come through as it is.
+    screen.type_line("sleep 0.5; printf '\\001\\000\\000\\000\\377\\377\\377\\377'; echo raw-$((3*3))").await;
+    screen.wait_for("raw-9").await;
+    let frame = b"\x01\x00\x00\x00\xff\xff\xff\xffraw-9";
+    assert!(screen.printed.windows(frame.len()).any(|window| window == frame), "{:?}", screen.transcript());
+    screen.type_line("echo still-$((2+3))").await;
+    screen.wait_for("still-5").await;
+}
+
+async fn a_terminal_resizes_and_its_programs_are_told(sandbox: Arc<dyn Sandbox>) {
+    let workspace = workspace_with(&[]);
+    let mut screen = Screen::open(&sandbox, workspace.path(), SIZE).await;
+    screen.type_line("stty size; echo sized-$((1+1))").await;
+    assert!(screen.wait_for("sized-2").await.contains("24 80"), "{}", screen.transcript());
+    screen.terminal.resize.send(TermSize { cols: 100, rows: 30 }).await.expect("resize");
+    screen.type_line("stty size; echo sized-$((2+1))").await;
+    assert!(screen.wait_for("sized-3").await.contains("30 100"), "{}", screen.transcript());
+    // A program in the foreground gets SIGWINCH (it is in the terminal's foreground group).
+    let script = "import signal, sys\nsignal.signal(signal.SIGWINCH, lambda *_: (print('winched-%d' % (2 * 2)), sys.exit(0)))\nprint('ready-%d' % (3 * 3), flush=True)\nsignal.pause()\n";
+    std::fs::write(workspace.path().join("winch.py"), script).expect("write winch.py");
+    screen.type_line("python3 winch.py").await;
+    screen.wait_for("ready-9").await;
+    screen.terminal.resize.send(TermSize { cols: 90, rows: 20 }).await.expect("resize");
+    screen.wait_for("winched-4").await;
+}
+
+async fn a_terminal_has_no_network(sandbox: Arc<dyn Sandbox>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("listener");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let port = listener.local_addr().expect("addr").port();
+    let workspace = workspace_with(&[]);
+    let mut screen = Screen::open(&sandbox, workspace.path(), SIZE).await;
+    screen
+        .type_line(&format!(
+            "for a in 1.1.1.1/53 127.0.0.1/{port}; do timeout 5 bash -c \"exec 3<>/dev/tcp/$a\" 2>/dev/null && echo open-$((0+1)) || echo shut-$((0+1)); done; echo net-$((9*9))"
+        ))
+        .await;
+    let text = screen.wait_for("net-81").await;
+    assert_eq!(text.matches("shut-1").count(), 2, "{text}");
+    assert!(!text.contains("open-1"), "{text}");
+    assert!(listener.accept().is_err(), "the host's listener saw no connection");
+}
+
+async fn a_terminal_is_unprivileged_and_writes_land_in_the_workspace(sandbox: Arc<dyn Sandbox>) {
+    let workspace = workspace_with(&[("old.txt", "old\n")]);
+    let mut screen = Screen::open(&sandbox, workspace.path(), SIZE).await;
+    screen.type_line("echo typed > new.txt && echo more >> old.txt && echo wrote-$((5*5))").await;
+    screen.wait_for("wrote-25").await;
+    assert_eq!(std::fs::read_to_string(workspace.path().join("new.txt")).expect("new.txt"), "typed\n");
+    assert_eq!(std::fs::read_to_string(workspace.path().join("old.txt")).expect("old.txt"), "old\nmore\n");
+    screen.type_line("touch /usr/evil /evil 2>/dev/null || echo read-only-$((7*7))").await;
+    screen.wait_for("read-only-49").await;
+    screen.type_line("test \"$(id -u)\" -ne 0 && echo non-root-$((8*8))").await;
+    screen.wait_for("non-root-64").await;
+    assert!(!Path::new("/usr/evil").exists() && !Path::new("/evil").exists());
+}
+
+async fn the_shells_exit_code_arrives(sandbox: Arc<dyn Sandbox>) {
+    let workspace = workspace_with(&[]);
+    let mut screen = Screen::open(&sandbox, workspace.path(), SIZE).await;
+    screen.type_line("echo up-$((1+1))").await;
+    screen.wait_for("up-2").await;
+    screen.type_line("exit 3").await;
+    let code = tokio::time::timeout(PATIENCE, &mut screen.terminal.exited).await.expect("exits in time");
+    assert_eq!(code, Ok(Some(3)));
+    let ended = tokio::time::timeout(PATIENCE, async { while screen.terminal.output.recv().await.is_some() {} });
+    ended.await.expect("the output ends once the shell has exited");
+}
+
+async fn dropping_the_output_ends_every_process_of_the_terminal(sandbox: Arc<dyn Sandbox>) {
+    let workspace = workspace_with(&[]);
+    let mut screen = Screen::open(&sandbox, workspace.path(), SIZE).await;
+    let seconds = unique();
+    // A background job, one in a session of its own, and one orphaned by its subshell.
+    screen
+        .type_line(&format!("sleep {seconds} & setsid sleep {seconds} & (sleep {seconds} &); echo bg-$((5*5))"))
+        .await;
+    screen.wait_for("bg-25").await;
+    let sleeper = format!("sleep {seconds}");
+    eventually("the three sleepers show in ps", || host_processes(&sleeper).len() == 3).await;
+    let Terminal { input, resize, output, exited } = screen.terminal;
+    drop(output);
+    let code = tokio::time::timeout(PATIENCE, exited).await.expect("ends in time");
+    assert_eq!(code, Ok(None), "a terminal killed by the sandbox has no exit code");
+    eventually("no sleeper is left", || host_processes(&sleeper).is_empty()).await;
+    assert!(input.send(Bytes::from_static(b"echo\n")).await.is_err(), "nobody takes input any more");
+    drop(resize);
+}
+
+/// Field `index` (1-based, as in proc(5)) of `/proc/PID/stat`.
+fn proc_stat(pid: u32, index: usize) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the name, which is in parentheses, start with field 3.
+    stat.rsplit_once(')')?.1.split_whitespace().nth(index - 3).map(str::to_owned)
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let field = |index| proc_stat(pid, index).and_then(|value| value.parse::<u64>().ok()).unwrap_or(0);
+    field(14) + field(15)
+}
+
+async fn a_terminal_nobody_reads_blocks_its_programs(sandbox: Arc<dyn Sandbox>) {
+    let workspace = workspace_with(&[]);
+    let mut screen = Screen::open(&sandbox, workspace.path(), SIZE).await;
+    screen.type_line("echo ready-$((2+2))").await;
+    screen.wait_for("ready-4").await;
+    let token = unique();
+    screen.type_line(&format!("yes flow-{token}")).await;
+    let yes = format!("yes flow-{token}");
+    eventually("`yes` runs", || host_processes(&yes).len() == 1).await;
+    let pid = host_processes(&yes)[0];
+    // Nobody reads: `yes` must end up blocked in a write (state S), using no CPU time.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (state, before) = (proc_stat(pid, 3), cpu_ticks(pid));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (state_after, after) = (proc_stat(pid, 3), cpu_ticks(pid));
+        if state.as_deref() == Some("S") && state_after.as_deref() == Some("S") && after <= before + 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "`yes` keeps running with nobody reading ({state_after:?}, {after} ticks)");
+    }
+    // What waits in the queue, the pty and the engine is bounded: far below what `yes` writes
+    // in a second when it is read.
+    screen.terminal.input.send(Bytes::from_static(b"\x03")).await.expect("Ctrl-C");
+    screen.type_line("echo flow-done-$((4*4))").await;
+    let backlog = screen.wait_for("flow-done-16").await.len();
+    println!("backlog of a blocked terminal: {backlog} bytes");
+    // Measured: about 70 KB locally, 1 to 2.5 MB through the Docker engine's pipes and sockets.
+    assert!(backlog < 8 << 20, "{backlog} bytes were buffered for a terminal nobody read");
+    eventually("`yes` is gone after Ctrl-C", || host_processes(&yes).is_empty()).await;
+}
+
+async fn a_run_does_not_end_an_open_terminal(sandbox: Arc<dyn Sandbox>) {
+    let workspace = workspace_with(&[("main.py", "print('ran')\n")]);
+    let mut screen = Screen::open(&sandbox, workspace.path(), SIZE).await;
+    screen.type_line("echo before-$((3+3))").await;
+    screen.wait_for("before-6").await;
+    let out = run(&sandbox, workspace.path(), &Program::python("main.py"), &Limits::default()).await;
+    assert_eq!(out.verdict, Verdict::Exited { code: 0 }, "stderr: {}", out.stderr_text());
+    screen.type_line("echo after-$((3+4))").await;
+    screen.wait_for("after-7").await;
+}
+
+/// `python3 -m http.server PORT` as a run in `workspace`.
+async fn serve(sandbox: &Arc<dyn Sandbox>, workspace: &Path, port: u16) -> Execution {
+    let command =
+        SandboxCommand::new("/usr/bin/python3", ["-m".to_owned(), "http.server".to_owned(), port.to_string()]);
+    let limits = Limits { wall_time: PATIENCE * 2, ..Limits::default() };
+    sandbox.start(workspace, &command, &limits).await.expect("the server starts")
+}
+
+/// A connection to `port` in `workspace`'s sandbox, once something listens there.
+async fn connect_when_listening(sandbox: &Arc<dyn Sandbox>, workspace: &Path, port: u16) -> Box<dyn PortStream> {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match sandbox.connect_port(workspace, port).await {
+            Ok(stream) => return stream,
+            Err(SandboxError::NotListening { .. }) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(err) => panic!("connecting to port {port}: {err:?}"),
+        }
+    }
+}
+
+async fn http_get(stream: &mut Box<dyn PortStream>, path: &str) -> String {
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: preview\r\n\r\n").as_bytes()).await.expect("request");
+    let mut response = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut response)).await.expect("in time").expect("response");
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+fn assert_not_listening(result: Result<Box<dyn PortStream>, SandboxError>, port: u16) {
+    match result {
+        Err(SandboxError::NotListening { port: reported }) => assert_eq!(reported, port),
+        Err(err) => panic!("expected NotListening, got {err:?}"),
+        Ok(_) => panic!("connected to port {port}, where nothing should listen"),
+    }
+}
+
+async fn a_preview_reaches_a_server_started_by_a_run(sandbox: Arc<dyn Sandbox>) {
+    let workspace = workspace_with(&[("hello.txt", "hello from the sandbox\n")]);
+    assert_not_listening(sandbox.connect_port(workspace.path(), 8123).await, 8123);
+    let server = serve(&sandbox, workspace.path(), 8123).await;
+    let mut stream = connect_when_listening(&sandbox, workspace.path(), 8123).await;
+    let response = http_get(&mut stream, "/hello.txt").await;
+    assert!(response.starts_with("HTTP/1.0 200"), "{response}");
+    assert!(response.ends_with("\r\n\r\nhello from the sandbox\n"), "{response}");
+    let mut stream = connect_when_listening(&sandbox, workspace.path(), 8123).await;
+    assert!(http_get(&mut stream, "/").await.contains("hello.txt"), "a directory listing");
+    assert_not_listening(sandbox.connect_port(workspace.path(), 8124).await, 8124);
+    drop(server);
+}
+
+async fn a_preview_reaches_a_server_started_in_a_terminal(sandbox: Arc<dyn Sandbox>) {
+    let workspace = workspace_with(&[("page.html", "<p>from a terminal</p>\n")]);
+    let mut screen = Screen::open(&sandbox, workspace.path(), SIZE).await;
+    screen.type_line("python3 -m http.server 8125 2>/dev/null & echo serving-$((2*5))").await;
+    screen.wait_for("serving-10").await;
+    let mut stream = connect_when_listening(&sandbox, workspace.path(), 8125).await;
+    let response = http_get(&mut stream, "/page.html").await;
+    assert!(response.starts_with("HTTP/1.0 200") && response.ends_with("<p>from a terminal</p>\n"), "{response}");
+}
+
+async fn a_project_cannot_reach_another_projects_port(sandbox: Arc<dyn Sandbox>) {
+    let a = workspace_with(&[("a.txt", "a")]);
+    let b = workspace_with(&[("b.txt", "b")]);
+    let server_a = serve(&sandbox, a.path(), 8131).await;
+    let server_b = serve(&sandbox, b.path(), 8132).await;
+    connect_when_listening(&sandbox, a.path(), 8131).await;
+    connect_when_listening(&sandbox, b.path(), 8132).await;
+    assert_not_listening(sandbox.connect_port(b.path(), 8131).await, 8131);
+    assert_not_listening(sandbox.connect_port(a.path(), 8132).await, 8132);
+    // Nor from inside: a terminal of b finds nothing on a's port.
+    let mut screen = Screen::open(&sandbox, b.path(), SIZE).await;
+    screen
+        .type_line("timeout 5 bash -c 'exec 3<>/dev/tcp/127.0.0.1/8131' 2>/dev/null && echo open-$((0+1)) || echo shut-$((0+1))")
+        .await;
+    let text = screen.wait_for("-1").await;
+    assert!(text.ends_with("shut-1"), "{text}");
+    drop((server_a, server_b));
+}
+
 macro_rules! conformance {
     ($($check:ident),* $(,)?) => {
         mod local {
@@ -255,4 +583,16 @@ conformance!(
     host_files_outside_the_workspace_are_invisible,
     only_the_workspace_outlives_the_run,
     stdin_is_interactive,
+    a_terminal_runs_what_is_typed,
+    a_terminal_passes_every_byte_through,
+    a_terminal_resizes_and_its_programs_are_told,
+    a_terminal_has_no_network,
+    a_terminal_is_unprivileged_and_writes_land_in_the_workspace,
+    the_shells_exit_code_arrives,
+    dropping_the_output_ends_every_process_of_the_terminal,
+    a_terminal_nobody_reads_blocks_its_programs,
+    a_run_does_not_end_an_open_terminal,
+    a_preview_reaches_a_server_started_by_a_run,
+    a_preview_reaches_a_server_started_in_a_terminal,
+    a_project_cannot_reach_another_projects_port,
 );

@@ -42,13 +42,54 @@
 //!   run's `RLIMIT_AS` (as in the local sandbox) and the container's cgroup limit (memory equal
 //!   to memory+swap) for the project as a whole.
 //!
+//! # A terminal
+//!
+//! ```text
+//! a container of its own, like the project's but: network_mode container:PROJECT_CONTAINER,
+//! no report folder, tty, open stdin (closed when the bridge's attachment goes: stdin_once),
+//! log driver none, user PROJECT_ID:PROJECT_ID, TERM=xterm-256color, auto-removed;
+//!   prlimit --as=.. --cpu=.. --fsize=.. --nproc=.. --core=0 -- /bin/bash
+//! ```
+//!
+//! * **A container, not an exec in the project's container.** A run's end kills every process
+//!   of the project's uid in the project container (see above), which would take an open
+//!   terminal with it; and a terminal's own processes can leave its session and process group,
+//!   so no kill inside a shared container would be exact. A container per terminal has its own
+//!   pid namespace: runs cannot reach it, and removing it ends exactly the terminal's
+//!   processes. It shares the project container's network namespace (still loopback only), so
+//!   the terminal reaches a server a run started and a preview reaches a server started in the
+//!   terminal. It costs a container start (a terminal opened in about 130 ms here, where a
+//!   run's exec of `true` took 80) and its own memory, CPU and pids budget of
+//!   [`DockerSandboxConfig`]; `RLIMIT_NPROC` counts the project's uid across the host, so runs
+//!   and terminals of a project share the process limit.
+//! * **The raw stream.** The bridge attaches to the container over a connection of its own to
+//!   the engine's Unix socket and reads the tty's bytes as they are: bollard's attach decodes
+//!   the stream as Docker's multiplexed frames whenever a read starts with a byte below 3, which
+//!   a tty's output can do (`printf '\1'`), and would then buffer a "frame" of up to 4 GiB.
+//!   Chunks of at most [`TERM_CHUNK`] go to the bounded output channel; when it is full the
+//!   bridge stops reading, the socket, the engine's copy and the pty fill, and the terminal's
+//!   programs block writing. No log driver keeps a copy.
+//! * **Kill on drop** is the removal of the container (SIGKILL to all it runs). A project with
+//!   an open terminal is never stopped as idle.
+//!
+//! # Previews
+//!
+//! The project container keeps `network_mode none`. [`Sandbox::connect_port`] connects to a
+//! listening port from inside the project container's network namespace (that of its init,
+//! as the engine reports it, checked again after the namespace is opened), the way the local
+//! sandbox does; see `sandbox::netns`. This needs the bridge on the Docker host, in its pid
+//! namespace, as root. A Docker network with `internal: true` was the alternative, and fails
+//! here: with the engine run as `cargo xtask` runs it (`--iptables=false`), a container on such
+//! a network reached the host's own addresses (any service listening on all of them) and the
+//! other projects' containers, whatever `enable_icc` said, since both rules are iptables rules.
+//!
 //! # Telling the limits apart
 //!
 //! As in [`super::local`], from GNU `time`'s report, plus Docker's own OOM information: a run
 //! killed by SIGKILL while Docker reported an `oom` event for the container is
 //! [`Verdict::MemoryLimit`], whatever its peak resident size.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -60,25 +101,34 @@ use async_trait::async_trait;
 use bollard::Docker;
 use bollard::container::LogOutput;
 use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
-use bollard::models::{ContainerCreateBody, HostConfig, ResourcesUlimits};
+use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig, ResourcesUlimits};
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, EventsOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
+    ResizeContainerTTYOptionsBuilder, WaitContainerOptionsBuilder,
 };
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Mutex, OwnedMutexGuard, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
-use super::local::{WORKSPACE_MOUNT, give_workspace, judge};
-use super::{EVENT_QUEUE, Execution, Forwarded, OutputBudget, STDIN_QUEUE, Sandbox, SandboxCommand, SandboxError};
+use super::local::{TERM, WORKSPACE_MOUNT, give_workspace, judge};
+use super::{
+    EVENT_QUEUE, Execution, Forwarded, OutputBudget, PortStream, RESIZE_QUEUE, STDIN_QUEUE, Sandbox, SandboxCommand,
+    SandboxError, TERM_CHUNK, TERM_QUEUE, TermSize, Terminal, netns,
+};
 use crate::run::{Limits, RunEvent, Stream as OutputStream, TimeLimit, Verdict};
 
 /// The runtime image `cargo xtask images` builds: python3, gcc, g++ and GNU time on Debian
 /// bookworm. (xtask names it too; the two must agree.)
 pub const DEFAULT_IMAGE: &str = "collab-runtime:1";
 
-/// The label every project container carries, holding its workspace path on the host.
+/// The label every project and terminal container carries, holding its workspace path on the host.
 pub const WORKSPACE_LABEL: &str = "dev.collab.exec-bridge.workspace";
+/// The label of a terminal's container, holding the name of its project's container.
+pub const TERMINAL_LABEL: &str = "dev.collab.exec-bridge.terminal-of";
 
 const REPORT_MOUNT: &str = "/.exec-bridge-reports";
 const CONTAINER_PREFIX: &str = "collab-sandbox-";
@@ -96,6 +146,12 @@ const SIGKILL: i32 = 9;
 const OOM_GRACE: Duration = Duration::from_millis(500);
 const ENV: &[&str] =
     &["PATH=/usr/local/bin:/usr/bin:/bin", "HOME=/workspace", "LANG=C.UTF-8", "TMPDIR=/tmp", "PYTHONUNBUFFERED=1"];
+/// The engine's socket when `DOCKER_HOST` names none (as bollard's local defaults).
+const DEFAULT_SOCKET: &str = "/var/run/docker.sock";
+/// Longest wait for the engine's answer to an attach request.
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest answer header to an attach request.
+const ATTACH_HEAD_LIMIT: usize = 16 << 10;
 
 /// Configuration of [`DockerSandbox`]: the image and the limits of each project's container
 /// (a run's own limits come with the run, in [`Limits`]).
@@ -142,6 +198,9 @@ pub struct DockerSandbox {
     /// Projects by canonical workspace path. An async lock: creating a container awaits.
     projects: Mutex<HashMap<PathBuf, Arc<Project>>>,
     runs: AtomicU64,
+    /// The engine's Unix socket, for attaching to terminals (see the module documentation).
+    socket: PathBuf,
+    terminals: AtomicU64,
 }
 
 impl std::fmt::Debug for DockerSandbox {
@@ -163,6 +222,29 @@ struct Project {
     /// Set by [`DockerSandbox::stop_idle`] as it removes the container: a run that was waiting
     /// for its turn starts over on a new container.
     retired: AtomicBool,
+    /// The containers of the project's open terminals. Its lock also orders a terminal's
+    /// opening against [`DockerSandbox::stop_idle`] retiring the project.
+    terminals: std::sync::Mutex<HashSet<String>>,
+}
+
+impl Project {
+    fn terminals(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.terminals.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A terminal's place in its project, given up when dropped: the project counts as used until
+/// then and is not stopped as idle.
+struct TerminalSlot {
+    project: Arc<Project>,
+    container: String,
+}
+
+impl Drop for TerminalSlot {
+    fn drop(&mut self) {
+        self.project.terminals().remove(&self.container);
+        *self.project.last_used.lock().unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now();
+    }
 }
 
 /// A project's turn to run, from a run's start to the death of its last process; the project
@@ -194,7 +276,19 @@ impl DockerSandbox {
         if docker.inspect_image(&config.image).await.is_err() {
             return Err(SandboxError::ImageMissing { image: config.image.clone(), hint: HINT });
         }
-        Ok(DockerSandbox { docker, config, projects: Mutex::new(HashMap::new()), runs: AtomicU64::new(0) })
+        // As bollard's `connect_with_local_defaults` chooses it.
+        let socket = std::env::var("DOCKER_HOST")
+            .ok()
+            .and_then(|host| host.strip_prefix("unix://").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+        Ok(DockerSandbox {
+            docker,
+            config,
+            projects: Mutex::new(HashMap::new()),
+            runs: AtomicU64::new(0),
+            socket,
+            terminals: AtomicU64::new(0),
+        })
     }
 
     /// The engine client, e.g. for inspecting a project's container.
@@ -219,14 +313,24 @@ impl DockerSandbox {
         Ok(self.project(&workspace).await?.container.clone())
     }
 
-    /// Removes `workspace`'s container (killing a run in it), if this sandbox started one.
+    /// Removes `workspace`'s container (killing a run in it) and its terminals, if this sandbox
+    /// started them.
     pub async fn remove_project(&self, workspace: &Path) -> Result<(), SandboxError> {
         let workspace = canonical(workspace).await?;
         let project = self.projects.lock().await.remove(&workspace);
         match project {
-            Some(project) => self.remove_container(&project.container).await,
+            Some(project) => self.remove_project_containers(&project).await,
             None => Ok(()),
         }
+    }
+
+    /// Removes a project's terminals, then its container.
+    async fn remove_project_containers(&self, project: &Project) -> Result<(), SandboxError> {
+        let terminals: Vec<String> = project.terminals().iter().cloned().collect();
+        for terminal in terminals {
+            self.remove_container(&terminal).await?;
+        }
+        self.remove_container(&project.container).await
     }
 
     /// Removes the containers of projects that ran nothing for `idle` and run nothing now; a
@@ -239,14 +343,17 @@ impl DockerSandbox {
             if used.elapsed() < idle {
                 return true;
             }
-            match Arc::clone(&project.run_lock).try_lock_owned() {
-                Ok(turn) => {
-                    project.retired.store(true, Ordering::Release);
-                    stopped.push((Arc::clone(project), turn));
-                    false
-                }
-                Err(_) => true,
+            let Ok(turn) = Arc::clone(&project.run_lock).try_lock_owned() else { return true };
+            // Under the terminals' lock: a terminal that opens now either sees the project
+            // retired or is seen here.
+            let terminals = project.terminals();
+            if !terminals.is_empty() {
+                return true;
             }
+            project.retired.store(true, Ordering::Release);
+            drop(terminals);
+            stopped.push((Arc::clone(project), turn));
+            false
         });
         // The turns are held until the containers are gone, so no run starts in one.
         for (project, _turn) in &stopped {
@@ -259,7 +366,7 @@ impl DockerSandbox {
     pub async fn shutdown(&self) -> Result<(), SandboxError> {
         let projects: Vec<Arc<Project>> = self.projects.lock().await.drain().map(|(_, project)| project).collect();
         for project in projects {
-            self.remove_container(&project.container).await?;
+            self.remove_project_containers(&project).await?;
         }
         Ok(())
     }
@@ -330,26 +437,110 @@ impl DockerSandbox {
             run_lock: Arc::new(Mutex::new(())),
             last_used: Arc::new(std::sync::Mutex::new(std::time::Instant::now())),
             retired: AtomicBool::new(false),
+            terminals: std::sync::Mutex::new(HashSet::new()),
         })
+    }
+
+    /// A place for a new terminal in `workspace`'s project (started if need be).
+    async fn terminal_slot(&self, workspace: &Path) -> Result<TerminalSlot, SandboxError> {
+        loop {
+            let project = self.project(workspace).await?;
+            let container = format!(
+                "{}-term-{}-{}",
+                project.container,
+                std::process::id(),
+                self.terminals.fetch_add(1, Ordering::Relaxed)
+            );
+            let mut terminals = project.terminals();
+            if project.retired.load(Ordering::Acquire) {
+                continue;
+            }
+            terminals.insert(container.clone());
+            drop(terminals);
+            return Ok(TerminalSlot { project, container });
+        }
+    }
+
+    /// The host pid of `container`'s init while it runs.
+    async fn container_pid(&self, container: &str) -> Result<Option<u32>, SandboxError> {
+        match self.docker.inspect_container(container, None).await {
+            Ok(inspect) => {
+                let state = inspect.state.unwrap_or_default();
+                let pid = state.pid.and_then(|pid| u32::try_from(pid).ok()).filter(|pid| *pid > 0);
+                Ok(pid.filter(|_| state.running == Some(true)))
+            }
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
+            Err(err) => Err(engine(err)),
+        }
+    }
+
+    /// Starts a terminal's container for `slot` and attaches to it; removes it on failure.
+    async fn start_terminal(
+        &self,
+        slot: &TerminalSlot,
+        workspace: &Path,
+        size: TermSize,
+        limits: &Limits,
+    ) -> Result<(Bytes, UnixStream), SandboxError> {
+        let container = &slot.container;
+        let body = terminal_body(&self.config, workspace, &slot.project, limits);
+        let options = CreateContainerOptionsBuilder::new().name(container).build();
+        let created = self.docker.create_container(Some(options), body).await.map_err(engine)?;
+        for warning in created.warnings {
+            tracing::warn!(%container, %warning, "the engine changed the terminal container's configuration");
+        }
+        let started = async {
+            // Attached before the start, so nothing the shell prints first is lost.
+            let version = self.docker.client_version();
+            let path = format!(
+                "/v{}.{}/containers/{container}/attach?stream=1&stdin=1&stdout=1&stderr=1",
+                version.major_version, version.minor_version
+            );
+            let attached = tokio::time::timeout(ATTACH_TIMEOUT, attach_raw(&self.socket, &path)).await;
+            let attached = attached
+                .map_err(|elapsed| SandboxError::Spawn(std::io::Error::other(elapsed)))?
+                .map_err(SandboxError::Spawn)?;
+            self.docker.start_container(container, None).await.map_err(engine)?;
+            resize_terminal(&self.docker, container, size).await.map_err(engine)?;
+            Ok(attached)
+        };
+        let started = started.await;
+        if started.is_err()
+            && let Err(err) = self.remove_container(container).await
+        {
+            tracing::warn!(error = %err, %container, "removing a terminal that failed to start failed");
+        }
+        started
     }
 }
 
-/// The container of one project; see the module documentation.
-fn container_body(config: &DockerSandboxConfig, workspace: &Path, reports: &Path) -> ContainerCreateBody {
+/// The `prlimit` options of a run or terminal.
+fn prlimit_args(limits: &Limits) -> Vec<String> {
+    let cpu = limits.cpu_time.as_secs().max(1);
+    vec![
+        format!("--as={}", limits.memory_bytes),
+        // SIGXCPU at the limit, SIGKILL one second later for a program that ignores it.
+        format!("--cpu={cpu}:{}", cpu + 1),
+        format!("--fsize={}", limits.file_size_bytes),
+        format!("--nproc={}", limits.processes),
+        "--core=0".to_owned(),
+    ]
+}
+
+/// What a project's container and its terminals' containers share; see the module
+/// documentation.
+fn host_config(config: &DockerSandboxConfig, binds: Vec<String>, network_mode: String) -> HostConfig {
     let ulimit = |name: &str, value: u64| {
         let value = i64::try_from(value).unwrap_or(i64::MAX);
         ResourcesUlimits { name: Some(name.to_owned()), soft: Some(value), hard: Some(value) }
     };
     let memory = i64::try_from(config.memory_bytes).unwrap_or(i64::MAX);
     let tmp_options = format!("rw,nosuid,nodev,size={},mode=1777", config.tmp_bytes);
-    let host_config = HostConfig {
-        network_mode: Some("none".to_owned()),
+    HostConfig {
+        network_mode: Some(network_mode),
         readonly_rootfs: Some(true),
         tmpfs: Some(HashMap::from([("/tmp".to_owned(), tmp_options)])),
-        binds: Some(vec![
-            format!("{}:{WORKSPACE_MOUNT}:rw", workspace.display()),
-            format!("{}:{REPORT_MOUNT}:rw", reports.display()),
-        ]),
+        binds: Some(binds),
         cap_drop: Some(vec!["ALL".to_owned()]),
         security_opt: Some(vec!["no-new-privileges".to_owned()]),
         memory: Some(memory),
@@ -364,7 +555,15 @@ fn container_body(config: &DockerSandboxConfig, workspace: &Path, reports: &Path
         init: Some(true),
         auto_remove: Some(true),
         ..HostConfig::default()
-    };
+    }
+}
+
+/// The container of one project; see the module documentation.
+fn container_body(config: &DockerSandboxConfig, workspace: &Path, reports: &Path) -> ContainerCreateBody {
+    let binds = vec![
+        format!("{}:{WORKSPACE_MOUNT}:rw", workspace.display()),
+        format!("{}:{REPORT_MOUNT}:rw", reports.display()),
+    ];
     ContainerCreateBody {
         image: Some(config.image.clone()),
         user: Some(KEEPER_USER.to_owned()),
@@ -373,7 +572,44 @@ fn container_body(config: &DockerSandboxConfig, workspace: &Path, reports: &Path
         env: Some(ENV.iter().map(|var| (*var).to_owned()).collect()),
         network_disabled: Some(true),
         labels: Some(HashMap::from([(WORKSPACE_LABEL.to_owned(), workspace.display().to_string())])),
-        host_config: Some(host_config),
+        host_config: Some(host_config(config, binds, "none".to_owned())),
+        ..ContainerCreateBody::default()
+    }
+}
+
+/// The container of one terminal of `project`; see the module documentation.
+fn terminal_body(
+    config: &DockerSandboxConfig,
+    workspace: &Path,
+    project: &Project,
+    limits: &Limits,
+) -> ContainerCreateBody {
+    let binds = vec![format!("{}:{WORKSPACE_MOUNT}:rw", workspace.display())];
+    let mut host = host_config(config, binds, format!("container:{}", project.container));
+    host.log_config = Some(HostConfigLogConfig { typ: Some("none".to_owned()), config: None });
+    let mut cmd = vec![PRLIMIT.to_owned()];
+    cmd.extend(prlimit_args(limits));
+    cmd.extend(["--".to_owned(), "/bin/bash".to_owned()]);
+    let mut env: Vec<String> = ENV.iter().map(|var| (*var).to_owned()).collect();
+    env.push(format!("TERM={TERM}"));
+    let id = project.id;
+    ContainerCreateBody {
+        image: Some(config.image.clone()),
+        user: Some(format!("{id}:{id}")),
+        cmd: Some(cmd),
+        working_dir: Some(WORKSPACE_MOUNT.to_owned()),
+        env: Some(env),
+        tty: Some(true),
+        open_stdin: Some(true),
+        stdin_once: Some(true),
+        attach_stdin: Some(true),
+        attach_stdout: Some(true),
+        attach_stderr: Some(true),
+        labels: Some(HashMap::from([
+            (WORKSPACE_LABEL.to_owned(), workspace.display().to_string()),
+            (TERMINAL_LABEL.to_owned(), project.container.clone()),
+        ])),
+        host_config: Some(host),
         ..ContainerCreateBody::default()
     }
 }
@@ -394,19 +630,12 @@ async fn canonical(workspace: &Path) -> Result<PathBuf, SandboxError> {
 
 /// The exec's command line: the `sh` wrapper that kills leftovers, `prlimit`, `time`, the program.
 fn run_command(report: &str, command: &SandboxCommand, limits: &Limits) -> Vec<String> {
-    let cpu = limits.cpu_time.as_secs().max(1);
     let mut line: Vec<String> =
         ["/bin/sh", "-c", "\"$@\"; status=$?; kill -KILL -1 2>/dev/null; exit $status", "sh", PRLIMIT]
             .map(str::to_owned)
             .into();
-    line.extend([
-        format!("--as={}", limits.memory_bytes),
-        // SIGXCPU at the limit, SIGKILL one second later for a program that ignores it.
-        format!("--cpu={cpu}:{}", cpu + 1),
-        format!("--fsize={}", limits.file_size_bytes),
-        format!("--nproc={}", limits.processes),
-    ]);
-    line.extend(["--core=0", "--", TIME, "-o", report, "-f", "%x %U %S %M", "--"].map(str::to_owned));
+    line.extend(prlimit_args(limits));
+    line.extend(["--", TIME, "-o", report, "-f", "%x %U %S %M", "--"].map(str::to_owned));
     line.push(command.program.clone());
     line.extend(command.args.iter().cloned());
     line
@@ -414,17 +643,64 @@ fn run_command(report: &str, command: &SandboxCommand, limits: &Limits) -> Vec<S
 
 #[async_trait]
 impl Sandbox for DockerSandbox {
-    async fn open_terminal(
-        &self,
-        _workspace: &Path,
-        _size: super::TermSize,
-        _limits: &Limits,
-    ) -> Result<super::Terminal, SandboxError> {
-        Err(SandboxError::Spawn(std::io::Error::other("terminals are not built yet")))
+    async fn open_terminal(&self, workspace: &Path, size: TermSize, limits: &Limits) -> Result<Terminal, SandboxError> {
+        let workspace = canonical(workspace).await?;
+        let slot = self.terminal_slot(&workspace).await?;
+        let (dir, id) = (workspace.clone(), slot.project.id);
+        let given = tokio::task::spawn_blocking(move || give_workspace(&dir, id))
+            .await
+            .map_err(|join| SandboxError::Spawn(std::io::Error::other(join)))?;
+        given.map_err(|source| SandboxError::Workspace { path: workspace.display().to_string(), source })?;
+        let (first, stream) = self.start_terminal(&slot, &workspace, size, limits).await?;
+        tracing::debug!(container = %slot.container, "docker terminal started");
+
+        let (reader, writer) = stream.into_split();
+        let (input_tx, input_rx) = mpsc::channel(STDIN_QUEUE);
+        let (resize_tx, resize_rx) = mpsc::channel(RESIZE_QUEUE);
+        let (output_tx, output_rx) = mpsc::channel(TERM_QUEUE);
+        let (exited_tx, exited_rx) = oneshot::channel();
+        let done = CancellationToken::new();
+        // Asked for now, long before the shell can end: an auto-removed container that is gone
+        // when asked has no exit code any more.
+        let exit = tokio::spawn(terminal_exit(self.docker.clone(), slot.container.clone()));
+        tokio::spawn(read_terminal(first, reader, output_tx.clone()));
+        let control = TerminalControl {
+            docker: self.docker.clone(),
+            container: slot.container.clone(),
+            writer,
+            input: input_rx,
+            resize: resize_rx,
+            done: done.clone(),
+        };
+        tokio::spawn(control_terminal(control));
+        let supervised = SupervisedTerminal { docker: self.docker.clone(), slot, exit, output: output_tx, done };
+        tokio::spawn(supervise_terminal(supervised, exited_tx));
+        Ok(Terminal { input: input_tx, resize: resize_tx, output: output_rx, exited: exited_rx })
     }
 
-    async fn connect_port(&self, _workspace: &Path, port: u16) -> Result<Box<dyn super::PortStream>, SandboxError> {
-        Err(SandboxError::NotListening { port })
+    async fn connect_port(&self, workspace: &Path, port: u16) -> Result<Box<dyn PortStream>, SandboxError> {
+        let workspace = canonical(workspace).await?;
+        let project = self.projects.lock().await.get(&workspace).cloned();
+        let Some(project) = project else { return Err(SandboxError::NotListening { port }) };
+        let Some(pid) = self.container_pid(&project.container).await? else {
+            return Err(SandboxError::NotListening { port });
+        };
+        let found = tokio::task::spawn_blocking(move || {
+            let Some(addr) = netns::listening_address(pid, port)? else { return Ok(None) };
+            netns::open(pid).map(|namespace| Some((namespace, addr)))
+        })
+        .await
+        .map_err(|join| SandboxError::Spawn(std::io::Error::other(join)))?;
+        let Some((namespace, addr)) = found.map_err(SandboxError::Spawn)? else {
+            return Err(SandboxError::NotListening { port });
+        };
+        // The pid was the container's when the engine was asked; it still is, now that the
+        // namespace is open, if the container still runs with it.
+        if self.container_pid(&project.container).await? != Some(pid) {
+            return Err(SandboxError::NotListening { port });
+        }
+        let stream = netns::connect_inside(namespace, addr).await?;
+        Ok(Box::new(stream))
     }
 
     async fn start(
@@ -644,6 +920,156 @@ async fn exit_code(docker: &Docker, exec: &str) -> i32 {
         }
     }
     -1
+}
+
+/// Sets the size of a terminal's tty (its programs get `SIGWINCH`).
+async fn resize_terminal(docker: &Docker, container: &str, size: TermSize) -> Result<(), bollard::errors::Error> {
+    let options = ResizeContainerTTYOptionsBuilder::new().h(i32::from(size.rows)).w(i32::from(size.cols)).build();
+    docker.resize_container_tty(container, options).await
+}
+
+/// Attaches to a container's stdio over a connection of our own to the engine's Unix socket
+/// (see the module documentation for why not bollard's); `path` is the attach endpoint with its
+/// query. Returns what came after the answer's header, and the raw stream.
+async fn attach_raw(socket: &Path, path: &str) -> std::io::Result<(Bytes, UnixStream)> {
+    let mut stream = UnixStream::connect(socket).await?;
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: docker\r\nConnection: Upgrade\r\nUpgrade: tcp\r\nContent-Length: 0\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    let end = loop {
+        if let Some(at) = head.windows(4).position(|window| window == b"\r\n\r\n") {
+            break at + 4;
+        }
+        if head.len() > ATTACH_HEAD_LIMIT {
+            return Err(std::io::Error::other("the engine's answer to an attach has no end of header"));
+        }
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        head.extend_from_slice(&buf[..n]);
+    };
+    let status = String::from_utf8_lossy(head.split(|byte| *byte == b'\r').next().unwrap_or_default()).into_owned();
+    // 101 for an upgraded connection; engines before API 1.2x answer 200 and hijack all the same.
+    let code = status.split_whitespace().nth(1);
+    if !matches!(code, Some("101" | "200")) {
+        let body = String::from_utf8_lossy(&head[end..]).into_owned();
+        return Err(std::io::Error::other(format!("attaching failed: {status} {body}")));
+    }
+    Ok((Bytes::copy_from_slice(&head[end..]), stream))
+}
+
+/// Forwards the tty's bytes in chunks of at most [`TERM_CHUNK`], waiting while the output
+/// queue is full (the flow control); ends when the container's tty closes or nobody reads.
+async fn read_terminal(first: Bytes, mut reader: OwnedReadHalf, output: mpsc::Sender<Bytes>) {
+    for start in (0..first.len()).step_by(TERM_CHUNK) {
+        let chunk = first.slice(start..(start + TERM_CHUNK).min(first.len()));
+        if output.send(chunk).await.is_err() {
+            return;
+        }
+    }
+    let mut buf = vec![0u8; TERM_CHUNK];
+    loop {
+        match reader.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if output.send(Bytes::copy_from_slice(&buf[..n])).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The exit code of a terminal's container once it stops.
+async fn terminal_exit(docker: Docker, container: String) -> Option<i32> {
+    let options = WaitContainerOptionsBuilder::new().condition("not-running").build();
+    let mut wait = docker.wait_container(&container, Some(options));
+    match wait.next().await? {
+        Ok(response) => i32::try_from(response.status_code).ok(),
+        // bollard reports a non-zero exit as an error carrying the code.
+        Err(bollard::errors::Error::DockerContainerWaitError { code, .. }) => i32::try_from(code).ok(),
+        Err(err) => {
+            tracing::warn!(error = %err, %container, "waiting for a terminal failed");
+            None
+        }
+    }
+}
+
+struct TerminalControl {
+    docker: Docker,
+    container: String,
+    writer: OwnedWriteHalf,
+    input: mpsc::Receiver<Bytes>,
+    resize: mpsc::Receiver<TermSize>,
+    done: CancellationToken,
+}
+
+/// Writes keystrokes and applies resizes, a resize sent before a keystroke before it. Keeps the
+/// connection's writing half until the terminal has ended: closing it would close the shell's
+/// stdin (the container's stdin is closed when its attached client goes).
+async fn control_terminal(control: TerminalControl) {
+    let TerminalControl { docker, container, mut writer, mut input, mut resize, done } = control;
+    let (mut input_open, mut resize_open) = (true, true);
+    loop {
+        tokio::select! {
+            biased;
+            () = done.cancelled() => break,
+            size = resize.recv(), if resize_open => match size {
+                Some(size) => {
+                    if let Err(err) = resize_terminal(&docker, &container, size).await {
+                        tracing::debug!(error = %err, %container, "resizing a terminal failed");
+                    }
+                }
+                None => resize_open = false,
+            },
+            chunk = input.recv(), if input_open => match chunk {
+                Some(chunk) => {
+                    tokio::select! {
+                        written = writer.write_all(&chunk) => input_open = written.is_ok(),
+                        () = done.cancelled() => break,
+                    }
+                }
+                None => input_open = false,
+            },
+        }
+    }
+    drop(writer);
+}
+
+struct SupervisedTerminal {
+    docker: Docker,
+    slot: TerminalSlot,
+    exit: tokio::task::JoinHandle<Option<i32>>,
+    output: mpsc::Sender<Bytes>,
+    done: CancellationToken,
+}
+
+/// Removes the terminal's container when nobody reads its output any more; reports its exit
+/// otherwise.
+async fn supervise_terminal(terminal: SupervisedTerminal, exited: oneshot::Sender<Option<i32>>) {
+    let SupervisedTerminal { docker, slot, mut exit, output, done } = terminal;
+    let code = tokio::select! {
+        code = &mut exit => code.ok().flatten(),
+        () = output.closed() => None,
+    };
+    exit.abort();
+    // Close our end of the attach connection first: with a program still writing, the engine
+    // waits to copy its output to us, and does not finish removing the container until then.
+    done.cancel();
+    // Gone already when the shell exited (auto-removed); killed and removed otherwise.
+    let options = RemoveContainerOptionsBuilder::new().force(true).build();
+    match docker.remove_container(&slot.container, Some(options)).await {
+        Ok(()) | Err(bollard::errors::Error::DockerResponseServerError { status_code: 404 | 409, .. }) => {}
+        Err(err) => tracing::warn!(error = %err, container = %slot.container, "removing a terminal failed"),
+    }
+    drop(output);
+    tracing::debug!(?code, container = %slot.container, "docker terminal ended");
+    drop(slot);
+    let _ = exited.send(code);
 }
 
 /// Kills every process of the project's uid in its container (the run holds the project's

@@ -43,6 +43,30 @@
 //!   could overwrite that file (same uid), but only to mislead its own author about its own run;
 //!   every limit is enforced by rlimits set before it started or by the bridge from outside.
 //!
+//! # Terminals
+//!
+//! A terminal is the same command line with `/bin/bash` in place of `time` and the program, on a
+//! pseudo-terminal (`portable-pty`), with `TERM=xterm-256color` and without `--new-session`:
+//! the pty is the controlling terminal of the session `portable-pty` starts for `setpriv`, and
+//! the shell inside must share that session for job control, Ctrl-C and `SIGWINCH` to reach
+//! its programs. (`--new-session` guards against `TIOCSTI` pushing keystrokes into the
+//! terminal of whoever started bwrap; this pty belongs to the sandbox alone, so nothing outside
+//! it can be typed into.) A blocking thread reads the pty master in chunks of at most
+//! [`TERM_CHUNK`] into the bounded output channel and waits when it is full: the pty's buffer
+//! then fills and the shell's programs block writing. Dropping the output receiver sends
+//! SIGKILL to bwrap through a pidfd opened at spawn (so never to a recycled pid), which takes
+//! the pid namespace and every process of the terminal with it, as for a run.
+//!
+//! # Previews
+//!
+//! Every run and terminal has a network namespace of its own, so a server started in one is
+//! reachable only from inside it. The sandbox keeps the outer bwrap process of each live run and
+//! terminal per workspace; [`Sandbox::connect_port`] finds bwrap's one child (the sandbox's
+//! init, inside the namespaces), reads which of their network namespaces has a socket listening
+//! on the port, and connects from a thread that enters that namespace (see `sandbox::netns`
+//! for the privilege this needs: root, as the bridge runs). A preview thus reaches the newest
+//! program that listens on the port, and nothing else: not the host, not another workspace.
+//!
 //! # Telling the limits apart
 //!
 //! * wall time and output: the bridge killed the run itself, so it knows.
@@ -55,19 +79,30 @@
 //!   reserves but never touches (libraries, thread stacks). One huge allocation refused while
 //!   the process is small shows as the program's own failure, which is what it is.
 
+use std::collections::HashMap;
 use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use portable_pty::{CommandBuilder, MasterPty, PtySize};
+use rustix::process::{Pid, PidfdFlags, Signal, pidfd_open, pidfd_send_signal};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin, Command};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
-use super::{EVENT_QUEUE, Execution, Forwarded, OutputBudget, STDIN_QUEUE, Sandbox, SandboxCommand, SandboxError};
+use super::{
+    EVENT_QUEUE, Execution, Forwarded, OutputBudget, PortStream, RESIZE_QUEUE, STDIN_QUEUE, Sandbox, SandboxCommand,
+    SandboxError, TERM_CHUNK, TERM_QUEUE, TermSize, Terminal, netns,
+};
 use crate::run::{Limits, RunEvent, Stream, TimeLimit, Verdict};
 
 /// The uid and gid sandboxed programs run as when the bridge runs as root: outside passwd,
@@ -86,6 +121,10 @@ const SETPRIV: &str = "/usr/bin/setpriv";
 const INSTALL_HINT: &str = "`cargo xtask test` installs it with apt";
 const SIGKILL: i32 = 9;
 const SIGXCPU: i32 = 24;
+/// The shell of a terminal.
+const SHELL: &str = "/bin/bash";
+/// `TERM` of a terminal: what the browser's terminal emulator understands.
+pub const TERM: &str = "xterm-256color";
 
 /// Configuration of [`LocalSandbox`].
 #[derive(Debug, Clone)]
@@ -114,6 +153,16 @@ pub struct LocalSandbox {
     config: LocalSandboxConfig,
     /// `Some(id)` when the bridge runs as root and must drop to `id` before bwrap.
     drop_to: Option<u32>,
+    /// The runs and terminals running now (shared by clones), where previews look for listeners.
+    live: Arc<Live>,
+}
+
+/// What a sandbox is started for.
+enum Purpose<'a> {
+    /// A run of `command`, on which GNU `time` writes its report to `report`.
+    Run { command: &'a SandboxCommand, report: &'a Path },
+    /// An interactive shell on a pty.
+    Terminal,
 }
 
 impl LocalSandbox {
@@ -128,17 +177,29 @@ impl LocalSandbox {
             require(Path::new(SETPRIV), "setpriv (Debian package util-linux)")?;
         }
         let drop_to = as_root.then_some(config.sandbox_id);
-        Ok(LocalSandbox { config, drop_to })
+        Ok(LocalSandbox { config, drop_to, live: Arc::default() })
     }
 
-    /// The full command line for one run, starting with the program to execute.
-    fn command_line(
-        &self,
-        workspace: &Path,
-        report: &Path,
-        command: &SandboxCommand,
-        limits: &Limits,
-    ) -> Vec<OsString> {
+    /// The canonical workspace, given (with `report`, if any) to the sandbox id when the bridge
+    /// runs as root.
+    async fn prepare(&self, workspace: &Path, report: Option<&Path>) -> Result<PathBuf, SandboxError> {
+        let workspace_error = |source| SandboxError::Workspace { path: workspace.display().to_string(), source };
+        let workspace = tokio::fs::canonicalize(workspace).await.map_err(workspace_error)?;
+        if let Some(id) = self.drop_to {
+            let (dir, report) = (workspace.clone(), report.map(Path::to_owned));
+            let given = tokio::task::spawn_blocking(move || {
+                give_workspace(&dir, id)?;
+                report.map_or(Ok(()), |report| std::os::unix::fs::chown(report, Some(id), Some(id)))
+            })
+            .await
+            .map_err(|join| SandboxError::Spawn(std::io::Error::other(join)))?;
+            given.map_err(|source| SandboxError::Workspace { path: workspace.display().to_string(), source })?;
+        }
+        Ok(workspace)
+    }
+
+    /// The full command line of one sandbox, starting with the program to execute.
+    fn command_line(&self, workspace: &Path, purpose: &Purpose<'_>, limits: &Limits) -> Vec<OsString> {
         let mut line: Vec<OsString> = Vec::new();
         if let Some(id) = self.drop_to {
             line.push(SETPRIV.into());
@@ -150,9 +211,9 @@ impl LocalSandbox {
             }
         }
         line.push(self.config.bwrap.clone().into());
-        line.extend(bwrap_args(workspace, report));
+        line.extend(bwrap_args(workspace, purpose));
         line.push("--".into());
-        line.extend(inner_args(command, limits));
+        line.extend(inner_args(purpose, limits));
         line
     }
 }
@@ -164,11 +225,16 @@ fn require(path: &Path, what: &'static str) -> Result<(), SandboxError> {
     Err(SandboxError::ToolMissing { tool: what, hint: INSTALL_HINT })
 }
 
-fn bwrap_args(workspace: &Path, report: &Path) -> Vec<OsString> {
+fn bwrap_args(workspace: &Path, purpose: &Purpose<'_>) -> Vec<OsString> {
     let mut args: Vec<OsString> = Vec::new();
     let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
-    push(&["--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session"]);
+    push(&["--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent"]);
     push(&["--clearenv", "--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin"]);
+    match purpose {
+        Purpose::Run { .. } => push(&["--new-session"]),
+        // The shell needs the pty as its controlling terminal; see the module documentation.
+        Purpose::Terminal => push(&["--setenv", "TERM", TERM]),
+    }
     push(&["--setenv", "HOME", WORKSPACE_MOUNT, "--setenv", "LANG", "C.UTF-8", "--setenv", "TMPDIR", "/tmp"]);
     // Output appears as the program writes it, which an IDE's console wants.
     push(&["--setenv", "PYTHONUNBUFFERED", "1"]);
@@ -188,14 +254,16 @@ fn bwrap_args(workspace: &Path, report: &Path) -> Vec<OsString> {
     push(&["--proc", "/proc", "--dev", "/dev"]);
     push(&["--size", &TMP_SIZE_BYTES.to_string(), "--tmpfs", "/tmp"]);
     args.extend(["--bind".into(), workspace.as_os_str().to_owned(), WORKSPACE_MOUNT.into()]);
-    args.extend(["--bind".into(), report.as_os_str().to_owned(), REPORT_MOUNT.into()]);
+    if let Purpose::Run { report, .. } = purpose {
+        args.extend(["--bind".into(), report.as_os_str().to_owned(), REPORT_MOUNT.into()]);
+    }
     let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
     push(&["--chdir", WORKSPACE_MOUNT, "--remount-ro", "/"]);
     args
 }
 
-/// `prlimit` and `time` inside the sandbox, then the program.
-fn inner_args(command: &SandboxCommand, limits: &Limits) -> Vec<OsString> {
+/// `prlimit` inside the sandbox, then `time` and the program of a run, or a terminal's shell.
+fn inner_args(purpose: &Purpose<'_>, limits: &Limits) -> Vec<OsString> {
     let cpu = limits.cpu_time.as_secs().max(1);
     let mut args: Vec<OsString> = vec![
         PRLIMIT.into(),
@@ -206,16 +274,116 @@ fn inner_args(command: &SandboxCommand, limits: &Limits) -> Vec<OsString> {
         format!("--nproc={}", limits.processes).into(),
         "--core=0".into(),
         "--".into(),
-        TIME.into(),
-        "-o".into(),
-        REPORT_MOUNT.into(),
-        "-f".into(),
-        "%x %U %S %M".into(),
-        "--".into(),
-        command.program.clone().into(),
     ];
-    args.extend(command.args.iter().map(OsString::from));
+    match purpose {
+        Purpose::Run { command, .. } => {
+            let time = [TIME, "-o", REPORT_MOUNT, "-f", "%x %U %S %M", "--", &command.program];
+            args.extend(time.into_iter().map(OsString::from));
+            args.extend(command.args.iter().map(OsString::from));
+        }
+        Purpose::Terminal => args.push(SHELL.into()),
+    }
     args
+}
+
+/// The sandboxes running now, by canonical workspace: [`Sandbox::connect_port`] looks in their
+/// network namespaces for a listener.
+#[derive(Debug, Default)]
+struct Live {
+    next_key: AtomicU64,
+    sandboxes: Mutex<HashMap<PathBuf, Vec<LiveSandbox>>>,
+}
+
+/// One running bwrap, of a run or a terminal.
+#[derive(Debug, Clone)]
+struct LiveSandbox {
+    key: u64,
+    /// The outer bwrap process, in the bridge's namespaces; its one child is the sandbox's init.
+    pid: u32,
+    /// Opened before anyone could reap `pid`, so it names that process and never a later one.
+    pidfd: Arc<OwnedFd>,
+}
+
+/// A sandbox's entry in [`Live`], removed when dropped.
+struct Registration {
+    live: Arc<Live>,
+    workspace: PathBuf,
+    key: u64,
+}
+
+impl Live {
+    /// Records the bwrap process `pid`, which must not have been waited for yet.
+    fn register(self: &Arc<Self>, workspace: &Path, pid: u32) -> std::io::Result<(Registration, Arc<OwnedFd>)> {
+        let raw = i32::try_from(pid).ok().and_then(Pid::from_raw).ok_or_else(|| std::io::Error::other("no pid"))?;
+        let pidfd = Arc::new(pidfd_open(raw, PidfdFlags::empty())?);
+        let key = self.next_key.fetch_add(1, Ordering::Relaxed);
+        let sandbox = LiveSandbox { key, pid, pidfd: Arc::clone(&pidfd) };
+        let mut sandboxes = self.sandboxes.lock().unwrap_or_else(|e| e.into_inner());
+        sandboxes.entry(workspace.to_owned()).or_default().push(sandbox);
+        Ok((Registration { live: Arc::clone(self), workspace: workspace.to_owned(), key }, pidfd))
+    }
+
+    /// The live sandboxes of `workspace`, newest first.
+    fn of(&self, workspace: &Path) -> Vec<LiveSandbox> {
+        let sandboxes = self.sandboxes.lock().unwrap_or_else(|e| e.into_inner());
+        sandboxes.get(workspace).map(|list| list.iter().rev().cloned().collect()).unwrap_or_default()
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut sandboxes = self.live.sandboxes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(list) = sandboxes.get_mut(&self.workspace) {
+            list.retain(|sandbox| sandbox.key != self.key);
+            if list.is_empty() {
+                sandboxes.remove(&self.workspace);
+            }
+        }
+    }
+}
+
+/// Whether the process of `pidfd` has ended (a pidfd is readable once it has).
+fn has_ended(pidfd: &OwnedFd) -> bool {
+    let mut fds = [rustix::event::PollFd::new(pidfd, rustix::event::PollFlags::IN)];
+    let zero = rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 };
+    rustix::event::poll(&mut fds, Some(&zero)).map_or(true, |ready| ready > 0)
+}
+
+/// The network namespace and address of a listener on `port` in one of `sandboxes`, if any.
+///
+/// Every step is checked against a recycled pid: the namespace is opened only from bwrap's
+/// child, which is checked to still be that child (and bwrap, through its pidfd, to still be
+/// running) after the namespace was opened.
+fn find_listener(sandboxes: &[LiveSandbox], port: u16) -> Option<(std::fs::File, std::net::SocketAddr)> {
+    sandboxes.iter().find_map(|sandbox| {
+        if has_ended(&sandbox.pidfd) {
+            return None;
+        }
+        let pid = sandbox.pid;
+        let init = first_child(pid)?;
+        let addr = netns::listening_address(init, port).ok()??;
+        let namespace = netns::open(init).ok()?;
+        let still_ours = parent_of(init) == Some(pid) && !has_ended(&sandbox.pidfd);
+        still_ours.then_some((namespace, addr))
+    })
+}
+
+/// A child of `pid` (bwrap has one): from `/proc/PID/task/PID/children`, or, on kernels built
+/// without it, by looking through every process's parent.
+fn first_child(pid: u32) -> Option<u32> {
+    if let Ok(children) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
+        return children.split_whitespace().next()?.parse().ok();
+    }
+    std::fs::read_dir("/proc").ok()?.find_map(|entry| {
+        let candidate: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+        (parent_of(candidate) == Some(pid)).then_some(candidate)
+    })
+}
+
+/// The parent of `pid`, from `/proc/PID/stat` (whose second field, the name, may hold spaces).
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Gives the workspace tree to `id` (not following symlinks), so the sandboxed program can
@@ -236,17 +404,70 @@ pub(super) fn give_workspace(dir: &Path, id: u32) -> std::io::Result<()> {
 
 #[async_trait]
 impl Sandbox for LocalSandbox {
-    async fn open_terminal(
-        &self,
-        _workspace: &Path,
-        _size: super::TermSize,
-        _limits: &Limits,
-    ) -> Result<super::Terminal, SandboxError> {
-        Err(SandboxError::Spawn(std::io::Error::other("terminals are not built yet")))
+    async fn open_terminal(&self, workspace: &Path, size: TermSize, limits: &Limits) -> Result<Terminal, SandboxError> {
+        let workspace = self.prepare(workspace, None).await?;
+        let line = self.command_line(&workspace, &Purpose::Terminal, limits);
+        let pty = portable_pty::native_pty_system().openpty(pty_size(size)).map_err(pty_error)?;
+        let mut builder = CommandBuilder::new(&line[0]);
+        builder.args(&line[1..]);
+        builder.cwd("/");
+        let mut child = pty.slave.spawn_command(builder).map_err(pty_error)?;
+        // Only the sandbox holds the pty's slave now: when its last process ends, reading the
+        // master fails and the output ends.
+        drop(pty.slave);
+        let Some(pid) = child.process_id() else {
+            let _ = child.kill();
+            return Err(SandboxError::Spawn(std::io::Error::other("the terminal's process has no pid")));
+        };
+        let (registration, pidfd) = match self.live.register(&workspace, pid) {
+            Ok(registered) => registered,
+            Err(err) => {
+                let _ = child.kill();
+                return Err(SandboxError::Spawn(err));
+            }
+        };
+        let kill = {
+            let pidfd = Arc::clone(&pidfd);
+            move || {
+                let _ = pidfd_send_signal(pidfd.as_fd(), Signal::KILL);
+            }
+        };
+        let started = start_terminal_threads(child, pty.master);
+        let threads = match started {
+            Ok(threads) => threads,
+            Err(err) => {
+                kill();
+                return Err(err);
+            }
+        };
+        tracing::debug!(pid, "sandboxed terminal started");
+        let (exited_tx, exited_rx) = oneshot::channel();
+        let terminal =
+            Terminal { input: threads.input, resize: threads.resize, output: threads.output, exited: exited_rx };
+        let supervised = SupervisedTerminal {
+            exit: threads.exit,
+            output: threads.output_tx,
+            kill: Box::new(kill),
+            done: threads.done,
+            registration,
+        };
+        tokio::spawn(supervise_terminal(supervised, exited_tx));
+        Ok(terminal)
     }
 
-    async fn connect_port(&self, _workspace: &Path, port: u16) -> Result<Box<dyn super::PortStream>, SandboxError> {
-        Err(SandboxError::NotListening { port })
+    async fn connect_port(&self, workspace: &Path, port: u16) -> Result<Box<dyn PortStream>, SandboxError> {
+        let workspace = tokio::fs::canonicalize(workspace)
+            .await
+            .map_err(|source| SandboxError::Workspace { path: workspace.display().to_string(), source })?;
+        let sandboxes = self.live.of(&workspace);
+        let found = tokio::task::spawn_blocking(move || find_listener(&sandboxes, port))
+            .await
+            .map_err(|join| SandboxError::Spawn(std::io::Error::other(join)))?;
+        let Some((namespace, addr)) = found else {
+            return Err(SandboxError::NotListening { port });
+        };
+        let stream = netns::connect_inside(namespace, addr).await?;
+        Ok(Box::new(stream))
     }
 
     async fn start(
@@ -255,23 +476,13 @@ impl Sandbox for LocalSandbox {
         command: &SandboxCommand,
         limits: &Limits,
     ) -> Result<Execution, SandboxError> {
-        let workspace_error = |source| SandboxError::Workspace { path: workspace.display().to_string(), source };
-        let workspace = tokio::fs::canonicalize(workspace).await.map_err(workspace_error)?;
         let report = tempfile::Builder::new()
             .prefix("exec-bridge-report-")
             .tempfile_in(&self.config.scratch_dir)
             .map_err(SandboxError::Spawn)?;
-        if let Some(id) = self.drop_to {
-            let (dir, report_path) = (workspace.clone(), report.path().to_owned());
-            let given = tokio::task::spawn_blocking(move || {
-                give_workspace(&dir, id)?;
-                std::os::unix::fs::chown(report_path, Some(id), Some(id))
-            })
-            .await
-            .map_err(|join| SandboxError::Spawn(std::io::Error::other(join)))?;
-            given.map_err(|source| SandboxError::Workspace { path: workspace.display().to_string(), source })?;
-        }
-        let line = self.command_line(&workspace, report.path(), command, limits);
+        let workspace = self.prepare(workspace, Some(report.path())).await?;
+        let purpose = Purpose::Run { command, report: report.path() };
+        let line = self.command_line(&workspace, &purpose, limits);
         let mut child = Command::new(&line[0])
             .args(&line[1..])
             .stdin(Stdio::piped())
@@ -280,6 +491,15 @@ impl Sandbox for LocalSandbox {
             .kill_on_drop(true)
             .spawn()
             .map_err(SandboxError::Spawn)?;
+        let registered = child.id().map(|pid| self.live.register(&workspace, pid));
+        let registration = match registered {
+            Some(Ok((registration, _))) => registration,
+            Some(Err(err)) => {
+                let _ = child.start_kill();
+                return Err(SandboxError::Spawn(err));
+            }
+            None => return Err(SandboxError::Vanished),
+        };
         tracing::debug!(program = %command.program, pid = child.id(), "sandboxed run started");
         let (stdin_tx, stdin_rx) = mpsc::channel(STDIN_QUEUE);
         let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
@@ -293,7 +513,7 @@ impl Sandbox for LocalSandbox {
         if let Some(stderr) = child.stderr.take() {
             tokio::spawn(read_output(stderr, Stream::Stderr, out_tx));
         }
-        let run = Supervised { child, report, limits: limits.clone() };
+        let run = Supervised { child, report, limits: limits.clone(), _registration: registration };
         tokio::spawn(supervise(run, out_rx, events_tx));
         Ok(Execution { stdin: stdin_tx, events: events_rx })
     }
@@ -322,10 +542,152 @@ async fn read_output(mut pipe: impl AsyncRead + Unpin, stream: Stream, out: mpsc
     }
 }
 
+fn pty_size(size: TermSize) -> PtySize {
+    PtySize { rows: size.rows, cols: size.cols, pixel_width: 0, pixel_height: 0 }
+}
+
+fn pty_error(err: anyhow::Error) -> SandboxError {
+    SandboxError::Spawn(std::io::Error::other(err))
+}
+
+/// A started terminal's channels, and the ends its supervisor keeps.
+struct TerminalThreads {
+    input: mpsc::Sender<Bytes>,
+    resize: mpsc::Sender<TermSize>,
+    output: mpsc::Receiver<Bytes>,
+    /// A sender of `output`, whose `closed()` tells that nobody reads it any more.
+    output_tx: mpsc::Sender<Bytes>,
+    /// The exit code, or `None` for a death by signal, once the terminal's bwrap has ended.
+    exit: oneshot::Receiver<Option<i32>>,
+    /// Cancelled by the supervisor once the terminal has ended; the writer thread then ends.
+    done: CancellationToken,
+}
+
+/// Starts a terminal's three blocking threads: one reads the pty, one waits for the process,
+/// one writes keystrokes and applies resizes in the order they were sent.
+fn start_terminal_threads(
+    child: Box<dyn portable_pty::Child + Send + Sync>,
+    master: Box<dyn MasterPty + Send>,
+) -> Result<TerminalThreads, SandboxError> {
+    let reader = master.try_clone_reader().map_err(pty_error)?;
+    let writer = master.take_writer().map_err(pty_error)?;
+    let (input, input_rx) = mpsc::channel(STDIN_QUEUE);
+    let (resize, resize_rx) = mpsc::channel(RESIZE_QUEUE);
+    let (output_tx, output) = mpsc::channel(TERM_QUEUE);
+    let (exit_tx, exit) = oneshot::channel();
+    let done = CancellationToken::new();
+    let runtime = tokio::runtime::Handle::current();
+    let spawn = |name: &str, body: Box<dyn FnOnce() + Send>| {
+        std::thread::Builder::new().name(name.to_owned()).spawn(body).map(drop).map_err(SandboxError::Spawn)
+    };
+    let out = output_tx.clone();
+    spawn("exec-bridge-pty-read", Box::new(move || read_pty(reader, out)))?;
+    spawn(
+        "exec-bridge-pty-wait",
+        Box::new(move || {
+            let _ = exit_tx.send(wait_for_exit(child));
+        }),
+    )?;
+    let control = control_pty(writer, master, input_rx, resize_rx, done.clone());
+    spawn("exec-bridge-pty-write", Box::new(move || runtime.block_on(control)))?;
+    Ok(TerminalThreads { input, resize, output, output_tx, exit, done })
+}
+
+/// Forwards what the pty prints, one chunk of at most [`TERM_CHUNK`] at a time, waiting while
+/// the output queue is full (the flow control); ends when every process of the terminal has
+/// ended (reading then fails with `EIO`) or nobody reads any more.
+fn read_pty(mut reader: Box<dyn Read + Send>, output: mpsc::Sender<Bytes>) {
+    let mut buf = vec![0u8; TERM_CHUNK];
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                if output.blocking_send(Bytes::copy_from_slice(&buf[..n])).is_err() {
+                    return;
+                }
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// The terminal's exit code; `None` when bwrap itself died by a signal.
+fn wait_for_exit(mut child: Box<dyn portable_pty::Child + Send + Sync>) -> Option<i32> {
+    let status = child.wait().ok()?;
+    if status.signal().is_some() {
+        return None;
+    }
+    i32::try_from(status.exit_code()).ok()
+}
+
+/// Writes keystrokes to the pty and applies resizes, on a thread of its own (a write blocks
+/// while the pty's input buffer is full). A resize sent before a keystroke is applied before it.
+async fn control_pty(
+    mut writer: Box<dyn Write + Send>,
+    master: Box<dyn MasterPty + Send>,
+    mut input: mpsc::Receiver<Bytes>,
+    mut resize: mpsc::Receiver<TermSize>,
+    done: CancellationToken,
+) {
+    let (mut input_open, mut resize_open) = (true, true);
+    loop {
+        tokio::select! {
+            biased;
+            () = done.cancelled() => break,
+            size = resize.recv(), if resize_open => match size {
+                Some(size) => {
+                    if let Err(err) = master.resize(pty_size(size)) {
+                        tracing::debug!(error = %err, "resizing a terminal failed");
+                    }
+                }
+                None => resize_open = false,
+            },
+            chunk = input.recv(), if input_open => match chunk {
+                Some(chunk) => input_open = writer.write_all(&chunk).and_then(|()| writer.flush()).is_ok(),
+                None => input_open = false,
+            },
+        }
+    }
+    // Only now, with the terminal gone, is the writer dropped: portable-pty's writer types an
+    // end-of-file when dropped, which must not end a shell whose input sender went away.
+    drop(writer);
+}
+
+struct SupervisedTerminal {
+    exit: oneshot::Receiver<Option<i32>>,
+    output: mpsc::Sender<Bytes>,
+    kill: Box<dyn FnOnce() + Send>,
+    done: CancellationToken,
+    registration: Registration,
+}
+
+/// Kills the terminal when nobody reads its output any more; reports its exit otherwise.
+async fn supervise_terminal(terminal: SupervisedTerminal, exited: oneshot::Sender<Option<i32>>) {
+    let SupervisedTerminal { mut exit, output, kill, done, registration } = terminal;
+    let code = tokio::select! {
+        code = &mut exit => code.ok().flatten(),
+        () = output.closed() => {
+            // SIGKILL to bwrap; its init in the pid namespace dies with it (--die-with-parent),
+            // and with the init every process of the terminal.
+            kill();
+            let _ = exit.await;
+            None
+        }
+    };
+    drop(output);
+    done.cancel();
+    drop(registration);
+    tracing::debug!(?code, "sandboxed terminal ended");
+    let _ = exited.send(code);
+}
+
 struct Supervised {
     child: Child,
     report: tempfile::NamedTempFile,
     limits: Limits,
+    /// Keeps the run where previews look until it has ended.
+    _registration: Registration,
 }
 
 /// Forwards output, enforces the wall-time and output limits, and sends the verdict.

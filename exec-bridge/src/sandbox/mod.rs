@@ -4,6 +4,7 @@
 
 pub mod docker;
 pub mod local;
+mod netns;
 
 use std::path::Path;
 
@@ -72,6 +73,10 @@ pub struct TermSize {
 /// Chunks of terminal output that may wait for the reader. When they are not read, the pty's
 /// buffer fills and the shell's programs block writing: this is the terminal's flow control.
 pub const TERM_QUEUE: usize = 16;
+/// The largest chunk of terminal output, in bytes.
+pub const TERM_CHUNK: usize = 4096;
+/// Resizes of a terminal that may wait to be applied.
+pub const RESIZE_QUEUE: usize = 4;
 
 /// An interactive shell on a pseudo-terminal in a sandbox, in the workspace.
 ///
@@ -80,11 +85,16 @@ pub const TERM_QUEUE: usize = 16;
 pub struct Terminal {
     /// Keystrokes, written to the pty as they arrive.
     pub input: mpsc::Sender<Bytes>,
-    /// New sizes for the pty (the shell's programs get `SIGWINCH`).
+    /// New sizes for the pty (the shell's programs get `SIGWINCH`). A resize sent before a
+    /// keystroke is applied before that keystroke is written.
     pub resize: mpsc::Sender<TermSize>,
-    /// What the pty prints, in order; ends when the shell has exited.
+    /// What the pty prints, in order, in chunks of at most [`TERM_CHUNK`] bytes; ends when the
+    /// shell has exited. At most [`TERM_QUEUE`] chunks wait here: a terminal nobody reads
+    /// blocks its programs' writes.
     pub output: mpsc::Receiver<Bytes>,
-    /// The shell's exit code once it ended; `None` when it was killed by a signal.
+    /// The shell's exit code once it ended; `None` when the sandbox killed it (its output was
+    /// dropped) or the sandbox itself died by a signal. A shell killed by signal N inside the
+    /// sandbox reads as 128+N, as its parent shell would report it.
     pub exited: oneshot::Receiver<Option<i32>>,
 }
 
@@ -141,12 +151,7 @@ pub trait Sandbox: Send + Sync {
     /// Opens an interactive shell (`/bin/bash`) on a pty in `workspace`, with the same isolation
     /// as a run. Of `limits`, CPU time, memory, processes and file size apply; wall time and
     /// output bytes do not (a terminal lives until closed; its output is flow-controlled).
-    async fn open_terminal(
-        &self,
-        workspace: &Path,
-        size: TermSize,
-        limits: &Limits,
-    ) -> Result<Terminal, SandboxError>;
+    async fn open_terminal(&self, workspace: &Path, size: TermSize, limits: &Limits) -> Result<Terminal, SandboxError>;
 
     /// Connects to `port` on which a program of this workspace's sandbox listens (on any of its
     /// addresses inside the sandbox), for live previews. Reaches nothing outside the sandbox.
