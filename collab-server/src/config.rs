@@ -64,6 +64,10 @@ pub struct Config {
     /// nothing runs in it.
     #[arg(long, env = "COLLAB_EXEC_IDLE", value_parser = parse_secs, default_value = "600")]
     pub exec_idle: Duration,
+    /// Seconds one message to an exec peer may take to leave before the peer counts as stuck and
+    /// is disconnected (runs and terminals never wait for it).
+    #[arg(long, env = "COLLAB_EXEC_SEND_TIMEOUT", value_parser = parse_secs, default_value = "10")]
+    pub exec_send_timeout: Duration,
     /// Seconds a node's hold on a project's sandbox lasts without renewal (cluster mode): after
     /// a node dies, another takes the project's runs and terminals over this much later.
     #[arg(long, env = "COLLAB_EXEC_LEASE", value_parser = parse_secs, default_value = "10")]

@@ -42,8 +42,8 @@ use crate::rooms::Rooms;
 /// The user id and name the node's bridge peers join projects as.
 pub const BRIDGE_USER: &str = "exec-bridge";
 pub const BRIDGE_NAME: &str = "Run bridge";
-/// How long a send to an exec peer may take before the peer counts as stuck.
-const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a close frame may take to leave before the socket is just dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Largest message an exec peer may send (keystrokes and stdin come in small pieces).
 pub const MAX_MESSAGE: usize = 64 << 10;
 
@@ -76,6 +76,8 @@ pub struct ExecHub {
     server: OnceLock<String>,
     projects: Mutex<HashMap<String, Arc<ProjectExec>>>,
     idle: Duration,
+    /// How long one send to a peer may take before the peer counts as stuck and is dropped.
+    send_timeout: Duration,
     /// With a cluster bus: the lease that makes one node's bridge the project's only one.
     lease: Option<(Bus, Duration)>,
     /// The node's documents, which a run waits for the bridge to catch up with.
@@ -117,7 +119,7 @@ impl ExecHub {
         sandbox: Option<Arc<dyn Sandbox>>,
         workspaces: PathBuf,
         keys: Keys,
-        idle: Duration,
+        (idle, send_timeout): (Duration, Duration),
         lease: Option<(Bus, Duration)>,
         shutdown: CancellationToken,
     ) -> ExecHub {
@@ -128,6 +130,7 @@ impl ExecHub {
             server: OnceLock::new(),
             projects: Mutex::default(),
             idle,
+            send_timeout,
             lease,
             rooms: OnceLock::new(),
             shutdown,
@@ -361,20 +364,21 @@ impl BridgeLink {
 
 /// Serves one exec peer until it leaves, is too slow, or the server shuts down.
 pub async fn serve_peer(socket: WebSocket, hub: Arc<ExecHub>, identity: Identity, shutdown: CancellationToken) {
-    let (mut tx, mut rx) = socket.split();
+    let (tx, mut rx) = socket.split();
+    let mut tx = Outbox { sink: tx, timeout: hub.send_timeout };
     let (session, _guard) = match hub.join(&identity.project).await {
         Ok(joined) => joined,
         Err(e) => {
-            let _ = send(&mut tx, &ServerMsg::Error { message: e.to_string() }).await;
+            let _ = tx.send(&ServerMsg::Error { message: e.to_string() }).await;
             let code = if matches!(e, ExecError::Disabled) { 1011 } else { 1013 };
-            let _ = tx.send(close(code, "exec unavailable here; try again")).await;
+            let _ = tx.close(close_msg(code, "exec unavailable here; try again")).await;
             return;
         }
     };
     let session_closed = session.closed();
     let actor = Actor { name: identity.name.clone(), role: identity.role };
     let (hello, mut events) = session.subscribe(identity.role);
-    if send(&mut tx, &hello).await.is_err() {
+    if tx.send(&hello).await.is_err() {
         return;
     }
     loop {
@@ -390,47 +394,61 @@ pub async fn serve_peer(socket: WebSocket, hub: Arc<ExecHub>, identity: Identity
                     Some(Ok(Message::Close(_)) | Err(_)) | None => return,
                 };
                 if let Some(message) = reply
-                    && send(&mut tx, &ServerMsg::Error { message }).await.is_err()
+                    && tx.send(&ServerMsg::Error { message }).await.is_err()
                 {
                     return;
                 }
             }
             event = events.recv() => match event {
                 Ok(msg) => {
-                    if send(&mut tx, &msg).await.is_err() {
+                    if tx.send(&msg).await.is_err() {
                         return;
                     }
                 }
                 Err(broadcast::error::RecvError::Lagged(_)) => {
                     info!(user_id = identity.user, "exec peer too slow; disconnecting it");
-                    let _ = tx.send(close(1013, "too slow: reconnect for a fresh copy")).await;
+                    let _ = tx.close(close_msg(1013, "too slow: reconnect for a fresh copy")).await;
                     return;
                 }
                 Err(broadcast::error::RecvError::Closed) => return,
             },
             _ = shutdown.cancelled() => {
-                let _ = tx.send(close(1001, "server shutting down")).await;
+                let _ = tx.close(close_msg(1001, "server shutting down")).await;
                 return;
             }
             _ = session_closed.cancelled() => {
-                let _ = tx.send(close(1013, "this project's sandbox closed here; reconnect")).await;
+                let _ = tx.close(close_msg(1013, "this project's sandbox closed here; reconnect")).await;
                 return;
             }
         }
     }
 }
 
-type Sink = futures_util::stream::SplitSink<WebSocket, Message>;
+/// The sending half of a peer's socket, where every send has a deadline.
+struct Outbox {
+    sink: futures_util::stream::SplitSink<WebSocket, Message>,
+    timeout: Duration,
+}
 
-/// Sends one message; a peer that takes longer than [`SEND_TIMEOUT`] fails the send.
-async fn send(tx: &mut Sink, msg: &ServerMsg) -> Result<(), ()> {
-    let text = serde_json::to_string(msg).map_err(|_| ())?;
-    match tokio::time::timeout(SEND_TIMEOUT, tx.send(Message::Text(text.into()))).await {
-        Ok(Ok(())) => Ok(()),
-        _ => Err(()),
+impl Outbox {
+    /// Sends one message; a peer that does not take it within the timeout fails the send.
+    async fn send(&mut self, msg: &ServerMsg) -> Result<(), ()> {
+        let text = serde_json::to_string(msg).map_err(|_| ())?;
+        match tokio::time::timeout(self.timeout, self.sink.send(Message::Text(text.into()))).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(()),
+        }
+    }
+
+    /// Sends a close frame if the peer takes it soon; the socket is dropped after either way.
+    async fn close(&mut self, frame: Message) -> Result<(), ()> {
+        match tokio::time::timeout(CLOSE_TIMEOUT, self.sink.send(frame)).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(()),
+        }
     }
 }
 
-fn close(code: u16, reason: &'static str) -> Message {
+fn close_msg(code: u16, reason: &'static str) -> Message {
     Message::Close(Some(CloseFrame { code, reason: reason.into() }))
 }

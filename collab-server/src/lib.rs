@@ -115,8 +115,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     };
     let sandbox = open_sandbox(config.sandbox).await?;
     let workspaces = config.workspaces_dir.clone().unwrap_or_else(|| config.data_dir.join("workspaces"));
-    let exec =
-        Arc::new(exec::ExecHub::new(sandbox, workspaces, keys.clone(), config.exec_idle, lease, shutdown.clone()));
+    let exec = Arc::new(exec::ExecHub::new(
+        sandbox,
+        workspaces,
+        keys.clone(),
+        (config.exec_idle, config.exec_send_timeout),
+        lease,
+        shutdown.clone(),
+    ));
     let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
     let app = Arc::new(AppState {

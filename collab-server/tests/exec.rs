@@ -23,6 +23,7 @@ async fn server(kind: SandboxKind) -> TestServer {
     TestServer::start_with(|c| {
         c.sandbox = kind;
         c.exec_idle = Duration::from_secs(600);
+        c.exec_send_timeout = Duration::from_secs(1);
     })
     .await
 }
@@ -205,18 +206,19 @@ async fn flow_control(kind: SandboxKind) {
     other.send(&ClientMsg::TermInput { term: t2, data: Data(b"echo calm-$((5*5))\n".to_vec()) }).await;
     other.until_term_text(t2, "calm-25").await;
 
-    // The sloth is cut off: once its buffer is full the server closes its socket.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let mut read = 0usize;
+    // The sloth reads nothing while Ann keeps up with 8 MiB of the flood: by then its socket is
+    // full and the server has given up on it (after the 1 s send timeout). Then it drains what
+    // was buffered and must come to the end of its socket.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while ann.term_bytes(term) < 8 << 20 {
+        assert!(tokio::time::Instant::now() < deadline, "the flood stalled at {} bytes", ann.term_bytes(term));
+        let _ = tokio::time::timeout(Duration::from_millis(200), ann.until("output", |_| false)).await;
+        ann.forget_output();
+    }
     loop {
         match tokio::time::timeout_at(deadline, sloth.next()).await.expect("the slow peer is disconnected") {
-            Some(Ok(Message::Text(t))) => read += t.len(),
             Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
             Some(Ok(_)) => {}
-        }
-        if read == 0 {
-            // Reading nothing for a while first: this peer is the slow one.
-            tokio::time::sleep(Duration::from_secs(3)).await;
         }
     }
 
@@ -297,8 +299,8 @@ while True:
     c.sendall(bytes([0x81, len(data) + 5]) + b'echo:' + data)
 "#;
 
-/// A raw HTTP/1.1 GET with extra header lines; returns the status, the headers (lowercase) and
-/// the body.
+/// A raw HTTP/1.1 GET with extra header lines; returns the status, the headers (names
+/// lowercase) and the body.
 async fn get(server: &TestServer, path: &str, extra: &str) -> (u16, String, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr = server.url.trim_start_matches("ws://");
@@ -310,7 +312,15 @@ async fn get(server: &TestServer, path: &str, extra: &str) -> (u16, String, Stri
     let text = String::from_utf8_lossy(&response).into_owned();
     let (headers, body) = text.split_once("\r\n\r\n").expect("end of headers");
     let status = headers.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("status");
-    (status, headers.to_lowercase(), body.to_owned())
+    let headers = headers
+        .lines()
+        .map(|l| match l.split_once(':') {
+            Some((name, value)) => format!("{}:{value}", name.to_lowercase()),
+            None => l.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    (status, headers, body.to_owned())
 }
 
 /// A Python HTTP server and a WebSocket echo started in a terminal are reachable through

@@ -36,7 +36,7 @@ async fn try_connect(cluster: &Cluster, node: usize, user: &str) -> Result<ExecP
     let first = tokio::time::timeout(WAIT, socket.next()).await.expect("an answer in time");
     let Some(Ok(Message::Text(text))) = first else { return Err(format!("{first:?}")) };
     match serde_json::from_str::<ServerMsg>(&text).expect("parses") {
-        hello @ ServerMsg::Hello { .. } => Ok(ExecPeer { socket, seen: vec![hello] }),
+        hello @ ServerMsg::Hello { .. } => Ok(ExecPeer { socket, seen: vec![hello], forgotten: 0 }),
         ServerMsg::Error { message } => {
             let close = tokio::time::timeout(WAIT, socket.next()).await.expect("closed in time");
             match close {

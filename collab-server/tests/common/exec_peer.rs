@@ -14,6 +14,8 @@ type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStre
 pub struct ExecPeer {
     pub socket: Socket,
     pub seen: Vec<ServerMsg>,
+    /// Terminal output bytes dropped by [`ExecPeer::forget_output`].
+    pub forgotten: usize,
 }
 
 impl ExecPeer {
@@ -21,7 +23,7 @@ impl ExecPeer {
     pub async fn connect(server: &str, project: &str, token: &str) -> ExecPeer {
         let url = format!("{server}/exec/{project}?token={token}");
         let (socket, _) = tokio_tungstenite::connect_async(url).await.expect("exec socket opens");
-        let mut peer = ExecPeer { socket, seen: Vec::new() };
+        let mut peer = ExecPeer { socket, seen: Vec::new(), forgotten: 0 };
         peer.until("the hello", |m| matches!(m, ServerMsg::Hello { .. })).await;
         peer
     }
@@ -90,6 +92,24 @@ impl ExecPeer {
             }
         }
         String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// Bytes a terminal printed so far, counting output already forgotten.
+    pub fn term_bytes(&self, term: u64) -> usize {
+        self.forgotten + self.term_text(term).len()
+    }
+
+    /// Drops the terminal output seen so far (keeping its count), so a flood costs no memory.
+    pub fn forget_output(&mut self) {
+        let mut forgotten = 0;
+        self.seen.retain(|m| match m {
+            ServerMsg::TermOutput { data, .. } => {
+                forgotten += data.0.len();
+                false
+            }
+            _ => true,
+        });
+        self.forgotten += forgotten;
     }
 
     pub async fn until_term_text(&mut self, term: u64, needle: &str) {
