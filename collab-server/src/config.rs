@@ -64,6 +64,10 @@ pub struct Config {
     /// nothing runs in it.
     #[arg(long, env = "COLLAB_EXEC_IDLE", value_parser = parse_secs, default_value = "600")]
     pub exec_idle: Duration,
+    /// Seconds after its last run or terminal a project's Docker container is stopped (it starts
+    /// again on the next run).
+    #[arg(long, env = "COLLAB_SANDBOX_IDLE", value_parser = parse_secs, default_value = "900")]
+    pub sandbox_idle: Duration,
     /// Seconds one message to an exec peer may take to leave before the peer counts as stuck and
     /// is disconnected (runs and terminals never wait for it).
     #[arg(long, env = "COLLAB_EXEC_SEND_TIMEOUT", value_parser = parse_secs, default_value = "10")]

@@ -176,6 +176,7 @@ impl ExecHub {
         let entry = projects.entry(project.to_owned()).or_insert_with(|| {
             let workspace = self.workspace(project);
             let (prepare_tx, prepare_rx) = mpsc::channel(8);
+            let sandbox_for_warm = sandbox.clone();
             let mut config = SessionConfig::new(sandbox, workspace.clone());
             if let Some(rooms) = self.rooms.get() {
                 config.barrier = Some(Arc::new(RoomsBarrier { rooms: rooms.clone(), project: project.to_owned() }));
@@ -183,7 +184,7 @@ impl ExecHub {
             let session = Session::new(config, prepare_tx);
             let stop = self.shutdown.child_token();
             let bridge = BridgeLink { server, project: project.to_owned(), keys: self.keys.clone(), workspace };
-            tokio::spawn(bridge.run(prepare_rx, stop.clone()));
+            tokio::spawn(bridge.run(prepare_rx, stop.clone(), sandbox_for_warm));
             if let Some((bus, ttl)) = &self.lease {
                 tokio::spawn(keep_lease(bus.clone(), project.to_owned(), *ttl, session.clone(), stop.clone()));
             }
@@ -224,6 +225,17 @@ impl ExecHub {
             !idle
         });
         before - projects.len()
+    }
+
+    /// Releases what the sandbox holds for projects idle for `idle` (Docker containers).
+    pub async fn stop_idle_sandboxes(&self, idle: Duration) {
+        if let Some(sandbox) = &self.sandbox {
+            match sandbox.stop_idle(idle).await {
+                Ok(0) => {}
+                Ok(n) => info!(stopped = n, "stopped idle sandboxes"),
+                Err(e) => warn!(error = %e, "stopping idle sandboxes failed"),
+            }
+        }
     }
 
     /// Closes every session (runs and terminals end).
@@ -324,11 +336,23 @@ struct BridgeLink {
 }
 
 impl BridgeLink {
-    async fn run(self, mut prepare: mpsc::Receiver<peer::PrepareRequest>, stop: CancellationToken) {
+    async fn run(
+        self,
+        mut prepare: mpsc::Receiver<peer::PrepareRequest>,
+        stop: CancellationToken,
+        sandbox: Arc<dyn Sandbox>,
+    ) {
         if let Err(e) = std::fs::create_dir_all(&self.workspace) {
             warn!(error = %e, workspace = %self.workspace.display(), "cannot create the workspace");
             return;
         }
+        // The warm start: the sandbox gets ready while the mirror writes the files.
+        let workspace = self.workspace.clone();
+        tokio::spawn(async move {
+            if let Err(e) = sandbox.warm(&workspace).await {
+                warn!(error = %e, "warming the sandbox failed; the first run will start it");
+            }
+        });
         let identity = Identity {
             user: BRIDGE_USER.to_owned(),
             name: BRIDGE_NAME.to_owned(),

@@ -182,6 +182,7 @@ async fn sweep_exec(app: Arc<AppState>) {
         tokio::select! {
             _ = tick.tick() => {
                 app.exec.sweep();
+                app.exec.stop_idle_sandboxes(app.config.sandbox_idle).await;
             }
             _ = app.shutdown.cancelled() => {
                 app.exec.close_all();

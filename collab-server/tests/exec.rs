@@ -376,6 +376,40 @@ async fn live_preview(kind: SandboxKind) {
     server.stop().await;
 }
 
+/// Whether the Docker container named `name` exists.
+fn container_exists(name: &str) -> bool {
+    let status = std::process::Command::new("docker")
+        .args(["container", "inspect", name])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("the docker client runs");
+    status.success()
+}
+
+/// Docker only: a project's container is started when its first peer arrives (so the first run
+/// is warm), stopped once the project is idle, and started again by the next run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_containers_start_warm_and_stop_when_idle() {
+    let server = TestServer::start_with(|c| {
+        c.sandbox = SandboxKind::Docker;
+        c.exec_idle = Duration::from_secs_f64(0.4);
+        c.sandbox_idle = Duration::from_secs(1);
+    })
+    .await;
+    write(&server, "p10", &[("main.py", "print('warm')\n")]).await;
+    let mut ann = connect(&server, "p10", Role::Editor, "ann").await;
+    let workspace = server.app().exec.workspace("p10");
+    std::fs::create_dir_all(&workspace).expect("workspace");
+    let name = exec_bridge::sandbox::docker::DockerSandbox::container_name(&workspace.canonicalize().expect("exists"));
+    common::until("the container started before any run", || container_exists(&name)).await;
+    common::until("the idle container stopped", || !container_exists(&name)).await;
+    ann.send(&ClientMsg::Run {}).await;
+    let finished = ann.until("run finished", |m| matches!(m, ServerMsg::RunFinished { .. })).await;
+    assert_eq!(ann.run_text(run_id(&finished)), "warm\n");
+    server.stop().await;
+}
+
 macro_rules! on_both_sandboxes {
     ($($name:ident),* $(,)?) => {
         mod local {

@@ -643,6 +643,14 @@ fn run_command(report: &str, command: &SandboxCommand, limits: &Limits) -> Vec<S
 
 #[async_trait]
 impl Sandbox for DockerSandbox {
+    async fn warm(&self, workspace: &Path) -> Result<(), SandboxError> {
+        self.prepare(workspace).await.map(|_| ())
+    }
+
+    async fn stop_idle(&self, idle: Duration) -> Result<usize, SandboxError> {
+        DockerSandbox::stop_idle(self, idle).await
+    }
+
     async fn open_terminal(&self, workspace: &Path, size: TermSize, limits: &Limits) -> Result<Terminal, SandboxError> {
         let workspace = canonical(workspace).await?;
         let slot = self.terminal_slot(&workspace).await?;

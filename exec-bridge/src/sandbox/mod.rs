@@ -153,6 +153,19 @@ pub trait Sandbox: Send + Sync {
     /// output bytes do not (a terminal lives until closed; its output is flow-controlled).
     async fn open_terminal(&self, workspace: &Path, size: TermSize, limits: &Limits) -> Result<Terminal, SandboxError>;
 
+    /// Gets `workspace`'s sandbox ready ahead of its first run (the warm start): called when
+    /// people open a project, so Run does not wait for a container to start. Does nothing where
+    /// there is nothing to prepare.
+    async fn warm(&self, _workspace: &Path) -> Result<(), SandboxError> {
+        Ok(())
+    }
+
+    /// Releases what projects that ran nothing for `idle` hold (a Docker container); their next
+    /// run or terminal starts it again. Returns how many were released.
+    async fn stop_idle(&self, _idle: std::time::Duration) -> Result<usize, SandboxError> {
+        Ok(0)
+    }
+
     /// Connects to `port` on which a program of this workspace's sandbox listens (on any of its
     /// addresses inside the sandbox), for live previews. Reaches nothing outside the sandbox.
     async fn connect_port(&self, workspace: &Path, port: u16) -> Result<Box<dyn PortStream>, SandboxError>;
