@@ -338,7 +338,18 @@ mod tests {
     fn serve_args_default_to_the_local_demo() {
         assert_eq!(
             serve_command_args(&[]),
-            strings(&["serve", "--listen", "127.0.0.1:8080", "--data-dir", "data", "--web-dir", "web/dist", "--demo"])
+            strings(&[
+                "serve",
+                "--listen",
+                "127.0.0.1:8080",
+                "--data-dir",
+                "data",
+                "--web-dir",
+                "web/dist",
+                "--demo",
+                "--sandbox",
+                "local"
+            ])
         );
     }
 
@@ -352,6 +363,8 @@ mod tests {
                 "--web-dir",
                 "web/dist",
                 "--demo",
+                "--sandbox",
+                "local",
                 "--listen=0.0.0.0:9000",
                 "--data-dir",
                 "/tmp/d",
