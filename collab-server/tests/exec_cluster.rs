@@ -26,7 +26,10 @@ async fn create_program(cluster: &Cluster, node: usize) {
     };
     let file = cluster.peer(node, &tree::file_doc_name(&cluster.project, &id), "setup").await;
     file.edit(|txn, text| text.insert(txn, 0, PROGRAM));
-    file.wait_until("main.py sent", WAIT, |f| f.unsent() == 0).await.expect("sent");
+    // Another peer reads it back: then the node holds it.
+    let check = cluster.peer(node, &tree::file_doc_name(&cluster.project, &id), "check").await;
+    check.wait_text(PROGRAM, WAIT).await.expect("main.py reached the node");
+    drop(file);
 }
 
 /// What a node answers an exec peer: the hello, or the error it was refused with.
@@ -78,8 +81,12 @@ async fn run_once(peer: &mut ExecPeer) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_bridge_per_project_with_failover() {
-    let mut cluster =
-        Cluster::start_with(2, "leased", &["--sandbox", "local", "--exec-lease", "1.5", "--exec-idle", "0.5"]).await;
+    let mut cluster = Cluster::start_with(
+        2,
+        &format!("leased-{:08x}", rand::random::<u32>()),
+        &["--sandbox", "local", "--exec-lease", "1.5", "--exec-idle", "0.5"],
+    )
+    .await;
     create_program(&cluster, 0).await;
 
     // Node 0 takes the project; node 1 refuses to start a second bridge for it.
