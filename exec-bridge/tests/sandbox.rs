@@ -147,6 +147,26 @@ async fn a_c_program_compiles_and_runs(sandbox: Arc<dyn Sandbox>) {
     assert_eq!(out.stdout_text(), "42\n");
 }
 
+/// Every language the runtime promises, as `detect` runs it: Python 3, C, C++, JavaScript
+/// (Node.js) and Bash, each within the default limits.
+async fn every_language_runs_with_the_default_limits(sandbox: Arc<dyn Sandbox>) {
+    let programs = [
+        ("main.py", "print(6 * 7)\n"),
+        ("main.c", "#include <stdio.h>\nint main(void) { printf(\"%d\\n\", 6 * 7); return 0; }\n"),
+        ("main.cpp", "#include <iostream>\nint main() { std::cout << 6 * 7 << std::endl; }\n"),
+        ("index.js", "console.log(6 * 7);\n"),
+        ("main.sh", "echo $((6 * 7))\n"),
+    ];
+    for (path, source) in programs {
+        let workspace = workspace_with(&[(path, source)]);
+        let settings = sync_core::tree::Settings::default();
+        let program = exec_bridge::detect::program_for(&settings, &[path.to_owned()]).expect("detected");
+        let out = run(&sandbox, workspace.path(), &program, &Limits::default()).await;
+        assert_eq!(out.verdict, Verdict::Exited { code: 0 }, "{path}: {}", out.stderr_text());
+        assert_eq!(out.stdout_text(), "42\n", "{path}");
+    }
+}
+
 async fn a_c_compile_error_is_a_verdict_not_a_run(sandbox: Arc<dyn Sandbox>) {
     let workspace = workspace_with(&[("main.c", "int main(void) { return missing; }\n")]);
     let out = run(&sandbox, workspace.path(), &Program::c("main.c"), &Limits::default()).await;
@@ -579,6 +599,7 @@ conformance!(
     infinite_output_hits_the_output_limit,
     a_c_program_compiles_and_runs,
     a_c_compile_error_is_a_verdict_not_a_run,
+    every_language_runs_with_the_default_limits,
     there_is_no_network,
     host_files_outside_the_workspace_are_invisible,
     only_the_workspace_outlives_the_run,

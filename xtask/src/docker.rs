@@ -19,10 +19,11 @@ pub struct RuntimeImage {
     pub packages: &'static [&'static str],
 }
 
-/// The images the exec-bridge Docker sandbox uses. `collab-runtime:1` must match
-/// `exec_bridge::sandbox::docker::DEFAULT_IMAGE`.
+/// The images the exec-bridge Docker sandbox uses. `collab-runtime:2` must match
+/// `exec_bridge::sandbox::docker::DEFAULT_IMAGE`. Python 3, C and C++ (gcc, g++), JavaScript
+/// (Node.js) and Bash (in every Debian base).
 pub const RUNTIME_IMAGES: &[RuntimeImage] =
-    &[RuntimeImage { name: "collab-runtime:1", packages: &["python3", "gcc", "g++", "libc6-dev", "time"] }];
+    &[RuntimeImage { name: "collab-runtime:2", packages: &["python3", "gcc", "g++", "libc6-dev", "nodejs", "time"] }];
 
 const SUITE: &str = "bookworm";
 const FALLBACK_MIRROR: &str = "http://deb.debian.org/debian";
