@@ -1,6 +1,7 @@
 //! Checks of the Docker sandbox beyond the conformance suite (`tests/sandbox.rs`): the project
 //! and terminal containers' configuration as the engine reports it, Docker's OOM verdict,
-//! container reuse, the end of every process a run leaves behind, and terminals' containers.
+//! container reuse, the end of every process a run leaves behind, terminals' containers, and
+//! the resident runner that starts runs (and the engine's exec that stands in for it).
 
 mod common;
 
@@ -214,4 +215,102 @@ async fn removing_a_project_ends_its_terminals() {
     assert!(terminal_containers(&sandbox, &project).await.is_empty(), "no terminal container is left");
     let ended = tokio::time::timeout(PATIENCE, async { while terminal.output.recv().await.is_some() {} });
     ended.await.expect("the terminal's output ends");
+}
+
+/// Finds the project's runner from inside (its command line names its socket) for a script.
+const FIND_RUNNER: &str = "import os\nrunner = next(p for p in os.listdir('/proc') if p.isdigit() and b'runner.sock' in open('/proc/%s/cmdline' % p, 'rb').read())\n";
+
+async fn runner_pid(sandbox: &DockerSandbox, workspace: &Path) -> u32 {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(pid) = sandbox.runner_pid(workspace).await {
+            return pid;
+        }
+        assert!(Instant::now() < deadline, "the runner did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Runs go through the resident runner, which outlives them, also those it kills for a limit.
+#[tokio::test]
+async fn runs_go_through_the_resident_runner_which_outlives_them() {
+    let sandbox = docker_sandbox(DockerSandboxConfig::default()).await;
+    let workspace = workspace_with(&[
+        ("main.py", "print('via the runner')\n"),
+        ("sleep.py", "import time\ntime.sleep(600)\n"),
+        ("loud.py", "while True:\n    print('y' * 999)\n"),
+    ]);
+    sandbox.prepare(workspace.path()).await.expect("the container starts");
+    let pid = runner_pid(&sandbox, workspace.path()).await;
+    let before = sandbox.runner_runs();
+    for _ in 0..3 {
+        let out = python(&sandbox, workspace.path(), "main.py", &Limits::default()).await;
+        assert_eq!(out.verdict, Verdict::Exited { code: 0 }, "stderr: {}", out.stderr_text());
+        assert_eq!(out.stdout_text(), "via the runner\n");
+    }
+    let limits = Limits { wall_time: Duration::from_secs(1), output_bytes: 64 << 10, ..Limits::default() };
+    let slept = python(&sandbox, workspace.path(), "sleep.py", &limits).await;
+    assert_eq!(slept.verdict, Verdict::TimeLimit(exec_bridge::run::TimeLimit::Wall));
+    let loud = python(&sandbox, workspace.path(), "loud.py", &limits).await;
+    assert_eq!(loud.verdict, Verdict::OutputLimit);
+    assert_eq!(sandbox.runner_runs() - before, 5, "every run went through the runner");
+    assert_eq!(sandbox.runner_pid(workspace.path()).await, Some(pid), "the same runner throughout");
+    sandbox.shutdown().await.expect("removed");
+}
+
+/// A runner killed from outside is not used (the run is an exec) and is started again.
+#[tokio::test]
+async fn a_dead_runner_falls_back_to_an_exec_and_is_replaced() {
+    let sandbox = docker_sandbox(DockerSandboxConfig::default()).await;
+    let workspace = workspace_with(&[("main.py", "print('still runs')\n")]);
+    sandbox.prepare(workspace.path()).await.expect("the container starts");
+    let pid = runner_pid(&sandbox, workspace.path()).await;
+    let killed = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status().expect("kill runs");
+    assert!(killed.success());
+    let before = sandbox.runner_runs();
+    let out = python(&sandbox, workspace.path(), "main.py", &Limits::default()).await;
+    assert_eq!(out.verdict, Verdict::Exited { code: 0 }, "stderr: {}", out.stderr_text());
+    assert_eq!(out.stdout_text(), "still runs\n");
+    assert_eq!(sandbox.runner_runs(), before, "the run was an exec");
+    let replaced = runner_pid(&sandbox, workspace.path()).await;
+    assert_ne!(replaced, pid, "a new runner");
+    let out = python(&sandbox, workspace.path(), "main.py", &Limits::default()).await;
+    assert_eq!(out.stdout_text(), "still runs\n");
+    assert_eq!(sandbox.runner_runs(), before + 1, "the next run goes through the new runner");
+    sandbox.shutdown().await.expect("removed");
+}
+
+/// A run can neither look into its runner (it is not dumpable) nor, by killing it, keep a
+/// process alive after the run: the engine kills what the runner no longer can.
+#[tokio::test]
+async fn a_run_cannot_take_over_or_outlive_its_runner() {
+    let sandbox = docker_sandbox(DockerSandboxConfig::default()).await;
+    let probe = format!(
+        "{FIND_RUNNER}import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nprint('ptrace', libc.ptrace(16, int(runner), 0, 0))\nfor what in ['mem', 'environ', 'fd/0']:\n    try:\n        open('/proc/%s/%s' % (runner, what), 'rb').read(1)\n        print('read', what)\n    except OSError as e:\n        print('denied', what)\n"
+    );
+    let rebel = format!(
+        "{FIND_RUNNER}import signal, subprocess\nsubprocess.Popen(['sleep', '301'], start_new_session=True)\nos.kill(int(runner), signal.SIGKILL)\nprint('killed it', flush=True)\n"
+    );
+    let workspace = workspace_with(&[("probe.py", &probe), ("rebel.py", &rebel), ("main.py", "print('fine')\n")]);
+    sandbox.prepare(workspace.path()).await.expect("the container starts");
+    let pid = runner_pid(&sandbox, workspace.path()).await;
+    let out = python(&sandbox, workspace.path(), "probe.py", &Limits::default()).await;
+    assert_eq!(out.verdict, Verdict::Exited { code: 0 }, "stderr: {}", out.stderr_text());
+    assert_eq!(out.stdout_text(), "ptrace -1\ndenied mem\ndenied environ\ndenied fd/0\n");
+
+    let out = python(&sandbox, workspace.path(), "rebel.py", &Limits::default()).await;
+    assert!(matches!(out.verdict, Verdict::Signaled { .. } | Verdict::Exited { .. }), "{:?}", out.verdict);
+    let container = sandbox.prepare(workspace.path()).await.expect("the same container");
+    let top =
+        sandbox.docker().top_processes(&container, Some(TopOptionsBuilder::new().ps_args("-eo pid,uid,args").build()));
+    let processes: Vec<String> =
+        top.await.expect("top").processes.unwrap_or_default().into_iter().map(|row| row.join(" ")).collect();
+    assert!(!processes.iter().any(|row| row.contains("sleep 301")), "a sleeper outlived its run: {processes:?}");
+    let replaced = runner_pid(&sandbox, workspace.path()).await;
+    assert_ne!(replaced, pid, "a new runner");
+    let before = sandbox.runner_runs();
+    let out = python(&sandbox, workspace.path(), "main.py", &Limits::default()).await;
+    assert_eq!(out.stdout_text(), "fine\n");
+    assert_eq!(sandbox.runner_runs(), before + 1);
+    sandbox.shutdown().await.expect("removed");
 }

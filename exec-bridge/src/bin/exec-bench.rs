@@ -3,7 +3,7 @@
 //! `bwrap` on the same machine. Prints the Markdown table BENCHMARKS.md records.
 //!
 //! Needs a running dockerd and the runtime image (`cargo xtask images`); `cargo xtask bench`
-//! runs it.
+//! runs it. `--local-only` measures only the bubblewrap rows, without Docker.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -23,6 +23,9 @@ struct Cli {
     /// Samples per figure.
     #[arg(long, default_value_t = 30)]
     runs: usize,
+    /// Only the bubblewrap rows (the sandbox and plain `bwrap`): needs no dockerd.
+    #[arg(long)]
+    local_only: bool,
 }
 
 const HELLO: &str = "print('hello')";
@@ -57,6 +60,27 @@ async fn first_byte_of(program: &str, args: &[&str]) -> anyhow::Result<f64> {
     Ok(ms(elapsed))
 }
 
+/// Milliseconds to the first output byte of a plain `bwrap` with no limits, `runs` times.
+async fn plain_bwrap(runs: usize) -> anyhow::Result<Vec<f64>> {
+    let mut samples = Vec::new();
+    for _ in 0..runs {
+        let args = ["--ro-bind", "/usr", "/usr", "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64"];
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend([
+            "--symlink",
+            "usr/bin",
+            "/bin",
+            "--unshare-all",
+            "--die-with-parent",
+            "/usr/bin/python3",
+            "-c",
+            HELLO,
+        ]);
+        samples.push(first_byte_of("bwrap", &all).await?);
+    }
+    Ok(samples)
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -83,6 +107,10 @@ async fn main() -> anyhow::Result<()> {
         samples.push(first_byte_via(local.as_ref(), &workspace).await?);
     }
     println!("{}", row("bubblewrap sandbox (every run is a fresh sandbox)", samples));
+    if cli.local_only {
+        println!("{}", row("plain `bwrap` (no limits, no uid drop)", plain_bwrap(runs).await?));
+        return Ok(());
+    }
 
     let docker = DockerSandbox::connect(DockerSandboxConfig::default()).await?;
     let (mut cold, mut warm) = (Vec::new(), Vec::new());
@@ -97,7 +125,7 @@ async fn main() -> anyhow::Result<()> {
         warm.push(first_byte_via(&docker, &workspace).await?);
     }
     println!("{}", row("Docker sandbox, cold (creates the project's container)", cold));
-    println!("{}", row("Docker sandbox, warm (exec into the running container)", warm));
+    println!("{}", row("Docker sandbox, warm (the resident runner in the running container)", warm));
 
     let container = DockerSandbox::container_name(&workspace);
     let mut plain_exec = Vec::new();
@@ -110,25 +138,9 @@ async fn main() -> anyhow::Result<()> {
         let args = ["run", "--rm", "--network", "none", DEFAULT_IMAGE, "/usr/bin/python3", "-c", HELLO];
         plain_run.push(first_byte_of("docker", &args).await?);
     }
-    let mut plain_bwrap = Vec::new();
-    for _ in 0..runs {
-        let args = ["--ro-bind", "/usr", "/usr", "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64"];
-        let mut all: Vec<&str> = args.to_vec();
-        all.extend([
-            "--symlink",
-            "usr/bin",
-            "/bin",
-            "--unshare-all",
-            "--die-with-parent",
-            "/usr/bin/python3",
-            "-c",
-            HELLO,
-        ]);
-        plain_bwrap.push(first_byte_of("bwrap", &all).await?);
-    }
     println!("{}", row("plain `docker exec` (CLI) into a running container", plain_exec));
     println!("{}", row("plain `docker run --rm` (CLI)", plain_run));
-    println!("{}", row("plain `bwrap` (no limits, no uid drop)", plain_bwrap));
+    println!("{}", row("plain `bwrap` (no limits, no uid drop)", plain_bwrap(runs).await?));
     docker.shutdown().await?;
     Ok(())
 }

@@ -4,7 +4,8 @@
 //! # The project container
 //!
 //! Created on a project's first run from a runtime image (built from Debian packages by
-//! `cargo xtask images`, never pulled), kept running, reused by every later run:
+//! `cargo xtask images`, never pulled), kept running, reused by every later run; its runner is
+//! started when the project is prepared ([`Sandbox::warm`]) or after its first run:
 //!
 //! ```text
 //! network_mode none, read-only root, tmpfs /tmp, WORKSPACE bound at /workspace,
@@ -16,12 +17,25 @@
 //! # A run
 //!
 //! ```text
-//! exec as PROJECT_ID:PROJECT_ID in /workspace:
-//!   sh -c '"$@"; s=$?; kill -KILL -1; exit $s' sh
-//!     prlimit --as=.. --cpu=C:C+1 --fsize=.. --nproc=.. --core=0 --
-//!       time -o /.exec-bridge-reports/run-N -f '%x %U %S %M' -- PROGRAM ARGS..
+//! through the project's resident runner (see `sandbox::runner`), one Unix-socket connection:
+//!   prlimit --as=.. --cpu=C:C+1 --fsize=.. --nproc=.. --core=0 --
+//!     time -o /.exec-bridge-reports/run-N -f '%x %U %S %M' -- PROGRAM ARGS..
+//!   then, in the runner, kill(-1, SIGKILL) (every process of the uid but the runner itself)
+//! or, when the runner is not available, an exec as PROJECT_ID:PROJECT_ID in /workspace:
+//!   sh -c '"$@"; s=$?; kill -KILL -1; exit $s' sh  prlimit .. -- time .. -- PROGRAM ARGS..
 //! ```
 //!
+//! * **The resident runner** is a small Python process (`runner.py`, its code passed on its
+//!   command line) that the bridge starts once per container, as a detached exec of the
+//!   project's uid, in a turn of the project; it listens on `runner.sock` in the report
+//!   folder. A run through it costs no Docker API round trip (about 12 ms to the first byte of
+//!   a Python hello-world here, against about 70 for an exec). It runs as the project's uid
+//!   (with `cap_drop ALL` and `no-new-privileges` nothing else can start a run's processes), so
+//!   it does the kill after a run itself: `kill(-1)` spares its caller. Whenever it fails to
+//!   answer, dies during a run, or does not report a killed run's end within
+//!   [`RUNNER_KILL_GRACE`], the bridge kills the uid's processes through the engine (the runner
+//!   with them), and starts a runner again at the end of that run's turn; runs in between are
+//!   execs. What the bridge trusts it with is in `sandbox::runner`.
 //! * **A uid per project.** Runs execute as a uid derived from the workspace path (no passwd
 //!   entry needed), not as the container's user. Docker uses no user namespace, so
 //!   `RLIMIT_NPROC` counts a uid's processes across the whole host: a uid per project makes
@@ -31,13 +45,14 @@
 //!   every process it left behind is dead; the next run of the same project waits. This is
 //!   what makes "kill every process of the project's uid" exactly "kill this run": `kill -1`
 //!   reaches processes that changed session or process group, which a group kill misses.
-//! * **Leftovers die with the run.** The `sh` wrapper kills every process of the uid once the
-//!   program ends (as bubblewrap's pid namespace does), so a background child cannot keep the
+//! * **Leftovers die with the run.** The runner (or the `sh` wrapper) kills every process of
+//!   the uid once the program ends (as bubblewrap's pid namespace does), so a background child cannot keep the
 //!   output open or outlive the run. `/tmp` and `/dev/shm` do outlive a run: they belong to
 //!   the project's container and vanish with it.
-//! * **Wall time and output** are enforced by the bridge, which then executes
-//!   `sh -c 'kill -KILL -1'` as the project's uid. The container's pids limit, set above the
-//!   run's process limit, leaves room for that exec even while a fork bomb is going off.
+//! * **Wall time and output** are enforced by the bridge, which then closes its half of the
+//!   runner's connection (the runner kills), or executes `sh -c 'kill -KILL -1'` as the
+//!   project's uid. The container's pids limit, set above the run's process limit, leaves room
+//!   for that exec even while a fork bomb is going off.
 //! * **CPU time and file size** are rlimits set by `prlimit`; **memory** is bounded twice: the
 //!   run's `RLIMIT_AS` (as in the local sandbox) and the container's cgroup limit (memory equal
 //!   to memory+swap) for the project as a whole.
@@ -94,7 +109,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -117,13 +132,13 @@ use tokio_util::sync::CancellationToken;
 use super::local::{TERM, WORKSPACE_MOUNT, give_workspace, judge};
 use super::{
     EVENT_QUEUE, Execution, Forwarded, OutputBudget, PortStream, RESIZE_QUEUE, STDIN_QUEUE, Sandbox, SandboxCommand,
-    SandboxError, TERM_CHUNK, TERM_QUEUE, TermSize, Terminal, netns,
+    SandboxError, TERM_CHUNK, TERM_QUEUE, TermSize, Terminal, netns, runner,
 };
 use crate::run::{Limits, RunEvent, Stream as OutputStream, TimeLimit, Verdict};
 
-/// The runtime image `cargo xtask images` builds: python3, gcc, g++ and GNU time on Debian
+/// The runtime image `cargo xtask images` builds: python3, gcc, g++, Node.js and GNU time on Debian
 /// bookworm. (xtask names it too; the two must agree.)
-pub const DEFAULT_IMAGE: &str = "collab-runtime:1";
+pub const DEFAULT_IMAGE: &str = "collab-runtime:2";
 
 /// The label every project and terminal container carries, holding its workspace path on the host.
 pub const WORKSPACE_LABEL: &str = "dev.collab.exec-bridge.workspace";
@@ -140,6 +155,13 @@ const PROJECT_ID_BASE: u32 = 2_100_000_000;
 const PROJECT_ID_SPAN: u64 = 40_000_000;
 const PRLIMIT: &str = "/usr/bin/prlimit";
 const TIME: &str = "/usr/bin/time";
+const PYTHON: &str = "/usr/bin/python3";
+/// Longest wait for a newly started runner to listen.
+const RUNNER_PATIENCE: Duration = Duration::from_secs(5);
+/// Longest wait for the runner to report a run it was told to kill as ended.
+const RUNNER_KILL_GRACE: Duration = Duration::from_secs(2);
+/// Failed starts of a project's runner in a row after which its runs keep to the engine.
+const RUNNER_ATTEMPTS: u32 = 3;
 const HINT: &str = "`cargo xtask test` starts dockerd and builds the runtime images";
 const SIGKILL: i32 = 9;
 /// How long a SIGKILLed run waits for Docker's `oom` event, which may trail the exit.
@@ -198,6 +220,8 @@ pub struct DockerSandbox {
     /// Projects by canonical workspace path. An async lock: creating a container awaits.
     projects: Mutex<HashMap<PathBuf, Arc<Project>>>,
     runs: AtomicU64,
+    /// Runs started through a project's resident runner rather than an exec.
+    runner_runs: AtomicU64,
     /// The engine's Unix socket, for attaching to terminals (see the module documentation).
     socket: PathBuf,
     terminals: AtomicU64,
@@ -225,11 +249,23 @@ struct Project {
     /// The containers of the project's open terminals. Its lock also orders a terminal's
     /// opening against [`DockerSandbox::stop_idle`] retiring the project.
     terminals: std::sync::Mutex<HashSet<String>>,
+    /// The resident runner, while it is believed alive; changed only during a turn.
+    runner: std::sync::Mutex<Option<runner::RunnerAddr>>,
+    /// Failed starts of the runner in a row.
+    runner_failures: AtomicU32,
 }
 
 impl Project {
     fn terminals(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
         self.terminals.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn runner(&self) -> Option<runner::RunnerAddr> {
+        self.runner.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_runner(&self, addr: Option<runner::RunnerAddr>) {
+        *self.runner.lock().unwrap_or_else(|e| e.into_inner()) = addr;
     }
 }
 
@@ -286,6 +322,7 @@ impl DockerSandbox {
             config,
             projects: Mutex::new(HashMap::new()),
             runs: AtomicU64::new(0),
+            runner_runs: AtomicU64::new(0),
             socket,
             terminals: AtomicU64::new(0),
         })
@@ -307,10 +344,36 @@ impl DockerSandbox {
         PROJECT_ID_BASE + (fnv1a(workspace) % PROJECT_ID_SPAN) as u32
     }
 
+    /// How many runs went through a project's resident runner (the others were execs).
+    pub fn runner_runs(&self) -> u64 {
+        self.runner_runs.load(Ordering::Relaxed)
+    }
+
+    /// The host pid of `workspace`'s resident runner, once it has started (it starts with the
+    /// project's container, and again after a run in which it died).
+    pub async fn runner_pid(&self, workspace: &Path) -> Option<u32> {
+        let workspace = canonical(workspace).await.ok()?;
+        let project = self.projects.lock().await.get(&workspace).cloned()?;
+        let _turn = project.run_lock.lock().await;
+        project.runner().map(|addr| addr.pid)
+    }
+
     /// Starts `workspace`'s container now rather than on its first run; returns its name.
+    /// Its runner starts too, in a turn of its own (a run that is faster to ask starts it at its
+    /// end instead: a project's first run is an exec unless the project was prepared).
     pub async fn prepare(&self, workspace: &Path) -> Result<String, SandboxError> {
         let workspace = canonical(workspace).await?;
-        Ok(self.project(&workspace).await?.container.clone())
+        let project = self.project(&workspace).await?;
+        if project.runner().is_none()
+            && let Ok(guard) = Arc::clone(&project.run_lock).try_lock_owned()
+        {
+            let (docker, starting) = (self.docker.clone(), Arc::clone(&project));
+            tokio::spawn(async move {
+                ensure_runner(&docker, &starting).await;
+                drop(guard);
+            });
+        }
+        Ok(project.container.clone())
     }
 
     /// Removes `workspace`'s container (killing a run in it) and its terminals, if this sandbox
@@ -334,8 +397,9 @@ impl DockerSandbox {
     }
 
     /// Removes the containers of projects that ran nothing for `idle` and run nothing now; a
-    /// project's next run starts a new container (about 190 ms instead of 80, see
-    /// BENCHMARKS.md). Returns how many were stopped. The bridge calls it periodically.
+    /// project's next run starts a new container (a cold run, about 170 ms, instead of a warm
+    /// one, about 12 through the runner; see BENCHMARKS.md). Returns how many were stopped. The
+    /// bridge calls it periodically.
     pub async fn stop_idle(&self, idle: Duration) -> Result<usize, SandboxError> {
         let mut stopped = Vec::new();
         self.projects.lock().await.retain(|_, project| {
@@ -438,6 +502,8 @@ impl DockerSandbox {
             last_used: Arc::new(std::sync::Mutex::new(std::time::Instant::now())),
             retired: AtomicBool::new(false),
             terminals: std::sync::Mutex::new(HashSet::new()),
+            runner: std::sync::Mutex::new(None),
+            runner_failures: AtomicU32::new(0),
         })
     }
 
@@ -628,12 +694,17 @@ async fn canonical(workspace: &Path) -> Result<PathBuf, SandboxError> {
         .map_err(|source| SandboxError::Workspace { path: workspace.display().to_string(), source })
 }
 
-/// The exec's command line: the `sh` wrapper that kills leftovers, `prlimit`, `time`, the program.
+/// The exec's command line: the `sh` wrapper that kills leftovers, then [`limited_command`].
 fn run_command(report: &str, command: &SandboxCommand, limits: &Limits) -> Vec<String> {
     let mut line: Vec<String> =
-        ["/bin/sh", "-c", "\"$@\"; status=$?; kill -KILL -1 2>/dev/null; exit $status", "sh", PRLIMIT]
-            .map(str::to_owned)
-            .into();
+        ["/bin/sh", "-c", "\"$@\"; status=$?; kill -KILL -1 2>/dev/null; exit $status", "sh"].map(str::to_owned).into();
+    line.extend(limited_command(report, command, limits));
+    line
+}
+
+/// `prlimit`, `time`, the program: what the runner starts (it kills leftovers itself).
+fn limited_command(report: &str, command: &SandboxCommand, limits: &Limits) -> Vec<String> {
+    let mut line = vec![PRLIMIT.to_owned()];
     line.extend(prlimit_args(limits));
     line.extend(["--", TIME, "-o", report, "-f", "%x %U %S %M", "--"].map(str::to_owned));
     line.push(command.program.clone());
@@ -741,7 +812,63 @@ impl Sandbox for DockerSandbox {
 
         let started_at = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         let oom = watch_oom(self.docker.clone(), project.container.clone(), started_at);
-        let cmd = run_command(&format!("{REPORT_MOUNT}/{report_name}"), command, limits);
+        let report_inside = format!("{REPORT_MOUNT}/{report_name}");
+        let (stdin_tx, stdin_rx) = mpsc::channel(STDIN_QUEUE);
+        let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+        let (out_tx, out_rx) = mpsc::channel(EVENT_QUEUE);
+        let via_runner = match project.runner() {
+            Some(addr) => match runner::start(&addr, &limited_command(&report_inside, command, limits)).await {
+                Ok(run) => Some(run),
+                Err(err) => {
+                    // Its turn is ours: whatever state it is in, the exec's kill ends it, and
+                    // it starts again after this run.
+                    tracing::warn!(error = %err, container = %project.container, "the runner failed, using an exec");
+                    project.set_runner(None);
+                    None
+                }
+            },
+            None => None,
+        };
+        let ending = match via_runner {
+            Some(run) => {
+                self.runner_runs.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(program = %command.program, container = %project.container, "runner run started");
+                let kill = CancellationToken::new();
+                let (exited_tx, exited_rx) = oneshot::channel();
+                tokio::spawn(runner::feed(run.writer, stdin_rx, kill.clone()));
+                tokio::spawn(runner::read(run.reader, out_tx, exited_tx));
+                Ending::Runner { exited: exited_rx, kill }
+            }
+            None => {
+                let exec = self.start_exec(&workspace, &project, &report_inside, command, limits).await?;
+                let StartExecResults::Attached { output, input } = exec.1 else {
+                    return Err(SandboxError::Vanished);
+                };
+                tracing::debug!(program = %command.program, container = %project.container, "docker run started");
+                tokio::spawn(feed_stdin(input, stdin_rx));
+                tokio::spawn(read_output(output, out_tx));
+                Ending::Exec { exec: exec.0 }
+            }
+        };
+        let run =
+            Supervised { docker: self.docker.clone(), project, ending, report, limits: limits.clone(), oom, turn };
+        tokio::spawn(supervise(run, out_rx, events_tx));
+        Ok(Execution { stdin: stdin_tx, events: events_rx })
+    }
+}
+
+impl DockerSandbox {
+    /// Starts a run as an exec in the project's container (when its runner is not available).
+    async fn start_exec(
+        &self,
+        workspace: &Path,
+        project: &Project,
+        report: &str,
+        command: &SandboxCommand,
+        limits: &Limits,
+    ) -> Result<(String, StartExecResults), SandboxError> {
+        let cmd = run_command(report, command, limits);
+        let id = project.id;
         let user = format!("{id}:{id}");
         let options = CreateExecOptions {
             attach_stdin: Some(true),
@@ -759,36 +886,67 @@ impl Sandbox for DockerSandbox {
             Err(err) => {
                 // The container may be gone (removed by hand, the engine restarted): forget it,
                 // so the project's next run starts a new one.
-                self.projects.lock().await.remove(&workspace);
+                self.projects.lock().await.remove(workspace);
                 return Err(engine(err));
             }
         };
         let start = StartExecOptions { detach: false, tty: false, output_capacity: None };
-        let StartExecResults::Attached { output, input } =
-            self.docker.start_exec(&exec.id, Some(start)).await.map_err(engine)?
-        else {
-            return Err(SandboxError::Vanished);
-        };
-        tracing::debug!(program = %command.program, container = %project.container, "docker run started");
-
-        let (stdin_tx, stdin_rx) = mpsc::channel(STDIN_QUEUE);
-        let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
-        let (out_tx, out_rx) = mpsc::channel(EVENT_QUEUE);
-        tokio::spawn(feed_stdin(input, stdin_rx));
-        tokio::spawn(read_output(output, out_tx));
-        let run = Supervised {
-            docker: self.docker.clone(),
-            container: project.container.clone(),
-            exec: exec.id,
-            id,
-            report,
-            limits: limits.clone(),
-            oom,
-            turn,
-        };
-        tokio::spawn(supervise(run, out_rx, events_tx));
-        Ok(Execution { stdin: stdin_tx, events: events_rx })
+        let started = self.docker.start_exec(&exec.id, Some(start)).await.map_err(engine)?;
+        Ok((exec.id, started))
     }
+}
+
+/// Starts the project's runner unless it runs or failed too often; call it during a turn.
+async fn ensure_runner(docker: &Docker, project: &Project) {
+    if project.runner().is_some()
+        || project.retired.load(Ordering::Acquire)
+        || project.runner_failures.load(Ordering::Relaxed) >= RUNNER_ATTEMPTS
+    {
+        return;
+    }
+    match start_runner(docker, project).await {
+        Ok(addr) => {
+            tracing::debug!(container = %project.container, pid = addr.pid, "runner started");
+            project.runner_failures.store(0, Ordering::Relaxed);
+            project.set_runner(Some(addr));
+        }
+        Err(err) => {
+            project.runner_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %err, container = %project.container, "starting the runner failed");
+        }
+    }
+}
+
+/// Starts the resident runner as a detached exec of the project's uid and waits until it
+/// listens; see `sandbox::runner`.
+async fn start_runner(docker: &Docker, project: &Project) -> Result<runner::RunnerAddr, SandboxError> {
+    let id = project.id;
+    let user = format!("{id}:{id}");
+    let inside = format!("{REPORT_MOUNT}/{}", runner::SOCKET);
+    let options = CreateExecOptions {
+        env: Some(ENV.to_vec()),
+        cmd: Some(vec![PYTHON, "-I", "-S", "-c", runner::SOURCE, inside.as_str()]),
+        user: Some(user.as_str()),
+        working_dir: Some(WORKSPACE_MOUNT),
+        ..CreateExecOptions::default()
+    };
+    let exec = docker.create_exec(&project.container, options).await.map_err(engine)?;
+    let start = StartExecOptions { detach: true, tty: false, output_capacity: None };
+    docker.start_exec(&exec.id, Some(start)).await.map_err(engine)?;
+    let mut pid = None;
+    for _ in 0..50 {
+        let inspect = docker.inspect_exec(&exec.id).await.map_err(engine)?;
+        pid = inspect.pid.and_then(|pid| u32::try_from(pid).ok()).filter(|pid| *pid > 0);
+        if pid.is_some() || inspect.running == Some(false) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let pid = pid.ok_or_else(|| SandboxError::Spawn(std::io::Error::other("the runner has no pid")))?;
+    let socket = project.reports.path().join(runner::SOCKET);
+    runner::wait_ready(&socket, pid, RUNNER_PATIENCE)
+        .await
+        .map_err(|err| SandboxError::Spawn(std::io::Error::other(err)))
 }
 
 async fn feed_stdin(mut stdin: std::pin::Pin<Box<dyn AsyncWrite + Send>>, mut chunks: mpsc::Receiver<Bytes>) {
@@ -841,11 +999,23 @@ fn watch_oom(docker: Docker, container: String, since: Duration) -> OomWatch {
     OomWatch { seen: rx, task }
 }
 
+/// How a run's end is learnt: from its exec, or from the runner.
+enum Ending {
+    Exec {
+        exec: String,
+    },
+    Runner {
+        /// The status, sent once every leftover is dead.
+        exited: oneshot::Receiver<i32>,
+        /// Cancelled to tell the runner to kill the run.
+        kill: CancellationToken,
+    },
+}
+
 struct Supervised {
     docker: Docker,
-    container: String,
-    exec: String,
-    id: u32,
+    project: Arc<Project>,
+    ending: Ending,
     report: PathBuf,
     limits: Limits,
     oom: OomWatch,
@@ -865,7 +1035,7 @@ async fn supervise(
     let killed = loop {
         tokio::select! {
             chunk = output.recv() => {
-                // The output ends when the wrapper has exited and killed every leftover.
+                // The output ends when the program has exited and every leftover is dead.
                 let Some((stream, bytes)) = chunk else { break None };
                 match budget.forward(&events, stream, bytes).await {
                     Forwarded::Sent => {}
@@ -879,28 +1049,61 @@ async fn supervise(
     let verdict = match killed {
         Some(verdict) => {
             // Stop reading first: an engine stuck writing output it cannot deliver would not
-            // start the kill. Dropping the receiver ends the reader, which closes the stream.
+            // start the kill. Dropping the receiver ends the reader, which closes the stream
+            // (the runner's reader drains instead, so the runner can report the end).
             drop(output);
-            if let Err(err) = kill_project_processes(&run.docker, &run.container, run.id).await {
-                tracing::warn!(error = %err, container = %run.container, "killing a run failed");
-            }
+            kill_run(&mut run).await;
             verdict
         }
-        None => Some(judge_exec(&mut run).await),
+        None => Some(judge_run(&mut run).await),
     };
     run.oom.task.abort();
     let _ = tokio::fs::remove_file(&run.report).await;
-    drop(run.turn);
     if let Some(verdict) = verdict {
         tracing::debug!(?verdict, "docker run finished");
         let _ = events.send(RunEvent::Finished(verdict)).await;
     }
+    // Still in the run's turn, after its verdict: a runner that died (or was never started)
+    // starts again here, off the run's critical path.
+    ensure_runner(&run.docker, &run.project).await;
+    drop(run.turn);
 }
 
-/// The verdict of a run that ended by itself: `time`'s report, the exec's exit code, and
-/// Docker's OOM events.
-async fn judge_exec(run: &mut Supervised) -> Verdict {
-    let code = exit_code(&run.docker, &run.exec).await;
+/// Kills a run that is still going: through the runner if it answers in time, through the
+/// engine otherwise (which ends the runner too).
+async fn kill_run(run: &mut Supervised) {
+    if let Ending::Runner { exited, kill } = &mut run.ending {
+        kill.cancel();
+        if let Ok(Ok(_)) = tokio::time::timeout(RUNNER_KILL_GRACE, exited).await {
+            return;
+        }
+        tracing::warn!(container = %run.project.container, "the runner did not end a run, killing through the engine");
+        run.project.set_runner(None);
+    }
+    if let Err(err) = kill_project_processes(&run.docker, &run.project.container, run.project.id).await {
+        tracing::warn!(error = %err, container = %run.project.container, "killing a run failed");
+    }
+}
+
+/// The verdict of a run that ended by itself: `time`'s report, the exit status, and Docker's
+/// OOM events.
+async fn judge_run(run: &mut Supervised) -> Verdict {
+    let code = match &mut run.ending {
+        Ending::Exec { exec } => exit_code(&run.docker, exec).await,
+        Ending::Runner { exited, .. } => match exited.await {
+            Ok(code) => code,
+            Err(_) => {
+                // The runner died (the program may have killed it): nothing vouches that the
+                // run's processes are gone, so the engine kills them, and the runner with them.
+                tracing::warn!(container = %run.project.container, "the runner died during a run");
+                run.project.set_runner(None);
+                if let Err(err) = kill_project_processes(&run.docker, &run.project.container, run.project.id).await {
+                    tracing::warn!(error = %err, container = %run.project.container, "killing a run failed");
+                }
+                128 + SIGKILL
+            }
+        },
+    };
     let report = tokio::fs::read_to_string(&run.report).await.unwrap_or_default();
     let verdict = judge(ExitStatus::from_raw((code & 0xff) << 8), &report, &run.limits);
     let oom = &mut run.oom.seen;

@@ -5,6 +5,7 @@
 pub mod docker;
 pub mod local;
 mod netns;
+mod runner;
 
 use std::path::Path;
 
