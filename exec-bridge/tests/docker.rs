@@ -126,6 +126,9 @@ async fn an_idle_project_stops_and_starts_again_on_demand() {
         assert_eq!(String::from_utf8_lossy(&output.stdout), "again\n");
     };
     run().await;
+    // A runner (re)started at the end of a run holds the project's turn until it is up; an idle
+    // check skips a project whose turn is taken. Wait for it, so the checks below are exact.
+    sandbox.runner_pid(workspace.path()).await;
     assert_eq!(sandbox.stop_idle(Duration::from_secs(3600)).await.unwrap(), 0, "used just now");
     assert_eq!(sandbox.stop_idle(Duration::ZERO).await.unwrap(), 1);
     assert!(sandbox.docker().inspect_container(&container, None).await.is_err(), "the idle container is gone");
@@ -196,6 +199,9 @@ async fn a_project_with_an_open_terminal_is_not_stopped_as_idle() {
     let sandbox = docker_sandbox(DockerSandboxConfig::default()).await;
     let workspace = workspace_with(&[]);
     let project = sandbox.prepare(workspace.path()).await.expect("the container starts");
+    // The runner `prepare` starts holds the project's turn until it is up (an idle check skips a
+    // busy project): wait for it, so only the terminal keeps the container below.
+    sandbox.runner_pid(workspace.path()).await;
     let terminal = open_terminal(&sandbox, workspace.path()).await;
     assert_eq!(sandbox.stop_idle(Duration::ZERO).await.expect("stop idle"), 0, "a terminal is open");
     close(terminal).await;
