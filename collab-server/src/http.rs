@@ -132,7 +132,7 @@ async fn yws_upgrade(
         info!(doc_id = %doc, reason = %e, "token refused at upgrade");
         AppError::Unauthorized(e)
     })?;
-    let upgrade = websocket_limits(ws, &app.config.limits);
+    let upgrade = websocket_limits(ws, app.config.limits.max_message_size);
     let span = tracing::info_span!("conn", doc_id = %doc, user_id = %identity.user);
     Ok(upgrade.on_upgrade(move |socket| {
         let handler = YwsHandler::new(&app, &doc, identity);
@@ -144,9 +144,9 @@ async fn yws_upgrade(
 /// Message limits, and buffers sized for many mostly idle connections: tungstenite's default
 /// 128 KiB read buffer per socket would be most of a connection's memory. The write buffer
 /// only fills between the frames the write loop batches and its flush.
-fn websocket_limits(ws: WebSocketUpgrade, limits: &crate::config::Limits) -> WebSocketUpgrade {
-    ws.max_message_size(limits.max_message_size)
-        .max_frame_size(limits.max_message_size)
+fn websocket_limits(ws: WebSocketUpgrade, max_message_size: usize) -> WebSocketUpgrade {
+    ws.max_message_size(max_message_size)
+        .max_frame_size(max_message_size)
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
 }
@@ -157,7 +157,7 @@ const READ_BUFFER: usize = 4 * 1024;
 const WRITE_BUFFER: usize = 64 * 1024;
 
 async fn mux_upgrade(State(app): State<Arc<AppState>>, ws: WebSocketUpgrade) -> Response {
-    let upgrade = websocket_limits(ws, &app.config.limits);
+    let upgrade = websocket_limits(ws, app.config.limits.max_message_size);
     let span = tracing::info_span!("conn", endpoint = "mux");
     upgrade.on_upgrade(move |socket| {
         let handler = MuxHandler::new(app.clone());
@@ -178,11 +178,7 @@ async fn exec_upgrade(
     if !app.exec.enabled() {
         return Err(AppError::Unavailable(crate::exec::ExecError::Disabled.to_string()));
     }
-    let upgrade = ws
-        .max_message_size(crate::exec::MAX_MESSAGE)
-        .max_frame_size(crate::exec::MAX_MESSAGE)
-        .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(WRITE_BUFFER);
+    let upgrade = websocket_limits(ws, crate::exec::MAX_MESSAGE);
     let span = tracing::info_span!("exec", project = %identity.project, user_id = %identity.user);
     Ok(upgrade.on_upgrade(move |socket| {
         let task =

@@ -121,14 +121,12 @@ impl ExecPeer {
     }
 
     pub async fn until_error(&mut self, containing: &str) -> String {
-        let before = self.seen.len();
         let msg = self
             .until(
                 &format!("an error about {containing:?}"),
                 |m| matches!(m, ServerMsg::Error { message } if message.contains(containing)),
             )
             .await;
-        let _ = before;
         match msg {
             ServerMsg::Error { message } => message,
             _ => unreachable!(),
