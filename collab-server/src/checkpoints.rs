@@ -17,7 +17,7 @@ use yrs::{Doc, GetString, ReadTxn, Transact, Update};
 
 use crate::archive::ArchiveFile;
 use crate::project::{self, ProjectError};
-use crate::rooms::Rooms;
+use crate::sync::rooms::Rooms;
 
 /// Name prefix of checkpoints the server makes by itself; retention applies only to these.
 pub const AUTO_PREFIX: &str = "auto: ";

@@ -3,20 +3,15 @@
 
 pub mod archive;
 pub mod auth;
-pub mod bus;
 pub mod checkpoints;
 pub mod close;
-pub mod commit;
 pub mod config;
-pub mod conn;
-pub mod conn_sink;
 pub mod demo;
+pub mod edge;
 pub mod exec;
-pub mod http;
 pub mod metrics;
-pub mod preview;
 pub mod project;
-pub mod rooms;
+pub mod sync;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,7 +28,8 @@ pub use config::Config;
 
 use crate::auth::Keys;
 use crate::metrics::Metrics;
-use crate::rooms::{RoomEnv, Rooms};
+use crate::sync::rooms::{RoomEnv, Rooms};
+use crate::sync::{bus, commit};
 
 /// Everything a connection needs, shared by all of them.
 #[derive(Debug)]
@@ -143,7 +139,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     if !app.config.auto_checkpoint_interval.is_zero() {
         app.tracker.spawn(auto_checkpoints(app.clone()));
     }
-    let router = http::router(app.clone());
+    let router = edge::router(app.clone());
     let service = router.into_make_service_with_connect_info::<SocketAddr>();
     let stop = shutdown.clone();
     let serve = tokio::spawn(async move {

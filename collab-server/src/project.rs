@@ -8,7 +8,7 @@ use yrs::updates::decoder::Decode;
 use yrs::{Doc, GetString, ReadTxn, Text, Transact, Update};
 
 use crate::archive::ArchiveFile;
-use crate::rooms::{RoomCmd, Rooms};
+use crate::sync::rooms::{RoomCmd, Rooms};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectError {

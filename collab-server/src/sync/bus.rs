@@ -26,7 +26,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
-use crate::rooms::RoomCmd;
+use crate::sync::rooms::RoomCmd;
 
 /// Messages waiting to be published; past this, new ones are dropped (and later repaired).
 const OUTBOX: usize = 1 << 16;

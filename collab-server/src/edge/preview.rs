@@ -22,7 +22,7 @@ use hyper_util::rt::TokioIo;
 use tracing::{debug, warn};
 
 use crate::AppState;
-use crate::http::AppError;
+use crate::edge::AppError;
 
 const COOKIE: &str = "collab_preview";
 /// The sandbox policy of every preview response: scripts, forms and popups run, but in an
@@ -67,7 +67,7 @@ async fn proxy(
     let token = from_query.clone().or_else(|| token_from(request.headers())).unwrap_or_default();
     let mut with_token = params.clone();
     with_token.insert("token".into(), token.clone());
-    let (_, identity) = crate::http::project_identity(&app, &project, &with_token, &HeaderMap::new())?;
+    let (_, identity) = crate::edge::project_identity(&app, &project, &with_token, &HeaderMap::new())?;
     if from_query.is_some() {
         // Move the token from the address to a cookie, and show the address without it.
         let cookie = format!("{COOKIE}={token}; Path=/preview/{project}/; HttpOnly; SameSite=Strict");
@@ -116,7 +116,7 @@ async fn proxy(
 
 /// The token from the preview cookie or a bearer header.
 fn token_from(headers: &HeaderMap) -> Option<String> {
-    if let Some(bearer) = crate::http::bearer(headers) {
+    if let Some(bearer) = crate::edge::bearer(headers) {
         return Some(bearer.to_owned());
     }
     headers

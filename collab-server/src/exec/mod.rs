@@ -35,9 +35,9 @@ use tracing::{info, warn};
 use yrs::{ReadTxn, StateVector, Transact};
 
 use crate::auth::{Identity, Keys};
-use crate::bus::Bus;
 use crate::project;
-use crate::rooms::Rooms;
+use crate::sync::bus::Bus;
+use crate::sync::rooms::Rooms;
 
 /// The user id and name the node's bridge peers join projects as.
 pub const BRIDGE_USER: &str = "exec-bridge";

@@ -24,11 +24,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use crate::bus::Bus;
 use crate::close::{self, CloseReason};
 use crate::config::Limits;
-use crate::conn_sink::ConnSink;
 use crate::metrics::Metrics;
+use crate::sync::bus::Bus;
+use crate::sync::sink::ConnSink;
 
 /// How a peer frames messages: y-websocket (one document per socket) or Hocuspocus (routing key).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -71,7 +71,7 @@ pub enum RoomCmd {
 #[derive(Clone)]
 pub struct RoomEnv {
     pub store: Arc<dyn DocStore>,
-    pub committer: crate::commit::Committer,
+    pub committer: crate::sync::commit::Committer,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
     pub shutdown: CancellationToken,
@@ -276,7 +276,7 @@ struct Actor {
 /// A store append running while the room goes on applying and relaying: the writes it covers
 /// are confirmed when it lands, later writes wait for the next one.
 struct InFlight {
-    commit: std::pin::Pin<Box<dyn std::future::Future<Output = Result<i64, crate::commit::CommitError>> + Send>>,
+    commit: std::pin::Pin<Box<dyn std::future::Future<Output = Result<i64, crate::sync::commit::CommitError>> + Send>>,
     count: usize,
     bytes: usize,
     awaiting: Vec<(PeerId, Awaiting)>,
@@ -284,7 +284,7 @@ struct InFlight {
 }
 
 /// Resolves the in-flight commit, or never if there is none.
-async fn landed(in_flight: &mut Option<InFlight>) -> Result<i64, crate::commit::CommitError> {
+async fn landed(in_flight: &mut Option<InFlight>) -> Result<i64, crate::sync::commit::CommitError> {
     match in_flight {
         Some(f) => f.commit.as_mut().await,
         None => std::future::pending().await,
@@ -787,7 +787,7 @@ impl Actor {
     /// The in-flight commit ended: on success its writes are confirmed and the next commit
     /// starts with whatever arrived meanwhile; on failure everything stays unsaved and a retry
     /// is scheduled with exponential backoff (0.1 s doubling to 5 s).
-    fn commit_landed(&mut self, result: Result<i64, crate::commit::CommitError>) {
+    fn commit_landed(&mut self, result: Result<i64, crate::sync::commit::CommitError>) {
         let Some(done) = self.in_flight.take() else { return };
         match result {
             Ok(seq) => {

@@ -1,5 +1,7 @@
 //! HTTP routes: the two sync endpoints, `/healthz`, `/metrics` and the web front end.
 
+pub mod preview;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -20,8 +22,8 @@ use crate::AppState;
 use crate::archive::{self, ArchiveError, ArchiveLimits};
 use crate::auth::{AuthError, Identity};
 use crate::checkpoints::{self, CheckpointError};
-use crate::conn::{self, MuxHandler, YwsHandler};
 use crate::project::{self, ProjectError};
+use crate::sync::conn::{self, MuxHandler, YwsHandler};
 
 /// Errors at the HTTP edge; each maps to a status and a message safe for clients.
 #[derive(Debug, thiserror::Error)]
@@ -101,9 +103,9 @@ pub fn router(app: Arc<AppState>) -> Router {
         .merge(sync)
         .merge(api)
         .route("/exec/{project}", get(exec_upgrade))
-        .route("/preview/{project}/{port}", get(crate::preview::bare))
-        .route("/preview/{project}/{port}/", axum::routing::any(crate::preview::root))
-        .route("/preview/{project}/{port}/{*path}", axum::routing::any(crate::preview::path))
+        .route("/preview/{project}/{port}", get(crate::edge::preview::bare))
+        .route("/preview/{project}/{port}/", axum::routing::any(crate::edge::preview::root))
+        .route("/preview/{project}/{port}/{*path}", axum::routing::any(crate::edge::preview::path))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .merge(web)

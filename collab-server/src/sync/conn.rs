@@ -20,8 +20,8 @@ use tracing::{debug, info};
 use crate::AppState;
 use crate::auth::{AuthError, Identity};
 use crate::close::{self, CloseReason};
-use crate::conn_sink::{ConnSink, Killer, Outbox};
-use crate::rooms::{Framing, RoomCmd, RoomLease};
+use crate::sync::rooms::{Framing, RoomCmd, RoomLease};
+use crate::sync::sink::{ConnSink, Killer, Outbox};
 
 /// What differs between the two endpoints: how frames are read and which rooms they reach.
 pub trait Handler: Send {
