@@ -5,7 +5,6 @@ mod apt;
 mod cluster;
 mod cmd;
 mod docker;
-mod haproxy;
 mod postgres;
 mod redis;
 mod steps;
