@@ -334,25 +334,6 @@ mod tests {
     }
 
     #[test]
-    fn serve_args_default_to_the_local_demo() {
-        assert_eq!(
-            serve_command_args(&[]),
-            strings(&[
-                "serve",
-                "--listen",
-                "127.0.0.1:8080",
-                "--data-dir",
-                "data",
-                "--web-dir",
-                "web/dist",
-                "--demo",
-                "--sandbox",
-                "local"
-            ])
-        );
-    }
-
-    #[test]
     fn extra_serve_args_replace_the_defaults_they_name() {
         let extra = strings(&["--listen=0.0.0.0:9000", "--data-dir", "/tmp/d", "--allow-anonymous"]);
         assert_eq!(
