@@ -1,7 +1,8 @@
 //! Three nodes sharing documents over a real Redis and PostgreSQL, with clients on random nodes
-//! making random edits while a node is killed, Redis is restarted, or one node is cut off from
-//! Redis. After each fault heals, every edit of every client is on every node and in the store,
-//! and every node holds the same document. Each test prints its seed; `TEST_SEED` replays it.
+//! making random edits while a node is killed (and restarted), Redis is restarted, one node is
+//! cut off from Redis, or the store stalls. After each fault heals, every edit of every client is
+//! on every node and in the store, and every node holds the same document. Each test prints its
+//! seed; `TEST_SEED` replays it.
 
 mod common;
 
@@ -225,6 +226,10 @@ async fn a_killed_node_loses_no_edit() {
     load.reconnect_stranded(&cluster).await;
     load.edits(200).await;
     load.converged(&cluster, "after the kill").await;
+    // Back on the same data and port, the node serves the documents with every edit.
+    cluster.restart_node(victim).await;
+    load.edits(100).await;
+    load.converged(&cluster, "after the restart").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
