@@ -84,3 +84,129 @@ async fn hostile_or_unauthorized_imports_are_refused_and_change_nothing() {
     assert_eq!(tree_paths(&root), ["keep.txt"], "refused imports wrote nothing");
     server.stop().await;
 }
+
+/// Resident memory of this process (the server under test runs in it), from `/proc/self/status`:
+/// `VmRSS` now, or `VmHWM`, the peak since [`reset_peak_memory`].
+fn memory_kib(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':')?.trim().strip_suffix(" kB")?.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/self/status"))
+}
+
+fn reset_peak_memory() {
+    // Writing 5 to clear_refs resets VmHWM to the current RSS (Linux 4.0 and later).
+    std::fs::write("/proc/self/clear_refs", "5").expect("reset the peak RSS");
+}
+
+/// Tar bytes for a GNU header of `kind` named `name` declaring `size` bytes.
+fn tar_header(name: &[u8], kind: tar::EntryType, size: u64) -> tar::Header {
+    let mut header = tar::Header::new_gnu();
+    header.as_gnu_mut().expect("gnu").name[..name.len()].copy_from_slice(name);
+    header.set_size(size);
+    header.set_mode(0o644);
+    header.set_entry_type(kind);
+    header.set_cksum();
+    header
+}
+
+/// A gzip'd tar that opens with one member of `kind` (named `name`) whose data is `prefix`, then
+/// `fill` bytes of `byte`, then `suffix`, followed by a small regular file. The data is streamed
+/// into the compressor in chunks, so building hundreds of MiB costs no memory.
+fn crafted_tar_gz(kind: tar::EntryType, name: &[u8], prefix: &[u8], byte: u8, fill: u64, suffix: &[u8]) -> Vec<u8> {
+    use std::io::{Read, Write};
+    let size = prefix.len() as u64 + fill + suffix.len() as u64;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(tar_header(name, kind, size).as_bytes()).unwrap();
+    gz.write_all(prefix).unwrap();
+    std::io::copy(&mut std::io::repeat(byte).take(fill), &mut gz).unwrap();
+    gz.write_all(suffix).unwrap();
+    gz.write_all(&vec![0; (512 - size % 512) as usize % 512]).unwrap();
+    let follower = if kind.is_gnu_longlink() { tar::EntryType::Symlink } else { tar::EntryType::Regular };
+    gz.write_all(tar_header(b"a.txt", follower, 1).as_bytes()).unwrap();
+    gz.write_all(&[b'x'; 512]).unwrap();
+    gz.write_all(&[0; 1024]).unwrap();
+    gz.finish().unwrap()
+}
+
+/// A pax record `"<len> <key>=<value>\n"` whose value is `fill` bytes: its length prefix.
+fn pax_prefix(key: &str, fill: u64) -> Vec<u8> {
+    let rest = key.len() as u64 + 1 + fill + 1;
+    let mut len = rest + 1;
+    while len != rest + 1 + len.to_string().len() as u64 {
+        len = rest + 1 + len.to_string().len() as u64;
+    }
+    format!("{len} {key}=").into_bytes()
+}
+
+/// A zip of one file whose name is `len` bytes of `byte` (a zip header holds at most 64 KiB).
+fn zip_with_name(byte: u8, len: usize) -> Vec<u8> {
+    use std::io::Write;
+    let mut writer = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let name = String::from_utf8(vec![byte; len]).unwrap();
+    writer.start_file(name, zip::write::SimpleFileOptions::default()).unwrap();
+    writer.write_all(b"x").unwrap();
+    writer.finish().unwrap().into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_headers_and_bombs_are_refused_without_memory_or_echo() {
+    const MIB: u64 = 1 << 20;
+    let server = TestServer::start().await;
+    let token = server.editor("bombs", "ed");
+    let name = 512 * MIB;
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "GNU long name of 512 MiB",
+            crafted_tar_gz(tar::EntryType::GNULongName, b"././@LongLink", b"", b'q', name, b"\0"),
+            "name or header is too long",
+        ),
+        (
+            "GNU long link of 512 MiB",
+            crafted_tar_gz(tar::EntryType::GNULongLink, b"././@LongLink", b"", b'q', name, b"\0"),
+            "name or header is too long",
+        ),
+        (
+            "pax path of 512 MiB",
+            crafted_tar_gz(tar::EntryType::XHeader, b"PaxHeaders/a.txt", &pax_prefix("path", name), b'q', name, b"\n"),
+            "name or header is too long",
+        ),
+        (
+            "regular file declaring and holding 64 MiB of zeros",
+            crafted_tar_gz(tar::EntryType::Regular, b"qqqq-bomb.txt", b"", 0, 64 * MIB, b""),
+            "a file is larger than 1048576 bytes",
+        ),
+        (
+            "folder entry carrying 256 MiB of zeros",
+            crafted_tar_gz(tar::EntryType::Directory, b"qqqq-dir/", b"", 0, 256 * MIB, b""),
+            "the archive unpacks to more than",
+        ),
+        ("zip with a 64 KiB file name", zip_with_name(b'q', 65_000), "name or header is too long"),
+    ];
+    for (what, upload, phrase) in cases {
+        assert!(upload.len() < (4 << 20), "{what}: the upload is {} bytes", upload.len());
+        reset_peak_memory();
+        let before = memory_kib("VmRSS");
+        let (status, body) =
+            tokio::time::timeout(WAIT, http(&server, "POST", "/api/projects/bombs/import", &token, &upload))
+                .await
+                .unwrap_or_else(|_| panic!("{what}: no answer within {WAIT:?}"));
+        let grown_mib = memory_kib("VmHWM").saturating_sub(before) / 1024;
+        let text = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
+        eprintln!("{what}: {status} {text:?}, {} body bytes, peak RSS +{grown_mib} MiB", body.len());
+        assert_eq!(status, 400, "{what}: {text}");
+        assert!(body.len() < 200, "{what}: a {} byte answer", body.len());
+        assert!(text.contains(phrase), "{what}: {text}");
+        assert!(!text.contains("qqqq"), "{what}: the answer quotes the upload: {text}");
+        assert!(grown_mib < 64, "{what}: the server's peak RSS grew by {grown_mib} MiB");
+    }
+
+    // The server keeps serving.
+    let (status, body) = http(&server, "GET", "/healthz", "", b"").await;
+    assert_eq!((status, body.as_slice()), (200, &b"ok"[..]));
+    let good = archive::write_tar_gz(&files(&[("still.txt", "works")]), 0).unwrap();
+    let (status, body) = http(&server, "POST", "/api/projects/bombs/import", &token, &good).await;
+    assert_eq!((status, String::from_utf8_lossy(&body).as_ref()), (200, "imported 1 files\n"));
+    server.stop().await;
+}

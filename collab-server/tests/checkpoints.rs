@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use collab_server::archive::{self, ArchiveFile};
+use collab_test_support::wait;
 use common::{TestServer, WAIT, http, until};
 use sync_core::Role;
 use yrs::Transact;
@@ -136,21 +137,20 @@ async fn automatic_checkpoints_follow_activity_and_are_pruned() {
     for round in 0..4 {
         let files = upload(&[("f.txt", &format!("round {round}"))]);
         assert_eq!(http(&server, "POST", "/api/projects/auto/import", &token, &files).await.0, 200);
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let ids = autos(&http(&server, "GET", "/api/projects/auto/checkpoints", &token, b"").await.1);
-            // A new automatic checkpoint, with the older ones pruned (pruning follows creation,
-            // so for a moment there may be one too many).
-            if ids.last().is_some_and(|last| !seen.contains(last)) && ids.len() <= 2 {
-                seen.push(*ids.last().unwrap());
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no new automatic checkpoint with retention applied after round {round}: {ids:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        // A new automatic checkpoint, with the older ones pruned (pruning follows creation, so
+        // for a moment there may be one too many).
+        let what = format!("a new automatic checkpoint with retention applied after round {round}");
+        let newest = wait::poll(
+            &what,
+            WAIT,
+            || async {
+                let ids = autos(&http(&server, "GET", "/api/projects/auto/checkpoints", &token, b"").await.1);
+                ids.last().copied().filter(|last| !seen.contains(last) && ids.len() <= 2)
+            },
+            String::new,
+        )
+        .await;
+        seen.push(newest);
     }
     let (_, body) = http(&server, "GET", "/api/projects/auto/checkpoints", &token, b"").await;
     assert_eq!(autos(&body).len(), 2, "older automatic checkpoints were pruned");

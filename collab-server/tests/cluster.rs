@@ -1,14 +1,16 @@
 //! Three nodes sharing documents over a real Redis and PostgreSQL, with clients on random nodes
-//! making random edits while a node is killed, Redis is restarted, or one node is cut off from
-//! Redis. After each fault heals, every edit of every client is on every node and in the store,
-//! and every node holds the same document. Each test prints its seed; `TEST_SEED` replays it.
+//! making random edits while a node is killed (and restarted), Redis is restarted, one node is
+//! cut off from Redis, or the store stalls. After each fault heals, every edit of every client is
+//! on every node and in the store, and every node holds the same document. Each test prints its
+//! seed; `TEST_SEED` replays it.
 
 mod common;
 
 use std::collections::BTreeSet;
 
 use collab_client::DocPeer;
-use common::cluster::{Cluster, Node};
+use collab_test_support::wait;
+use common::cluster::Cluster;
 use common::{WAIT, seed, until};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -107,7 +109,7 @@ impl Workload {
             }
             w.node = live[self.rng.random_range(0..live.len())];
             let token = cluster.token(&format!("w{}", w.id));
-            w.peer.reconnect(&cluster.nodes[w.node].url, &w.doc, &token).await.unwrap();
+            w.peer.reconnect(&cluster.nodes[w.node].url(), &w.doc, &token).await.unwrap();
             w.peer.wait_synced(WAIT).await.unwrap();
         }
     }
@@ -121,20 +123,19 @@ impl Workload {
     async fn converged(&self, cluster: &Cluster, what: &str) {
         // The writers first: a fresh observer loading a document on a node would make that node
         // ask the others for their state, and so repair what the check is about.
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while !self.writers.iter().all(|w| tokens(&w.peer.text()) == self.expected(&w.doc)) {
-            if tokio::time::Instant::now() > deadline {
-                let mut report = format!("{what}: writers did not converge\n");
-                for w in &self.writers {
-                    let have = tokens(&w.peer.text());
-                    let want = self.expected(&w.doc);
-                    let missing: Vec<_> = want.difference(&have).collect();
-                    report += &format!("writer {} on node {} {}: missing {missing:?}\n", w.id, w.node, w.doc);
-                }
-                panic!("{report}{}", cluster.logs());
+        let writers_done = || self.writers.iter().all(|w| tokens(&w.peer.text()) == self.expected(&w.doc));
+        let writers_report = || {
+            let mut report = String::new();
+            for w in &self.writers {
+                let have = tokens(&w.peer.text());
+                let want = self.expected(&w.doc);
+                let missing: Vec<_> = want.difference(&have).collect();
+                report += &format!("writer {} on node {} {}: missing {missing:?}\n", w.id, w.node, w.doc);
             }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
+            report + &cluster.logs()
+        };
+        let writers_what = format!("{what}: the writers to converge");
+        wait::poll(&writers_what, WAIT, || std::future::ready(writers_done().then_some(())), writers_report).await;
         let mut observers = Vec::new();
         for node in cluster.live() {
             for doc in &self.docs {
@@ -147,21 +148,19 @@ impl Workload {
             self.writers.iter().all(|w| ok(&w.peer.text(), &w.doc))
                 && observers.iter().all(|(_, d, p)| ok(&p.text(), d))
         };
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while !done() {
-            if tokio::time::Instant::now() > deadline {
-                let mut report = format!("{what}: not converged\n");
-                for (node, doc, peer) in &observers {
-                    let have = tokens(&peer.text());
-                    let want = self.expected(doc);
-                    let missing: Vec<_> = want.difference(&have).collect();
-                    let extra: Vec<_> = have.difference(&want).collect();
-                    report += &format!("node {node} {doc}: missing {missing:?}, extra {extra:?}\n");
-                }
-                panic!("{report}{}", cluster.logs());
+        let report = || {
+            let mut report = String::new();
+            for (node, doc, peer) in &observers {
+                let have = tokens(&peer.text());
+                let want = self.expected(doc);
+                let missing: Vec<_> = want.difference(&have).collect();
+                let extra: Vec<_> = have.difference(&want).collect();
+                report += &format!("node {node} {doc}: missing {missing:?}, extra {extra:?}\n");
             }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
+            report + &cluster.logs()
+        };
+        let all_what = format!("{what}: every node to converge");
+        wait::poll(&all_what, WAIT, || std::future::ready(done().then_some(())), report).await;
         // Same tokens in the same order on every node: the documents are identical.
         for doc in &self.docs {
             let texts: BTreeSet<String> =
@@ -171,15 +170,9 @@ impl Workload {
         let store = doc_store::open_store(&cluster.postgres_url).await.unwrap();
         for doc in &self.docs {
             let want = self.expected(doc);
-            let deadline = tokio::time::Instant::now() + WAIT;
-            loop {
-                let have = tokens(&stored_text(store.as_ref(), doc).await);
-                if have == want {
-                    break;
-                }
-                assert!(tokio::time::Instant::now() < deadline, "{what}: the store lacks {:?}", want.difference(&have));
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
+            let store_what = format!("{what}: the store to hold every token of {doc}");
+            let stored = || async { (tokens(&stored_text(store.as_ref(), doc).await) == want).then_some(()) };
+            wait::poll(&store_what, WAIT, stored, || format!("wanted {want:?}")).await;
         }
     }
 }
@@ -203,11 +196,8 @@ async fn stored_text(store: &dyn doc_store::DocStore, doc: &str) -> String {
 /// Waits until the store holds `doc` with exactly `text`.
 async fn stored_eventually(cluster: &Cluster, doc: &str, text: &str) {
     let store = doc_store::open_store(&cluster.postgres_url).await.unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while stored_text(store.as_ref(), doc).await != text {
-        assert!(tokio::time::Instant::now() < deadline, "{text:?} never stored:\n{}", cluster.logs());
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let stored = || async { (stored_text(store.as_ref(), doc).await == text).then_some(()) };
+    wait::poll(&format!("{text:?} in the store"), WAIT, stored, || cluster.logs()).await;
 }
 
 /// Two nodes, and one document with a synced client on each (users `a` and `b`); and the seed.
@@ -224,14 +214,6 @@ fn project(name: &str, seed: u64) -> String {
     format!("{name}{}", seed % 1_000_000_007)
 }
 
-async fn await_metric(node: &Node, name: &str, want: f64) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while node.metric(name).await != want {
-        assert!(tokio::time::Instant::now() < deadline, "{name} never became {want}:\n{}", node.log_tail());
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_node_loses_no_edit() {
     let seed = seed("a_killed_node_loses_no_edit");
@@ -239,11 +221,15 @@ async fn a_killed_node_loses_no_edit() {
     let mut load = Workload::start(&cluster, seed).await;
     load.edits(300).await;
     let victim = load.writers[0].node;
-    cluster.nodes[victim].kill();
+    cluster.kill_node(victim);
     load.edits(100).await;
     load.reconnect_stranded(&cluster).await;
     load.edits(200).await;
     load.converged(&cluster, "after the kill").await;
+    // Back on the same data and port, the node serves the documents with every edit.
+    cluster.restart_node(victim).await;
+    load.edits(100).await;
+    load.converged(&cluster, "after the restart").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -252,14 +238,12 @@ async fn nodes_converge_after_redis_restarts_under_load() {
     let mut cluster = Cluster::start(3, &project("redis", seed)).await;
     let mut load = Workload::start(&cluster, seed).await;
     load.edits(200).await;
-    cluster.redis.kill();
-    // Every node keeps serving its own peers while Redis is gone.
+    cluster.kill_redis();
+    // Every node keeps serving its own peers while Redis is gone, and while it reconnects.
     load.edits(200).await;
     cluster.redis.up().await;
     load.edits(100).await;
-    for node in &cluster.nodes {
-        await_metric(node, "collab_bus_connected", 1.0).await;
-    }
+    cluster.await_on_bus().await;
     load.edits(100).await;
     load.converged(&cluster, "after the Redis restart").await;
 }
@@ -271,11 +255,9 @@ async fn a_node_cut_off_from_redis_catches_up() {
     let mut load = Workload::start(&cluster, seed).await;
     load.edits(200).await;
     let cut = load.writers[0].node;
-    cluster.nodes[cut].redis.cut();
-    await_metric(&cluster.nodes[cut], "collab_bus_connected", 0.0).await;
+    cluster.cut_redis(cut).await;
     load.edits(300).await;
-    cluster.nodes[cut].redis.heal();
-    await_metric(&cluster.nodes[cut], "collab_bus_connected", 1.0).await;
+    cluster.restore_redis(cut).await;
     load.edits(100).await;
     load.converged(&cluster, "after the cut healed").await;
 }
@@ -288,20 +270,33 @@ async fn a_joining_node_gets_unsaved_edits_from_the_others() {
     let cluster = Cluster::start(2, &project("join", seed)).await;
     let doc = format!("{}/notes.txt", cluster.project);
     let writer = cluster.peer(0, &doc, "a").await;
-    cluster.nodes[0].postgres.cut();
+    cluster.cut_store(0);
     writer.insert(0, "only in node 0's memory");
-    let persist_errors = || cluster.nodes[0].metric("collab_persist_errors_total");
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while persist_errors().await < 1.0 {
-        assert!(tokio::time::Instant::now() < deadline, "node 0 never failed to save:\n{}", cluster.logs());
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    cluster.nodes[0].server.await_metric("collab_persist_errors_total", |n| n >= 1.0).await;
     let reader = cluster.peer(1, &doc, "b").await;
     // Synced means the initial state is in: no waiting for a later relay.
     assert_eq!(reader.text(), "only in node 0's memory", "{}", cluster.logs());
     // Node 1 saved what it got from node 0, so the edit is durable although node 0 is cut off.
-    cluster.nodes[0].postgres.heal();
+    cluster.restore_store(0);
     stored_eventually(&cluster, &doc, "only in node 0's memory").await;
+}
+
+/// A store that hangs (its update log locked, every save waiting) slows nothing live: edits
+/// cross nodes while saves wait, and once the store answers again every edit is saved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_store_delays_saves_and_loses_nothing() {
+    let (cluster, doc, a, b, _) = two_nodes("a_stalled_store_delays_saves_and_loses_nothing", "stall", "s.txt").await;
+    a.insert(0, "saved;");
+    stored_eventually(&cluster, &doc, "saved;").await;
+    let stall = cluster.stall_store().await;
+    a.insert(6, " while stalled;");
+    b.insert(0, "b: ");
+    a.wait_text("b: saved; while stalled;", WAIT).await.unwrap();
+    b.wait_text("b: saved; while stalled;", WAIT).await.unwrap();
+    // Node 0 holds its peer's edit unsaved: its save waits on the lock.
+    cluster.nodes[0].server.await_metric("collab_unsaved_bytes", |n| n > 0.0).await;
+    stall.release().await;
+    stored_eventually(&cluster, &doc, "b: saved; while stalled;").await;
 }
 
 /// Cursors and presence cross nodes, and a client's state leaves with it.
@@ -320,10 +315,10 @@ async fn awareness_crosses_nodes() {
 async fn a_relayed_edit_outlives_the_crash_of_its_node() {
     let (mut cluster, doc, mut writer, reader, _) =
         two_nodes("a_relayed_edit_outlives_the_crash_of_its_node", "relay", "notes.txt").await;
-    cluster.nodes[0].postgres.cut();
+    cluster.cut_store(0);
     writer.insert(0, "relayed, never saved by its node");
     reader.wait_text("relayed, never saved by its node", WAIT).await.unwrap();
-    cluster.nodes[0].kill();
+    cluster.kill_node(0);
     writer.disconnect();
     stored_eventually(&cluster, &doc, "relayed, never saved by its node").await;
 }
@@ -353,12 +348,9 @@ async fn hostile_bus_messages_are_refused_without_harm() {
     for msg in &hostile {
         let _: i64 = redis::cmd("SPUBLISH").arg(&channel).arg(msg).query_async(&mut conn).await.unwrap();
     }
-    let node = &cluster.nodes[1];
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while node.metric("collab_bus_malformed_total").await < 4.0 || node.metric("collab_bus_refused_total").await < 1.0 {
-        assert!(tokio::time::Instant::now() < deadline, "hostile messages not all counted:\n{}", node.log_tail());
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let node = &cluster.nodes[1].server;
+    node.await_metric("collab_bus_malformed_total", |n| n >= 4.0).await;
+    node.await_metric("collab_bus_refused_total", |n| n >= 1.0).await;
     a.insert(6, " and after");
     b.wait_text("before and after", WAIT).await.unwrap();
     b.insert(0, "still: ");
@@ -372,12 +364,9 @@ async fn a_lost_deletion_is_repaired() {
     let (cluster, _doc, a, b, _) = two_nodes("a_lost_deletion_is_repaired", "del", "d.txt").await;
     a.insert(0, "keep, drop, keep");
     b.wait_text("keep, drop, keep", WAIT).await.unwrap();
-    let node = &cluster.nodes[0];
-    node.redis.cut();
-    await_metric(node, "collab_bus_connected", 0.0).await;
+    cluster.cut_redis(0).await;
     a.delete(4, 6);
     assert_eq!(a.text(), "keep, keep");
-    node.redis.heal();
-    await_metric(node, "collab_bus_connected", 1.0).await;
+    cluster.restore_redis(0).await;
     b.wait_text("keep, keep", WAIT).await.unwrap();
 }

@@ -3,38 +3,22 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use collab_client::{DocPeer, MuxConnection};
-use collab_server::auth::{Identity, Keys};
+use collab_test_support::process::{Serve, ServerProcess};
+use collab_test_support::tokens::Tokens;
 use common::WAIT;
 use rand::Rng;
-use sync_core::Role;
 
-struct Process {
-    child: Child,
-    url: String,
+/// A `collab serve` on `data_dir`, with its own database there (SQLite) or at `database_url`.
+async fn spawn(data_dir: &std::path::Path, database_url: Option<&str>) -> ServerProcess {
+    spawn_with(data_dir, database_url, &[]).await
 }
 
-fn spawn(data_dir: &std::path::Path, database_url: Option<&str>) -> Process {
-    spawn_with(data_dir, database_url, &[])
-}
-
-fn spawn_with(data_dir: &std::path::Path, database_url: Option<&str>, extra: &[&str]) -> Process {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_collab"));
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--web-dir", "/nonexistent", "--rate-messages", "0"]);
-    cmd.args(extra);
-    cmd.arg("--data-dir").arg(data_dir);
-    if let Some(url) = database_url {
-        cmd.args(["--database-url", url]);
-    }
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn collab");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("first line");
-    let addr = line.trim().strip_prefix("collab listening on http://").unwrap_or_else(|| panic!("unexpected {line:?}"));
-    Process { child, url: format!("ws://{addr}") }
+async fn spawn_with(data_dir: &std::path::Path, database_url: Option<&str>, extra: &[&str]) -> ServerProcess {
+    let database = database_url.map(|url| ["--database-url", url]);
+    Serve::new(data_dir).args(extra).args(database.iter().flatten()).start().await
 }
 
 /// A data directory, a document in a fresh project, and an editor token signed with the
@@ -42,9 +26,7 @@ fn spawn_with(data_dir: &std::path::Path, database_url: Option<&str>, extra: &[&
 fn fresh_project(prefix: &str) -> (tempfile::TempDir, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let project = format!("{prefix}{}", rand::rng().random_range(0..u32::MAX));
-    let keys = Keys::load_or_create(dir.path()).unwrap();
-    let identity = Identity { user: "w".into(), name: "W".into(), project: project.clone(), role: Role::Editor };
-    let token = keys.sign(&identity, Duration::from_secs(600)).unwrap();
+    let token = Tokens::for_data_dir(dir.path()).editor(&project, "w");
     (dir, format!("{project}/file"), token)
 }
 
@@ -58,10 +40,10 @@ fn confirmed(peer: &DocPeer) -> u64 {
 async fn crash_and_recover(database_url: Option<&str>) {
     let (dir, doc, token) = fresh_project("crash");
 
-    let mut server = spawn(dir.path(), database_url);
+    let mut server = spawn(dir.path(), database_url).await;
     let mut writers = Vec::new();
     for _ in 0..4 {
-        let mux = MuxConnection::connect(&server.url).await.unwrap();
+        let mux = MuxConnection::connect(&server.url()).await.unwrap();
         let peer = mux.open(&doc, &token).await.unwrap();
         peer.wait_synced(WAIT).await.unwrap();
         writers.push((mux, peer, 0u64));
@@ -91,16 +73,16 @@ async fn crash_and_recover(database_url: Option<&str>) {
         }
     }
     tokio::task::yield_now().await;
-    server.child.kill().expect("SIGKILL");
-    server.child.wait().unwrap();
+    server.kill();
     for (_, peer, _) in &writers {
         peer.wait_until("socket closed", WAIT, |p| !p.status().connected).await.unwrap();
     }
     let confirmed_at_kill: Vec<u64> = writers.iter().map(|(_, p, _)| confirmed(p)).collect();
     let sent: Vec<u64> = writers.iter().map(|(_, _, s)| *s).collect();
 
-    let restarted = spawn(dir.path(), database_url);
-    let checker_mux = MuxConnection::connect(&restarted.url).await.unwrap();
+    server.restart().await;
+    let restarted = server;
+    let checker_mux = MuxConnection::connect(&restarted.url()).await.unwrap();
     let checker = checker_mux.open(&doc, &token).await.unwrap();
     checker.wait_synced(WAIT).await.unwrap();
     let text = checker.text();
@@ -119,7 +101,7 @@ async fn crash_and_recover(database_url: Option<&str>) {
         let ydoc = peer.doc().clone();
         drop(peer);
         drop(mux);
-        let mux = MuxConnection::connect(&restarted.url).await.unwrap();
+        let mux = MuxConnection::connect(&restarted.url()).await.unwrap();
         let peer = mux.open_with(&doc, &token, ydoc).await.unwrap();
         peer.wait_synced(WAIT).await.unwrap();
         again.push((mux, peer));
@@ -133,13 +115,6 @@ async fn crash_and_recover(database_url: Option<&str>) {
     drop(restarted);
 }
 
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn confirmed_updates_survive_sigkill_on_sqlite() {
     crash_and_recover(None).await;
@@ -147,9 +122,7 @@ async fn confirmed_updates_survive_sigkill_on_sqlite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn confirmed_updates_survive_sigkill_on_postgres() {
-    let url = std::env::var("COLLAB_TEST_POSTGRES_URL")
-        .expect("COLLAB_TEST_POSTGRES_URL must point at a PostgreSQL server (cargo xtask test starts one)");
-    crash_and_recover(Some(&url)).await;
+    crash_and_recover(Some(&collab_test_support::postgres::test_url())).await;
 }
 
 /// Two server processes on one database, each with a writer on the same document and a tiny
@@ -157,10 +130,11 @@ async fn confirmed_updates_survive_sigkill_on_postgres() {
 async fn two_processes_compacting(database_url: Option<&str>) {
     let (dir, doc, token) = fresh_project("compact");
     let extra = ["--compact-threshold", "3"];
-    let (a, b) = (spawn_with(dir.path(), database_url, &extra), spawn_with(dir.path(), database_url, &extra));
+    let (a, b) =
+        (spawn_with(dir.path(), database_url, &extra).await, spawn_with(dir.path(), database_url, &extra).await);
     let mut writers = Vec::new();
     for (name, server) in [("a", &a), ("b", &b)] {
-        let mux = MuxConnection::connect(&server.url).await.unwrap();
+        let mux = MuxConnection::connect(&server.url()).await.unwrap();
         let peer = mux.open(&doc, &token).await.unwrap();
         peer.wait_synced(WAIT).await.unwrap();
         writers.push((name, mux, peer));
@@ -177,8 +151,8 @@ async fn two_processes_compacting(database_url: Option<&str>) {
     }
     drop(writers);
     drop((a, b));
-    let c = spawn(dir.path(), database_url);
-    let mux = MuxConnection::connect(&c.url).await.unwrap();
+    let c = spawn(dir.path(), database_url).await;
+    let mux = MuxConnection::connect(&c.url()).await.unwrap();
     let checker = mux.open(&doc, &token).await.unwrap();
     checker.wait_synced(WAIT).await.unwrap();
     let text = checker.text();
@@ -196,9 +170,7 @@ async fn two_processes_compacting_one_document_lose_nothing_on_sqlite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_compacting_one_document_lose_nothing_on_postgres() {
-    let url = std::env::var("COLLAB_TEST_POSTGRES_URL")
-        .expect("COLLAB_TEST_POSTGRES_URL must point at a PostgreSQL server (cargo xtask test starts one)");
-    two_processes_compacting(Some(&url)).await;
+    two_processes_compacting(Some(&collab_test_support::postgres::test_url())).await;
 }
 
 /// SIGTERM (what `docker stop`, systemd and Kubernetes send) is a clean shutdown: the process
@@ -206,24 +178,17 @@ async fn two_processes_compacting_one_document_lose_nothing_on_postgres() {
 #[tokio::test]
 async fn sigterm_flushes_and_exits_cleanly() {
     let (dir, doc, token) = fresh_project("term");
-    let server = spawn(dir.path(), None);
-    let writer = DocPeer::connect(&server.url, &doc, &token).await.unwrap();
+    let mut server = spawn(dir.path(), None).await;
+    let writer = DocPeer::connect(&server.url(), &doc, &token).await.unwrap();
     writer.wait_synced(WAIT).await.unwrap();
-    let watcher = DocPeer::connect(&server.url, &doc, &token).await.unwrap();
+    let watcher = DocPeer::connect(&server.url(), &doc, &token).await.unwrap();
     writer.insert(0, "saved on SIGTERM");
     watcher.wait_text("saved on SIGTERM", WAIT).await.unwrap();
-    let status = Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().unwrap();
-    assert!(status.success());
-    let exited = tokio::task::spawn_blocking(move || {
-        let mut server = server;
-        server.child.wait()
-    })
-    .await
-    .unwrap()
-    .expect("collab exits");
+    server.terminate();
+    let exited = server.wait_exit(WAIT).await;
     assert!(exited.success(), "collab exited with {exited}");
-    let server = spawn(dir.path(), None);
-    let reader = DocPeer::connect(&server.url, &doc, &token).await.unwrap();
+    let server = spawn(dir.path(), None).await;
+    let reader = DocPeer::connect(&server.url(), &doc, &token).await.unwrap();
     reader.wait_synced(WAIT).await.unwrap();
     assert_eq!(reader.text(), "saved on SIGTERM");
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use collab_server::archive::ArchiveFile;
 use collab_server::exec::SandboxKind;
+use collab_test_support::http;
 use common::exec_peer::ExecPeer;
 use common::{TestServer, WAIT};
 use exec_bridge::protocol::{ClientMsg, Data, ServerMsg};
@@ -110,15 +111,11 @@ async fn files_flow_both_ways(kind: SandboxKind) {
     ann.send(&ClientMsg::Run {}).await;
     let finished = ann.until("run finished", |m| matches!(m, ServerMsg::RunFinished { .. })).await;
     assert_eq!(ann.run_text(run_id(&finished)), "two\n");
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
+    common::until_async("out.txt in the documents", || async {
         let files = collab_server::project::read_files(&server.app().rooms, "p2").await.expect("read");
-        if files.iter().any(|f| f.path == "out.txt" && f.text == "written by the program\n") {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "out.txt never reached the documents");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        files.iter().any(|f| f.path == "out.txt" && f.text == "written by the program\n")
+    })
+    .await;
     server.stop().await;
 }
 
@@ -299,28 +296,15 @@ while True:
     c.sendall(bytes([0x81, len(data) + 5]) + b'echo:' + data)
 "#;
 
-/// A raw HTTP/1.1 GET with extra header lines; returns the status, the headers (names
-/// lowercase) and the body.
-async fn get(server: &TestServer, path: &str, extra: &str) -> (u16, String, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = server.url.trim_start_matches("ws://");
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let head = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n");
-    stream.write_all(head.as_bytes()).await.expect("write");
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.expect("read");
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let (headers, body) = text.split_once("\r\n\r\n").expect("end of headers");
-    let status = headers.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("status");
-    let headers = headers
-        .lines()
-        .map(|l| match l.split_once(':') {
-            Some((name, value)) => format!("{}:{value}", name.to_lowercase()),
-            None => l.to_owned(),
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
-    (status, headers, body.to_owned())
+/// `GET path` with one optional extra header (`(name, value)`); returns the status, the
+/// headers as `name: value` lines (names lowercase) and the body.
+async fn get(server: &TestServer, path: &str, extra: Option<(&str, &str)>) -> (u16, String, String) {
+    let mut request = http::Request::new("GET", path);
+    if let Some((name, value)) = extra {
+        request = request.header(name, value);
+    }
+    let response = request.send(server.http_addr()).await.expect("a response");
+    (response.status, response.header_lines(), response.text())
 }
 
 /// A Python HTTP server and a WebSocket echo started in a terminal are reachable through
@@ -340,7 +324,7 @@ async fn live_preview(kind: SandboxKind) {
     ann.until_term_text(term, "Serving HTTP").await;
 
     let token = server.token("p7", Role::Viewer, "viv");
-    let (status, headers, _) = get(&server, &format!("/preview/p7/8000/index.html?token={token}&v=1"), "").await;
+    let (status, headers, _) = get(&server, &format!("/preview/p7/8000/index.html?token={token}&v=1"), None).await;
     assert_eq!(status, 307, "{headers}");
     assert!(headers.contains("location: /preview/p7/8000/index.html?v=1"), "{headers}");
     let cookie = headers
@@ -349,20 +333,20 @@ async fn live_preview(kind: SandboxKind) {
         .and_then(|c| c.split(';').next())
         .expect("a cookie")
         .to_owned();
-    let (status, headers, body) =
-        get(&server, "/preview/p7/8000/index.html?v=1", &format!("Cookie: {cookie}\r\n")).await;
+    let (status, headers, body) = get(&server, "/preview/p7/8000/index.html?v=1", Some(("cookie", &cookie))).await;
     assert_eq!((status, body.as_str()), (200, "<h1>preview works</h1>\n"), "{headers}");
     assert!(headers.contains("content-security-policy: sandbox"), "{headers}");
     // The program's own log shows the request as it got it: no token.
     ann.until_term_text(term, "GET /index.html?v=1").await;
     assert!(!ann.term_text(term).contains(&token[..20]), "the token reached the program");
 
-    let (status, _, _) = get(&server, "/preview/p7/8000/index.html", "").await;
+    let (status, _, _) = get(&server, "/preview/p7/8000/index.html", None).await;
     assert_eq!(status, 401, "no token");
     let stranger = server.token("p8", Role::Editor, "eve");
-    let (status, _, _) = get(&server, &format!("/preview/p7/8000/?token={stranger}"), "").await;
+    let (status, _, _) = get(&server, &format!("/preview/p7/8000/?token={stranger}"), None).await;
     assert_eq!(status, 401, "another project's token");
-    let (status, _, body) = get(&server, "/preview/p7/8999/", &format!("Authorization: Bearer {token}\r\n")).await;
+    let bearer = format!("Bearer {token}");
+    let (status, _, body) = get(&server, "/preview/p7/8999/", Some(("authorization", &bearer))).await;
     assert_eq!(status, 502, "{body}");
     assert!(body.contains("8999"), "{body}");
 

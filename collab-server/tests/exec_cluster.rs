@@ -3,8 +3,7 @@
 
 mod common;
 
-use std::time::Duration;
-
+use collab_test_support::wait;
 use common::WAIT;
 use common::cluster::Cluster;
 use common::exec_peer::ExecPeer;
@@ -34,7 +33,7 @@ async fn create_program(cluster: &Cluster, node: usize) {
 
 /// What a node answers an exec peer: the hello, or the error it was refused with.
 async fn try_connect(cluster: &Cluster, node: usize, user: &str) -> Result<ExecPeer, String> {
-    let url = format!("{}/exec/{}?token={}", cluster.nodes[node].url, cluster.project, cluster.token(user));
+    let url = format!("{}/exec/{}?token={}", cluster.nodes[node].url(), cluster.project, cluster.token(user));
     let (mut socket, _) = tokio_tungstenite::connect_async(url).await.map_err(|e| e.to_string())?;
     let first = tokio::time::timeout(WAIT, socket.next()).await.expect("an answer in time");
     let Some(Ok(Message::Text(text))) = first else { return Err(format!("{first:?}")) };
@@ -52,22 +51,10 @@ async fn try_connect(cluster: &Cluster, node: usize, user: &str) -> Result<ExecP
     }
 }
 
-/// Connects to `node`, retrying while the project's lease is elsewhere.
+/// Connects to `node`, retrying while the project's lease is elsewhere; fails after [`WAIT`].
 async fn connect_eventually(cluster: &Cluster, node: usize, user: &str) -> ExecPeer {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        match try_connect(cluster, node, user).await {
-            Ok(peer) => return peer,
-            Err(e) => {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "node {node} never took the project: {e}\n{}",
-                    cluster.logs()
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
+    let what = format!("node {node} to take the project");
+    wait::poll(&what, WAIT, || async { try_connect(cluster, node, user).await.ok() }, || cluster.logs()).await
 }
 
 async fn run_once(peer: &mut ExecPeer) -> String {
@@ -79,14 +66,15 @@ async fn run_once(peer: &mut ExecPeer) -> String {
     peer.run_text(run)
 }
 
+/// Node 0 renews its lease for 1.5 s at a time, so a crash frees the project soon; nodes 1 and 2
+/// take it for 60 s, far beyond [`WAIT`], so another node gets a project they held within the
+/// test's patience only if they gave the lease back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_bridge_per_project_with_failover() {
-    let mut cluster = Cluster::start_with(
-        2,
-        &format!("leased-{:08x}", rand::random::<u32>()),
-        &["--sandbox", "local", "--exec-lease", "1.5", "--exec-idle", "0.5"],
-    )
-    .await;
+    let project = format!("leased-{:08x}", rand::random::<u32>());
+    let mut cluster = Cluster::start_with(0, &project, &["--sandbox", "local", "--exec-idle", "0.5"]).await;
+    cluster.add_node_with(&["--exec-lease", "1.5"]).await;
+    cluster.add_node_with(&["--exec-lease", "60"]).await;
     create_program(&cluster, 0).await;
 
     // Node 0 takes the project; node 1 refuses to start a second bridge for it.
@@ -98,14 +86,15 @@ async fn one_bridge_per_project_with_failover() {
     assert!(!cluster.workspace(1).exists(), "node 1 started a bridge of its own");
 
     // Node 0 crashes without giving the lease back: node 1 takes over once it expires.
-    cluster.nodes[0].kill();
+    cluster.kill_node(0);
     drop(ann);
     let mut bob = connect_eventually(&cluster, 1, "bob").await;
     assert_eq!(run_once(&mut bob).await, "ran in /workspace\n");
     assert_eq!(std::fs::read_to_string(cluster.workspace(1).join("main.py")).expect("mirrored on node 1"), PROGRAM);
 
-    // A session that goes idle hands the lease back at once; a new node takes the project.
-    let third = cluster.add_node().await;
+    // A session that goes idle hands the lease back at once; a new node takes the project long
+    // before node 1's 60 s lease could have expired.
+    let third = cluster.add_node_with(&["--exec-lease", "60"]).await;
     drop(bob);
     let mut cat = connect_eventually(&cluster, third, "cat").await;
     assert_eq!(run_once(&mut cat).await, "ran in /workspace\n");

@@ -8,17 +8,16 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::{Child, Command};
 
 use collab_client::{DocPeer, MuxConnection};
-use collab_server::auth::{Identity, Keys};
+use collab_test_support::haproxy;
+use collab_test_support::net::free_port;
+use collab_test_support::process::{Serve, ServerProcess};
+use collab_test_support::tokens::Tokens;
+use collab_test_support::{http, wait};
 use common::WAIT;
-use sync_core::Role;
-
-const HAPROXY: &str = "/usr/sbin/haproxy";
 
 /// Fixed names, so the ring (which depends on the node names, not their ports) places them the
 /// same way on every run: with these, all three nodes get some.
@@ -31,53 +30,27 @@ fn docs_of(project: &str) -> [String; 3] {
     [project.to_owned(), format!("{project}/notes"), format!("{project}/src/main")]
 }
 
-/// One `collab serve` process, killed on drop.
+/// One `collab serve` process with its own SQLite database, killed on drop.
 struct Node {
-    child: Option<Child>,
+    server: ServerProcess,
     name: String,
-    addr: String,
 }
 
 impl Node {
-    fn spawn(name: &str, data_dir: &Path) -> Node {
+    async fn spawn(name: &str, data_dir: &Path) -> Node {
         let database = format!("sqlite://{}", data_dir.join(format!("{name}.sqlite3")).display());
-        let log = std::fs::File::create(data_dir.join(format!("{name}.log"))).expect("node log");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_collab"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--web-dir", "/nonexistent", "--rate-messages", "0"])
-            .arg("--data-dir")
-            .arg(data_dir)
+        let server = Serve::new(data_dir)
             .args(["--database-url", &database])
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .expect("spawn collab");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("first line");
-        let addr =
-            line.trim().strip_prefix("collab listening on http://").unwrap_or_else(|| panic!("unexpected {line:?}"));
-        Node { child: Some(child), name: name.to_owned(), addr: addr.to_owned() }
-    }
-
-    /// SIGKILL, as a crash.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+            .log_to(&data_dir.join(format!("{name}.log")))
+            .start()
+            .await;
+        Node { server, name: name.to_owned() }
     }
 
     /// `collab_connections_active` of this node, or `None` once it is killed.
     async fn connections(&self) -> Option<f64> {
-        self.child.as_ref()?;
-        let (_, body) = http_get(&self.addr, "/metrics").await.expect("metrics of a live node");
-        let value = body.lines().find_map(|l| l.strip_prefix("collab_connections_active ")?.trim().parse().ok());
-        Some(value.unwrap_or_else(|| panic!("no collab_connections_active in\n{body}")))
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.kill();
+        self.server.is_alive().then_some(())?;
+        Some(self.server.metric("collab_connections_active").await)
     }
 }
 
@@ -89,30 +62,37 @@ struct Balanced {
     url: String,
     /// HAProxy's stdout and stderr: request log, and servers going down.
     haproxy_log: PathBuf,
-    keys: Keys,
+    tokens: Tokens,
     _dir: tempfile::TempDir,
 }
 
 impl Balanced {
     async fn start() -> Balanced {
-        assert!(Path::new(HAPROXY).exists(), "{HAPROXY} is missing: `cargo xtask test` installs the haproxy package");
+        assert!(
+            Path::new(haproxy::BINARY).exists(),
+            "{} is missing: `cargo xtask test` installs the haproxy package",
+            haproxy::BINARY
+        );
         let dir = tempfile::tempdir().unwrap();
         // Created before any node starts, so they all load this one key.
-        let keys = Keys::load_or_create(dir.path()).unwrap();
-        let nodes: Vec<Node> = (1..=3).map(|i| Node::spawn(&format!("node{i}"), dir.path())).collect();
+        let tokens = Tokens::for_data_dir(dir.path());
+        let mut nodes = Vec::new();
+        for i in 1..=3 {
+            nodes.push(Node::spawn(&format!("node{i}"), dir.path()).await);
+        }
         // Quick health checks, so a dead node is out within a fraction of a second.
         let servers: Vec<String> = nodes
             .iter()
-            .map(|n| format!("{} {} inter 200ms fastinter 100ms downinter 200ms", n.name, n.addr))
+            .map(|n| format!("{} {} inter 200ms fastinter 100ms downinter 200ms", n.name, n.server.http_addr()))
             .collect();
         let listen = format!("127.0.0.1:{}", free_port());
-        let template = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/haproxy.cfg"))
-            .expect("deploy/haproxy.cfg");
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
+        let template = haproxy::read_template(root).expect("deploy/haproxy.cfg");
         let config = dir.path().join("haproxy.cfg");
-        std::fs::write(&config, haproxy_config(&template, &listen, &servers)).unwrap();
+        std::fs::write(&config, haproxy::config(&template, &listen, &servers).expect("a config")).unwrap();
         let haproxy_log = dir.path().join("haproxy.log");
         let log = std::fs::File::create(&haproxy_log).unwrap();
-        let haproxy = Command::new(HAPROXY)
+        let haproxy = Command::new(haproxy::BINARY)
             .arg("-f")
             .arg(&config)
             .arg("-db")
@@ -120,17 +100,16 @@ impl Balanced {
             .stderr(log)
             .spawn()
             .expect("spawn haproxy");
-        let lb = Balanced { nodes, haproxy, url: format!("ws://{listen}"), haproxy_log, keys, _dir: dir };
+        let lb = Balanced { nodes, haproxy, url: format!("ws://{listen}"), haproxy_log, tokens, _dir: dir };
         lb.until("HAProxy answers /healthz", || async {
-            http_get(&listen, "/healthz").await.is_some_and(|(status, _)| status == 200)
+            http::get(&listen, "/healthz").await.is_ok_and(|response| response.status == 200)
         })
         .await;
         lb
     }
 
     fn token(&self, project: &str) -> String {
-        let identity = Identity { user: "u".into(), name: "U".into(), project: project.into(), role: Role::Editor };
-        self.keys.sign(&identity, Duration::from_secs(600)).unwrap()
+        self.tokens.editor(project, "u")
     }
 
     /// A y-websocket peer of `doc` through HAProxy, synced.
@@ -153,8 +132,7 @@ impl Balanced {
     /// The one node whose connections grew by `n` since `before`, once the growth adds up to `n`;
     /// fails if it is spread over several nodes.
     async fn node_gaining(&self, before: &[Option<f64>], n: f64) -> usize {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
+        let gains = || async {
             let now = self.connections().await;
             let gains: Vec<(usize, f64)> = now
                 .iter()
@@ -163,26 +141,20 @@ impl Balanced {
                 .filter_map(|(i, (now, before))| Some((i, (*now)? - (*before)?)))
                 .filter(|(_, gain)| *gain != 0.0)
                 .collect();
-            if gains.iter().map(|(_, gain)| gain).sum::<f64>() == n {
-                assert_eq!(gains.len(), 1, "{n} sockets of one project spread over nodes: gains {gains:?}");
-                return gains[0].0;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "{n} new sockets never showed up: {before:?} -> {now:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            (gains.iter().map(|(_, gain)| gain).sum::<f64>() == n).then_some(gains)
+        };
+        let gains = wait::poll(&format!("{n} new sockets after {before:?}"), WAIT, gains, || self.haproxy_log()).await;
+        assert_eq!(gains.len(), 1, "{n} sockets of one project spread over nodes: gains {gains:?}");
+        gains[0].0
     }
 
     /// Polls an async condition until it holds.
     async fn until<F: Future<Output = bool>>(&self, what: &str, cond: impl Fn() -> F) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while !cond().await {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out waiting for {what}; haproxy log:\n{}",
-                self.haproxy_log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let probe = || {
+            let holds = cond();
+            async move { holds.await.then_some(()) }
+        };
+        wait::poll(what, WAIT, probe, || format!("haproxy log:\n{}", self.haproxy_log())).await;
     }
 
     fn haproxy_log(&self) -> String {
@@ -195,7 +167,7 @@ impl Drop for Balanced {
         let _ = self.haproxy.kill();
         let _ = self.haproxy.wait();
         for node in &mut self.nodes {
-            node.kill();
+            node.server.kill();
         }
     }
 }
@@ -238,7 +210,7 @@ async fn haproxy_keeps_each_project_on_one_node_and_moves_a_dead_nodes_projects(
     let doc = format!("{}/notes", PROJECTS[0]);
     let writer = peers.get_mut(&doc).unwrap();
     writer.insert(0, "written before the crash");
-    lb.nodes[victim].kill();
+    lb.nodes[victim].server.kill();
     writer.wait_until("socket closed by the crash", WAIT, |p| !p.status().connected).await.unwrap();
     let down = format!("Server nodes/{} is DOWN", lb.nodes[victim].name);
     lb.until(&down, || async { lb.haproxy_log().contains(&down) }).await;
@@ -265,47 +237,4 @@ async fn haproxy_keeps_each_project_on_one_node_and_moves_a_dead_nodes_projects(
         }
         more.push(peer);
     }
-}
-
-/// `template` with the `bind` line after `# collab:listen` and the lines between `# collab:servers
-/// begin` and `end` replaced, as `cargo xtask cluster` does (xtask/src/haproxy.rs).
-fn haproxy_config(template: &str, listen: &str, servers: &[String]) -> String {
-    let mut out = Vec::new();
-    let mut lines = template.lines();
-    while let Some(line) = lines.next() {
-        out.push(line.to_owned());
-        match line.trim() {
-            "# collab:listen" => {
-                let bind = lines.next().unwrap_or_default();
-                assert!(bind.trim_start().starts_with("bind "), "no bind line after `# collab:listen`: {bind:?}");
-                out.push(format!("    bind {listen}"));
-            }
-            "# collab:servers begin" => {
-                assert!(lines.any(|l| l.trim() == "# collab:servers end"), "no `# collab:servers end`");
-                out.extend(servers.iter().map(|s| format!("    server {s}")));
-                out.push("    # collab:servers end".to_owned());
-            }
-            _ => {}
-        }
-    }
-    assert!(out.iter().any(|l| l.trim() == format!("bind {listen}")), "no `# collab:listen` in the template");
-    out.push(String::new());
-    out.join("\n")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// `GET http://{addr}{path}` over a fresh connection: status and body, or `None` if nothing
-/// answers.
-async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let head = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(head.as_bytes()).await.ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    let status = response.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, response.split_once("\r\n\r\n").map_or("", |(_, body)| body).to_owned()))
 }

@@ -7,76 +7,18 @@
 //! tests.
 
 mod common;
-#[path = "common/pg.rs"]
-mod pg;
-
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use collab_client::{DocPeer, MuxConnection};
+use collab_test_support::net::CutProxy;
+use collab_test_support::postgres::{self, PrivatePostgres};
 use common::{TestServer, WAIT};
 use rand::Rng;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
-
-struct Proxy {
-    addr: SocketAddr,
-    cut: Arc<AtomicBool>,
-    links: Arc<Mutex<Vec<JoinHandle<()>>>>,
-}
-
-impl Proxy {
-    async fn start(upstream: SocketAddr) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let cut = Arc::new(AtomicBool::new(false));
-        let links: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
-        let (cut2, links2) = (cut.clone(), links.clone());
-        tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                if cut2.load(Ordering::SeqCst) {
-                    continue; // dropped: connection refused by a dead database
-                }
-                let link = tokio::spawn(async move {
-                    if let Ok(mut server) = TcpStream::connect(upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                    }
-                });
-                links2.lock().unwrap().push(link);
-            }
-        });
-        Proxy { addr, cut, links }
-    }
-
-    fn cut(&self) {
-        self.cut.store(true, Ordering::SeqCst);
-        for link in self.links.lock().unwrap().drain(..) {
-            link.abort();
-        }
-    }
-
-    fn restore(&self) {
-        self.cut.store(false, Ordering::SeqCst);
-    }
-}
-
-/// The test database URL, split around its `host:port`.
-fn database_url_parts() -> (String, SocketAddr, String) {
-    let url = std::env::var("COLLAB_TEST_POSTGRES_URL")
-        .expect("COLLAB_TEST_POSTGRES_URL must point at a PostgreSQL server (cargo xtask test starts one)");
-    let at = url.rfind('@').expect("url with credentials") + 1;
-    let slash = at + url[at..].find('/').expect("url with a database");
-    let upstream = url[at..slash].replace("localhost", "127.0.0.1").parse().expect("host:port");
-    (url[..at].to_owned(), upstream, url[slash..].to_owned())
-}
 
 /// A server whose PostgreSQL connections all go through a proxy the test can cut.
-async fn proxied_server(tweak: impl FnOnce(&mut collab_server::Config)) -> (TestServer, Proxy) {
-    let (head, upstream, tail) = database_url_parts();
-    let proxy = Proxy::start(upstream).await;
-    let url = format!("{head}{}{tail}", proxy.addr);
+async fn proxied_server(tweak: impl FnOnce(&mut collab_server::Config)) -> (TestServer, CutProxy) {
+    let (_, upstream) = postgres::with_addr(&postgres::test_url(), "");
+    let proxy = CutProxy::start(&upstream).await;
+    let (url, _) = postgres::with_addr(&postgres::test_url(), &proxy.addr.to_string());
     let server = TestServer::start_with(|c| {
         c.database_url = Some(url);
         tweak(c);
@@ -91,7 +33,7 @@ fn project() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_outage_loses_nothing_and_is_visible_in_metrics() {
-    let postgres = pg::PrivatePostgres::start();
+    let postgres = PrivatePostgres::start();
     let url = postgres.url();
     let mut server = TestServer::start_with(|c| c.database_url = Some(url)).await;
     let project = project();
@@ -125,11 +67,13 @@ async fn a_database_outage_loses_nothing_and_is_visible_in_metrics() {
         .wait_until("live edits during the outage", WAIT, |p| p.text().contains(&format!("item{};", during - 1)))
         .await
         .unwrap();
-    server.eventually("outage seen in metrics", |s| s.metric("collab_persist_errors_total") >= 1.0).await;
+    let first_errors = server.await_metric("collab_persist_errors_total", |n| n >= 1.0).await;
     assert!(server.metric("collab_unsaved_bytes") > 0.0, "the backlog is visible");
+    // A retry fails too while the database is down (each attempt waits out the store's 10 s
+    // connection timeout), and still nothing is lost or confirmed.
+    server.await_metric("collab_persist_errors_total", |n| n > first_errors).await;
+    assert!(server.metric("collab_unsaved_bytes") > 0.0, "the backlog is still held");
     assert_eq!(writer.status().applied, confirmed_before, "nothing is confirmed while the store is down");
-
-    tokio::time::sleep(Duration::from_secs(3)).await; // several retries fail while the database is down
     postgres.up();
     writer.wait_until("backlog confirmed", WAIT, all_confirmed).await.unwrap();
     assert_eq!(server.metric("collab_unsaved_bytes"), 0.0);
@@ -155,8 +99,12 @@ async fn past_the_backlog_bound_new_edits_are_refused_and_nothing_is_lost() {
     proxy.cut();
     let line = "x".repeat(200);
     for i in 0..40 {
+        // Each edit once the server holds the one before (or has refused the writer), so each
+        // arrives as its own update.
+        let held = server.metric("collab_unsaved_bytes");
         writer.insert(0, &format!("{i}:{line};"));
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        let taken = |s: &TestServer| s.metric("collab_unsaved_bytes") > held || !writer.status().connected;
+        server.eventually("the edit held, or the writer refused", taken).await;
         if !writer.status().connected {
             break;
         }

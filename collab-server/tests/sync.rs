@@ -4,6 +4,7 @@ mod common;
 
 use std::time::Duration;
 
+use collab_test_support::wait;
 use common::{TestServer, WAIT, seed};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -56,21 +57,17 @@ async fn concurrent_editors_with_random_reconnects_converge() {
     }
     let observer = server.connect(doc, "observer").await;
     // Everyone converges on the text a fresh joiner sees once every peer's edits are in.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
+    let converged = || {
         let reference = observer.text();
-        if peers.iter().all(|p| p.text() == reference) {
-            break;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            let report: Vec<String> = peers
-                .iter()
-                .map(|p| format!("len {} vs {}: {:?}", p.text().len(), reference.len(), p.status()))
-                .collect();
-            panic!("peers did not converge (seed {seed}):\n{}", report.join("\n"));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        std::future::ready(peers.iter().all(|p| p.text() == reference).then_some(()))
+    };
+    let report = || {
+        let reference = observer.text();
+        let report: Vec<String> =
+            peers.iter().map(|p| format!("len {} vs {}: {:?}", p.text().len(), reference.len(), p.status())).collect();
+        format!("seed {seed}:\n{}", report.join("\n"))
+    };
+    wait::poll("every peer to converge", WAIT, converged, report).await;
     assert!(!observer.text().is_empty(), "some edits were made (seed {seed})");
     server.stop().await;
 }

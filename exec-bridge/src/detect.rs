@@ -3,8 +3,8 @@
 
 use sync_core::tree::Settings;
 
+use crate::job::SandboxCommand;
 use crate::run::Program;
-use crate::sandbox::SandboxCommand;
 
 /// Entry points tried in order for each language, then any single file of that language.
 const LANGUAGES: &[Language] = &[

@@ -12,7 +12,8 @@
 //!   "catch up and write everything out" request;
 //! - [`sandbox`]: the `Sandbox` trait (runs, terminals, connections to a port inside), the
 //!   local bubblewrap sandbox ([`sandbox::local`]) and the Docker sandbox ([`sandbox::docker`]);
-//! - [`run`]: limits, verdicts, and compile-then-run programs; [`detect`] picks a project's
+//! - [`job`]: what the sandbox seam speaks: commands, limits, run events, verdicts, terminals;
+//! - [`run`]: compile-then-run programs; [`detect`] picks a project's
 //!   program from its `run` setting or its files;
 //! - [`session`]: a project's runs and terminals shared by its peers, with history for late
 //!   joiners, roles and flow control; [`protocol`] is its JSON wire format.
@@ -20,6 +21,7 @@
 //! The `collab-bridge` binary runs [`peer`] alone for one project (a mirror without runs).
 
 pub mod detect;
+pub mod job;
 pub mod mirror;
 pub mod paths;
 pub mod peer;

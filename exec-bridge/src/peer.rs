@@ -7,6 +7,9 @@
 //! disk within milliseconds. Files to documents: the workspace is scanned every `scan_every`
 //! (a polling scan: simple and correct for the project sizes of a classroom; an inotify watcher
 //! is the next step for large trees), and what changed becomes minimal CRDT edits.
+//!
+//! Scans and writes touch the disk, so they run on tokio's blocking pool (`spawn_blocking`),
+//! never on a runtime worker: the mirror's state goes to the blocking thread and comes back.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -22,7 +25,7 @@ use tracing::{info, warn};
 use yrs::{Doc, Origin, ReadTxn, StateVector, Transact};
 
 use crate::mirror::{Debounce, FileDocs, MIRROR_ORIGIN, Mirror};
-use crate::workspace::{Workspace, WorkspaceConfig};
+use crate::workspace::{Scan, Workspace, WorkspaceConfig, WorkspaceError};
 
 /// Where the bridge connects and what it mirrors.
 #[derive(Debug, Clone)]
@@ -110,6 +113,14 @@ struct Files {
     created: Vec<(String, Doc)>,
 }
 
+impl Files {
+    /// Every file document held, for a pass on a blocking thread.
+    fn docs(&self) -> HashMap<String, Doc> {
+        let peers = self.peers.iter().map(|(id, peer)| (id.clone(), peer.doc().clone()));
+        peers.chain(self.created.iter().cloned()).collect()
+    }
+}
+
 impl FileDocs for Files {
     fn get(&self, id: &str) -> Option<Doc> {
         self.peers
@@ -164,7 +175,7 @@ pub async fn run_serving(
     shutdown: CancellationToken,
     requests: &mut mpsc::Receiver<PrepareRequest>,
 ) -> Result<(), BridgeError> {
-    let ws = Workspace::open(&config.workspace, &config.workspace_config)?;
+    let ws = Arc::new(Workspace::open(&config.workspace, &config.workspace_config)?);
     let mux = MuxConnection::connect(&config.server).await?;
     let root = mux.open(&config.project, &config.token).await?;
     root.wait_synced(Duration::from_secs(30)).await?;
@@ -174,10 +185,10 @@ pub async fn run_serving(
     let mut files = Files::default();
     let mut debounce: Debounce<String> = Debounce::new(config.quiet, config.max_delay);
     open_files(&mux, &config, root.doc(), &mut files, &marks).await?;
-    write_out(mirror, &ws, root.doc(), &files);
+    write_out(mirror, &ws, root.doc(), &files).await;
     info!(project = config.project, workspace = %config.workspace.display(), "bridge mirroring");
-    let mut scan = tokio::time::interval(config.scan_every);
-    scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut scan_every = tokio::time::interval(config.scan_every);
+    scan_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let deadline = debounce.deadline().map(Instant::from_std);
         tokio::select! {
@@ -189,7 +200,7 @@ pub async fn run_serving(
                 }
                 if debounce.take_all() {
                     open_files(&mux, &config, root.doc(), &mut files, &marks).await?;
-                    write_out(mirror, &ws, root.doc(), &files);
+                    write_out(mirror, &ws, root.doc(), &files).await;
                 }
                 let prepared = {
                     let txn = root.doc().transact();
@@ -213,13 +224,19 @@ pub async fn run_serving(
                 if due.contains(ROOT) {
                     open_files(&mux, &config, root.doc(), &mut files, &marks).await?;
                 }
-                write_out(mirror, &ws, root.doc(), &files);
+                write_out(mirror, &ws, root.doc(), &files).await;
             }
-            _ = scan.tick() => {
+            _ = scan_every.tick() => {
                 if !root.status().connected {
                     return Err(BridgeError::Disconnected);
                 }
-                match ws.scan() {
+                let scanned = scan(&ws).await;
+                // Checked again: the connection may have dropped while the scan ran, and edits
+                // made now would be lost with it while the mirror counts them as agreed.
+                if !root.status().connected {
+                    return Err(BridgeError::Disconnected);
+                }
+                match scanned {
                     Ok(found) => {
                         let report = mirror.files_to_docs(&found, root.doc(), &mut files);
                         if !report.refused.is_empty() {
@@ -263,11 +280,12 @@ async fn catch_up(
             wanted.iter().any(|(client, clock)| have.get(client) < *clock)
         });
         let Some((name, _)) = behind else { return Ok(()) };
-        if Instant::now() >= deadline {
+        // Every update the connection applies to a watched document wakes `marks` (and a wake
+        // that came before this wait is kept as a permit), so this sleeps until one arrives.
+        if tokio::time::timeout_at(deadline, marks.wake.notified()).await.is_err() {
             warn!(doc = name, "a run starts before the bridge received every edit made before it");
             return Ok(());
         }
-        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 
@@ -278,10 +296,34 @@ async fn sleep_until_opt(at: Option<Instant>) {
     }
 }
 
-fn write_out(mirror: &mut Mirror, ws: &Workspace, root: &Doc, files: &Files) {
-    let report = mirror.docs_to_files(ws, root, files);
-    if !report.refused.is_empty() {
-        warn!(refused = ?report.refused, "documents not written to the workspace");
+/// Writes what changed in the documents to the workspace, on a blocking thread.
+async fn write_out(mirror: &mut Mirror, ws: &Arc<Workspace>, root: &Doc, files: &Files) {
+    let (mut taken, ws, root, docs) = (std::mem::take(mirror), Arc::clone(ws), root.clone(), files.docs());
+    let written = tokio::task::spawn_blocking(move || {
+        let report = taken.docs_to_files(&ws, &root, &docs);
+        (taken, report)
+    })
+    .await;
+    match written {
+        Ok((back, report)) => {
+            *mirror = back;
+            if !report.refused.is_empty() {
+                warn!(refused = ?report.refused, "documents not written to the workspace");
+            }
+        }
+        Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+        // Only when the runtime shuts down, before the pass started: the bridge is going away.
+        Err(_) => warn!("the runtime stopped before documents were written to the workspace"),
+    }
+}
+
+/// Scans the workspace (reading every file) on a blocking thread.
+async fn scan(ws: &Arc<Workspace>) -> Result<Scan, WorkspaceError> {
+    let ws = Arc::clone(ws);
+    match tokio::task::spawn_blocking(move || ws.scan()).await {
+        Ok(found) => found,
+        Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+        Err(join) => Err(WorkspaceError::Io { path: "workspace root".to_owned(), source: std::io::Error::other(join) }),
     }
 }
 

@@ -32,6 +32,7 @@ impl<'de> Deserialize<'de> for Data {
 
 /// Which output stream of a run a chunk came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(ts_rs::TS))]
 #[serde(rename_all = "snake_case")]
 pub enum StreamName {
     Stdout,
@@ -40,6 +41,7 @@ pub enum StreamName {
 
 /// What a peer asks for. Every message except none is for editors only: viewers watch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(ts_rs::TS))]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ClientMsg {
     /// Starts the project's program (its `run` setting, or detected from its files). Refused
@@ -48,6 +50,7 @@ pub enum ClientMsg {
     /// Bytes for a running program's stdin.
     Stdin {
         run: u64,
+        #[cfg_attr(test, ts(type = "string"))]
         data: Data,
     },
     /// Closes a running program's stdin (end of input).
@@ -66,6 +69,7 @@ pub enum ClientMsg {
     /// Keystrokes for a terminal.
     TermInput {
         term: u64,
+        #[cfg_attr(test, ts(type = "string"))]
         data: Data,
     },
     TermResize {
@@ -81,6 +85,7 @@ pub enum ClientMsg {
 
 /// A run as a late joiner learns it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(ts_rs::TS))]
 pub struct RunInfo {
     pub run: u64,
     /// Display name of who started it.
@@ -93,19 +98,23 @@ pub struct RunInfo {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(ts_rs::TS))]
 pub struct OutputChunk {
     pub stream: StreamName,
+    #[cfg_attr(test, ts(type = "string"))]
     pub data: Data,
 }
 
 /// A terminal as a late joiner learns it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(ts_rs::TS))]
 pub struct TermInfo {
     pub term: u64,
     pub by: String,
     pub cols: u16,
     pub rows: u16,
     /// The last [`crate::session::SCROLLBACK_BYTES`] the terminal printed.
+    #[cfg_attr(test, ts(type = "string"))]
     pub scrollback: Data,
     /// True once the shell ended.
     pub exited: bool,
@@ -116,10 +125,12 @@ pub struct TermInfo {
 
 /// What the server sends a peer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(ts_rs::TS))]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerMsg {
     /// First message on every connection: the peer's role and the project's runs and terminals.
     Hello {
+        #[cfg_attr(test, ts(type = "\"editor\" | \"viewer\""))]
         role: String,
         runs: Vec<RunInfo>,
         terms: Vec<TermInfo>,
@@ -132,6 +143,7 @@ pub enum ServerMsg {
     RunOutput {
         run: u64,
         stream: StreamName,
+        #[cfg_attr(test, ts(type = "string"))]
         data: Data,
     },
     RunFinished {
@@ -146,6 +158,7 @@ pub enum ServerMsg {
     },
     TermOutput {
         term: u64,
+        #[cfg_attr(test, ts(type = "string"))]
         data: Data,
     },
     TermResized {
@@ -165,6 +178,7 @@ pub enum ServerMsg {
 
 /// A verdict on the wire: a machine-readable `kind` and a sentence for people.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(ts_rs::TS))]
 pub struct VerdictInfo {
     /// `exited`, `signaled`, `time_limit`, `memory_limit`, `output_limit`, `compile_error`,
     /// `stopped` (by a peer) or `failed` (the run could not be started).
@@ -220,6 +234,54 @@ mod tests {
         ] {
             assert!(serde_json::from_str::<ClientMsg>(bad).is_err(), "{bad} parsed");
         }
+    }
+
+    /// The TypeScript the web page uses for these types (`web/src/exec.ts` reads it) is rendered
+    /// from them; a difference means the committed file is stale.
+    #[test]
+    fn generated_typescript_is_current() {
+        use ts_rs::TS;
+        // Run and terminal ids are counters, far below 2^53.
+        let cfg = ts_rs::Config::new().with_large_int("number");
+        let decls = [
+            (StreamName::docs(), StreamName::decl(&cfg)),
+            (VerdictInfo::docs(), VerdictInfo::decl(&cfg)),
+            (OutputChunk::docs(), OutputChunk::decl(&cfg)),
+            (RunInfo::docs(), RunInfo::decl(&cfg)),
+            (TermInfo::docs(), TermInfo::decl(&cfg)),
+            (ClientMsg::docs(), ClientMsg::decl(&cfg)),
+            (ServerMsg::docs(), ServerMsg::decl(&cfg)),
+        ];
+        let mut text = String::from(
+            "// The exec channel's wire types, generated from exec-bridge/src/protocol.rs; do not edit.\n\
+             // Byte fields (`data`, `scrollback`) are base64 strings. Regenerate with:\n\
+             // UPDATE_GENERATED=1 cargo test -p sync-core -p exec-bridge --lib generated_typescript\n",
+        );
+        for (docs, decl) in decls {
+            text.push('\n');
+            text.push_str(&docs.unwrap_or_default());
+            text.push_str("export ");
+            text.push_str(&decl);
+            text.push('\n');
+        }
+        check_generated("web/src/generated/exec-protocol.ts", &text);
+    }
+
+    /// Compares `rendered` with the committed file at `relative` (from the workspace root), or
+    /// writes it there when `UPDATE_GENERATED` is set.
+    fn check_generated(relative: &str, rendered: &str) {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(relative);
+        if std::env::var_os("UPDATE_GENERATED").is_some() {
+            std::fs::write(&path, rendered).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+            return;
+        }
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            committed == rendered,
+            "{relative} is stale; regenerate it with\n  \
+             UPDATE_GENERATED=1 cargo test -p sync-core -p exec-bridge --lib generated_typescript\n\
+             --- expected ---\n{rendered}"
+        );
     }
 
     #[test]

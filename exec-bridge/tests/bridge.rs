@@ -6,74 +6,45 @@ use std::path::Path;
 use std::time::Duration;
 
 use collab_client::{DocPeer, MuxConnection};
-use collab_server::auth::{Identity, Keys};
-use collab_server::{Config, Running};
+use collab_test_support::{TestServer, WAIT, until};
 use exec_bridge::mirror::Mirror;
 use exec_bridge::peer::{self, BridgeConfig};
-use sync_core::Role;
 use sync_core::tree::{self, EntryKind};
 use tokio_util::sync::CancellationToken;
 use yrs::{GetString, ReadTxn, Transact, WriteTxn};
 
-const WAIT: Duration = Duration::from_secs(20);
 const PROJECT: &str = "bridged";
 
-struct Setup {
-    _dir: tempfile::TempDir,
-    running: Running,
-    config: Config,
-    keys: Keys,
-    url: String,
+async fn server() -> TestServer {
+    TestServer::start().await
 }
 
-async fn server() -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = Config::for_data_dir(dir.path().join("data"));
-    config.web_dir = "/nonexistent".into();
-    let keys = Keys::load_or_create(&config.data_dir).unwrap();
-    let running = collab_server::start(config.clone()).await.unwrap();
-    let url = format!("ws://{}", running.addr);
-    config.listen = running.addr;
-    Setup { _dir: dir, running, config, keys, url }
-}
-
-impl Setup {
-    /// A clean stop, `meanwhile`, then a new server on the same port and data.
-    async fn restart(self, meanwhile: impl FnOnce()) -> Setup {
-        let Setup { _dir, running, config, keys, url } = self;
-        running.shutdown().await.unwrap();
-        meanwhile();
-        let running = collab_server::start(config.clone()).await.unwrap();
-        Setup { _dir, running, config, keys, url }
-    }
-
-    fn token(&self, user: &str) -> String {
-        let identity = Identity { user: user.into(), name: user.into(), project: PROJECT.into(), role: Role::Editor };
-        self.keys.sign(&identity, Duration::from_secs(600)).unwrap()
-    }
+/// An editor token for `user` in the project.
+fn token(setup: &TestServer, user: &str) -> String {
+    setup.editor(PROJECT, user)
 }
 
 /// A project whose tree holds one file `path` with `text`, edited by `ada` over one socket.
-async fn project_with_file(setup: &Setup, path: &str, text: &str) -> (MuxConnection, DocPeer, DocPeer, String) {
+async fn project_with_file(setup: &TestServer, path: &str, text: &str) -> (MuxConnection, DocPeer, DocPeer, String) {
     let human = MuxConnection::connect(&setup.url).await.unwrap();
-    let root = human.open(PROJECT, &setup.token("ada")).await.unwrap();
+    let root = human.open(PROJECT, &token(setup, "ada")).await.unwrap();
     root.wait_synced(WAIT).await.unwrap();
     let id = {
         let mut txn = root.doc().transact_mut();
         tree::init(&mut txn);
         tree::create(&mut txn, path, EntryKind::File).unwrap()
     };
-    let file = human.open(&tree::file_doc_name(PROJECT, &id), &setup.token("ada")).await.unwrap();
+    let file = human.open(&tree::file_doc_name(PROJECT, &id), &token(setup, "ada")).await.unwrap();
     file.wait_synced(WAIT).await.unwrap();
     file.insert(0, text);
     (human, root, file, id)
 }
 
 /// A bridge for the project on a fresh workspace: the workspace, its stop switch and its task.
-fn start_bridge(setup: &Setup) -> (tempfile::TempDir, CancellationToken, tokio::task::JoinHandle<()>) {
+fn start_bridge(setup: &TestServer) -> (tempfile::TempDir, CancellationToken, tokio::task::JoinHandle<()>) {
     let workspace = tempfile::tempdir().unwrap();
     let shutdown = CancellationToken::new();
-    let config = BridgeConfig::new(&setup.url, PROJECT, &setup.token("exec-bridge"), workspace.path().to_owned());
+    let config = BridgeConfig::new(&setup.url, PROJECT, &token(setup, "exec-bridge"), workspace.path().to_owned());
     let bridge = spawn_bridge(config, &shutdown);
     (workspace, shutdown, bridge)
 }
@@ -89,15 +60,6 @@ fn spawn_bridge(config: BridgeConfig, shutdown: &CancellationToken) -> tokio::ta
             }
         }
     })
-}
-
-/// Polls `cond` until it holds.
-async fn until(what: &str, cond: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 fn read(path: &Path) -> Option<String> {
@@ -136,7 +98,7 @@ async fn files_flow_both_ways_while_people_type() {
         .await
         .unwrap();
     let out_id = tree::find_by_path(&root.doc().transact(), "out.txt").unwrap().id;
-    let out = human.open(&tree::file_doc_name(PROJECT, &out_id), &setup.token("ada")).await.unwrap();
+    let out = human.open(&tree::file_doc_name(PROJECT, &out_id), &token(&setup, "ada")).await.unwrap();
     out.wait_until("out.txt content", WAIT, |p| text(p) == "42\n").await.unwrap();
     std::fs::remove_file(workspace.path().join("out.txt")).unwrap();
     root.wait_until("out.txt gone", WAIT, |p| tree::find_by_path(&p.doc().transact(), "out.txt").is_none())
@@ -145,7 +107,7 @@ async fn files_flow_both_ways_while_people_type() {
 
     // A file created in the tree by a person appears in the workspace.
     let new_id = tree::create(&mut root.doc().transact_mut(), "notes.md", EntryKind::File).unwrap();
-    let notes = human.open(&tree::file_doc_name(PROJECT, &new_id), &setup.token("ada")).await.unwrap();
+    let notes = human.open(&tree::file_doc_name(PROJECT, &new_id), &token(&setup, "ada")).await.unwrap();
     notes.wait_synced(WAIT).await.unwrap();
     notes.insert(0, "# notes\n");
     let notes_path = workspace.path().join("notes.md");
@@ -153,7 +115,7 @@ async fn files_flow_both_ways_while_people_type() {
 
     shutdown.cancel();
     bridge.await.unwrap();
-    setup.running.shutdown().await.unwrap();
+    setup.stop().await;
 }
 
 /// A hostile path in the tree is refused: nothing is written outside the workspace, and the
@@ -162,7 +124,7 @@ async fn files_flow_both_ways_while_people_type() {
 async fn a_hostile_path_in_the_tree_writes_nothing_outside() {
     let setup = server().await;
     let human = MuxConnection::connect(&setup.url).await.unwrap();
-    let root = human.open(PROJECT, &setup.token("ada")).await.unwrap();
+    let root = human.open(PROJECT, &token(&setup, "ada")).await.unwrap();
     root.wait_synced(WAIT).await.unwrap();
     let outside = tempfile::tempdir().unwrap();
     let workspace = outside.path().join("ws");
@@ -179,40 +141,40 @@ async fn a_hostile_path_in_the_tree_writes_nothing_outside() {
         (bad, tree::create(&mut txn, "fine.txt", EntryKind::File).unwrap())
     };
     for (id, content) in [(&bad, "escape"), (&good, "fine")] {
-        let peer = human.open(&tree::file_doc_name(PROJECT, id), &setup.token("ada")).await.unwrap();
+        let peer = human.open(&tree::file_doc_name(PROJECT, id), &token(&setup, "ada")).await.unwrap();
         peer.wait_synced(WAIT).await.unwrap();
         peer.insert(0, content);
     }
     let shutdown = CancellationToken::new();
-    let config = BridgeConfig::new(&setup.url, PROJECT, &setup.token("exec-bridge"), workspace.clone());
+    let config = BridgeConfig::new(&setup.url, PROJECT, &token(&setup, "exec-bridge"), workspace.clone());
     let bridge = spawn_bridge(config, &shutdown);
     let fine = workspace.join("fine.txt");
     until("fine.txt in the workspace", || read(&fine).as_deref() == Some("fine")).await;
     assert!(!outside.path().join("escaped.txt").exists(), "a file was written outside the workspace");
     shutdown.cancel();
     bridge.await.unwrap();
-    setup.running.shutdown().await.unwrap();
+    setup.stop().await;
 }
 
 /// The server goes away and comes back: the bridge reconnects, and a file a program changed
 /// meanwhile merges into the document instead of being overwritten by it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_written_while_the_server_is_away_merge_when_it_returns() {
-    let setup = server().await;
+    let mut setup = server().await;
     let (human, root, file, id) = project_with_file(&setup, "log.txt", "one\n").await;
     let (workspace, shutdown, bridge) = start_bridge(&setup);
     let log = workspace.path().join("log.txt");
     until("log.txt in the workspace", || read(&log).as_deref() == Some("one\n")).await;
     drop((file, root, human));
 
-    let setup = setup.restart(|| std::fs::write(&log, "one\ntwo\n").unwrap()).await;
+    setup.restart_after(|| std::fs::write(&log, "one\ntwo\n").unwrap()).await;
     let human = MuxConnection::connect(&setup.url).await.unwrap();
-    let file = human.open(&tree::file_doc_name(PROJECT, &id), &setup.token("ada")).await.unwrap();
+    let file = human.open(&tree::file_doc_name(PROJECT, &id), &token(&setup, "ada")).await.unwrap();
     file.wait_until("the program's line", WAIT, |p| text(p) == "one\ntwo\n").await.unwrap();
     assert_eq!(read(&log).as_deref(), Some("one\ntwo\n"));
     shutdown.cancel();
     bridge.await.unwrap();
-    setup.running.shutdown().await.unwrap();
+    setup.stop().await;
 }
 
 /// A run's preparation waits until the bridge holds the state the server had when the run was
@@ -222,7 +184,7 @@ async fn a_run_waits_for_the_edits_made_before_it() {
     let setup = server().await;
     let (_human, _root, file, id) = project_with_file(&setup, "main.py", "print(1)\n").await;
     let workspace = tempfile::tempdir().unwrap();
-    let config = BridgeConfig::new(&setup.url, PROJECT, &setup.token("exec-bridge"), workspace.path().to_owned());
+    let config = BridgeConfig::new(&setup.url, PROJECT, &token(&setup, "exec-bridge"), workspace.path().to_owned());
     let (requests, mut incoming) = tokio::sync::mpsc::channel(1);
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
@@ -254,5 +216,5 @@ async fn a_run_waits_for_the_edits_made_before_it() {
     assert_eq!(read(&main).as_deref(), Some("print(2)\n"), "the edit is on disk when the run starts");
     shutdown.cancel();
     bridge.await.unwrap();
-    setup.running.shutdown().await.unwrap();
+    setup.stop().await;
 }

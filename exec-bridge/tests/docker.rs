@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use std::collections::HashMap;
 
 use bollard::query_parameters::{ListContainersOptionsBuilder, TopOptionsBuilder};
+use collab_test_support::wait;
 use common::{docker_sandbox, workspace_with};
 use exec_bridge::run::{Limits, Program, RunOutput, Verdict, run_program};
 use exec_bridge::sandbox::docker::{DockerSandbox, DockerSandboxConfig, TERMINAL_LABEL};
@@ -227,14 +228,7 @@ async fn removing_a_project_ends_its_terminals() {
 const FIND_RUNNER: &str = "import os\nrunner = next(p for p in os.listdir('/proc') if p.isdigit() and b'runner.sock' in open('/proc/%s/cmdline' % p, 'rb').read())\n";
 
 async fn runner_pid(sandbox: &DockerSandbox, workspace: &Path) -> u32 {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(pid) = sandbox.runner_pid(workspace).await {
-            return pid;
-        }
-        assert!(Instant::now() < deadline, "the runner did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait::poll("the runner to start", PATIENCE, || sandbox.runner_pid(workspace), String::new).await
 }
 
 /// Runs go through the resident runner, which outlives them, also those it kills for a limit.

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use collab_test_support::wait;
 use common::workspace_with;
 use exec_bridge::run::{Limits, Program, RunEvent, RunOutput, Stream, TimeLimit, Verdict, run_program};
 use exec_bridge::sandbox::docker::{DockerSandbox, DockerSandboxConfig};
@@ -113,12 +114,15 @@ async fn the_process_limit_holds_even_when_the_tests_run_as_root(sandbox: Arc<dy
 async fn a_fork_bomb_is_contained_and_ends_with_a_verdict(sandbox: Arc<dyn Sandbox>) {
     let script = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n";
     let limits = Limits { wall_time: Duration::from_secs(2), ..Limits::default() };
-    let workspace = workspace_with(&[("bomb.py", script)]);
-    let execution = run_program(&sandbox, workspace.path(), &Program::python("bomb.py"), &Limits::compile(), &limits)
+    // Named uniquely, so that its processes are told apart from another test's bomb.
+    let bomb = format!("bomb{}.py", unique());
+    let workspace = workspace_with(&[(&bomb, script)]);
+    let execution = run_program(&sandbox, workspace.path(), &Program::python(&bomb), &Limits::compile(), &limits)
         .await
         .expect("the run starts");
     let collecting = tokio::spawn(execution.collect());
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let forks = format!("/usr/bin/python3 {bomb}");
+    eventually("the bomb forks", || host_processes(&forks).len() > 1).await;
     // The machine stays usable while the bomb goes off.
     let status = tokio::process::Command::new("true").status().await.expect("the host can still start a process");
     assert!(status.success());
@@ -315,13 +319,9 @@ fn host_processes(args: &str) -> Vec<u32> {
         .collect()
 }
 
-/// Polls `condition` until it holds; panics with `what` at the deadline.
+/// Polls `condition` until it holds; panics with `what` after [`PATIENCE`].
 async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !condition() {
-        assert!(Instant::now() < deadline, "{what}: not so after {PATIENCE:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait::poll(what, PATIENCE, || std::future::ready(condition().then_some(())), String::new).await;
 }
 
 async fn a_terminal_runs_what_is_typed(sandbox: Arc<dyn Sandbox>) {

@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -17,6 +18,15 @@ from pycrdt.websocket.websocket import HttpxWebsocket
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(os.environ.get("COLLAB_BIN", ROOT / "target" / "debug" / "collab"))
 WAIT = 20.0
+
+
+def first_line(proc, timeout):
+    """The first line `proc` prints, or "" if it prints none within `timeout` seconds."""
+    lines = []
+    reader = threading.Thread(target=lambda: lines.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    return lines[0] if lines else ""
 
 
 class Server:
@@ -32,7 +42,7 @@ class Server:
             stderr=subprocess.DEVNULL,
             text=True,
         )
-        line = self.proc.stdout.readline()
+        line = first_line(self.proc, WAIT)
         match = re.search(r"listening on http://(127\.0\.0\.1:\d+)", line)
         if not match:
             self.close()
@@ -45,12 +55,13 @@ class Server:
             check=True,
             capture_output=True,
             text=True,
+            timeout=WAIT,
         )
         return out.stdout.strip()
 
     def close(self):
         self.proc.kill()
-        self.proc.wait()
+        self.proc.wait(timeout=WAIT)
         shutil.rmtree(self.data, ignore_errors=True)
 
 

@@ -6,30 +6,32 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use collab_test_support::TestServer;
 use loadtest::classroom::{self, Classroom};
 use loadtest::server::{Programs, ServerProcess};
 use loadtest::target::{Kind, Target};
 use loadtest::{idle, replay, soak, storm};
 
+/// Our server in this process, opened up for load: no per-connection throttle, no connect
+/// rate, token-less peers allowed.
 struct Server {
-    running: collab_server::Running,
-    _dir: tempfile::TempDir,
+    server: TestServer,
 }
 
 impl Server {
     async fn start(tweak: impl FnOnce(&mut collab_server::Config)) -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = collab_server::Config::for_data_dir(dir.path().to_path_buf());
-        config.allow_anonymous = true;
-        config.web_dir = "/nonexistent".into();
-        config.limits.rate_messages = 0;
-        config.limits.connect_rate = 0;
-        tweak(&mut config);
-        Server { running: collab_server::start(config).await.unwrap(), _dir: dir }
+        let server = TestServer::start_with(|config| {
+            config.allow_anonymous = true;
+            config.limits.rate_messages = 0;
+            config.limits.connect_rate = 0;
+            tweak(config);
+        })
+        .await;
+        Server { server }
     }
 
     fn target(&self, kind: Kind) -> Target {
-        Target::new(kind, format!("ws://{}", self.running.addr))
+        Target::new(kind, self.server.url.clone())
     }
 }
 
@@ -118,7 +120,7 @@ async fn soak_rooms_come_and_go_and_are_unloaded() {
     let server = Server::start(|c| c.limits.unload_delay = Duration::ZERO).await;
     let scenario = soak::Soak {
         target: server.target(Kind::Collab),
-        http: server.running.addr.to_string(),
+        http: server.server.http_addr().to_owned(),
         pid: std::process::id(),
         duration: Duration::from_secs(3),
         rooms: 3,

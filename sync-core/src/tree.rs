@@ -37,7 +37,9 @@ pub enum TreeError {
     NotFound(String),
 }
 
+/// An entry's `kind` as stored: `"file"` or `"dir"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(test, derive(ts_rs::TS), ts(rename_all = "lowercase"))]
 pub enum EntryKind {
     File,
     Dir,
@@ -218,7 +220,9 @@ pub fn delete(txn: &mut TransactionMut, id: &str) -> Result<(), TreeError> {
     Ok(())
 }
 
+/// The root document's `settings` map; both keys may be absent.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(test, derive(ts_rs::TS), ts(optional_fields))]
 pub struct Settings {
     pub run: Option<String>,
     pub language: Option<String>,
@@ -236,7 +240,9 @@ pub fn set_setting(txn: &mut TransactionMut, key: &str, value: &str) {
     map.insert(txn, key, value);
 }
 
+/// One message of the root document's `chat` array (a plain object; `at` in unix milliseconds).
 #[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(test, derive(ts_rs::TS))]
 pub struct ChatMessage {
     pub id: String,
     pub author: String,
@@ -326,11 +332,108 @@ mod tests {
         assert_eq!(renamed.path, format!("notes ({}).md", &second[..6]));
     }
 
+    /// The cases the web page's reader is checked against too (`web/test/tree.test.mjs`).
+    const FIXTURE: &str = include_str!("../tests/fixtures/clash-rule.json");
+
+    fn json_any(value: &serde_json::Value) -> Any {
+        match value {
+            serde_json::Value::String(s) => Any::from(s.as_str()),
+            serde_json::Value::Number(n) => Any::from(n.as_f64().expect("a number")),
+            serde_json::Value::Bool(b) => Any::Bool(*b),
+            other => panic!("no fixture value like {other}"),
+        }
+    }
+
     #[test]
-    fn disambiguation_rule() {
-        assert_eq!(disambiguate("a/b/c.tar.gz", "0123456789abcdef"), "a/b/c.tar (012345).gz");
-        assert_eq!(disambiguate(".env", "abcdef0000000000"), ".env (abcdef)");
-        assert_eq!(disambiguate("Makefile", "ffffff0000000000"), "Makefile (ffffff)");
+    fn clash_rule_fixture() {
+        let fixture: serde_json::Value = serde_json::from_str(FIXTURE).expect("clash-rule.json parses");
+        let strs = |key: &str| -> Vec<String> {
+            fixture[key].as_array().expect(key).iter().map(|v| v.as_str().expect(key).to_owned()).collect()
+        };
+        for case in fixture["display_names"].as_array().expect("display_names") {
+            let field = |k: &str| case[k].as_str().expect(k);
+            assert_eq!(disambiguate(field("path"), field("id")), field("shown"), "{case}");
+        }
+        for path in strs("valid_paths") {
+            assert_eq!(validate_path(&path), Ok(()), "{path:?}");
+        }
+        for path in strs("invalid_paths") {
+            assert!(validate_path(&path).is_err(), "{path:?} accepted");
+        }
+        for case in fixture["trees"].as_array().expect("trees") {
+            let doc = Doc::new();
+            {
+                let mut txn = doc.transact_mut();
+                let files = txn.get_or_insert_map(FILES);
+                for (id, value) in case["files"].as_object().expect("files") {
+                    match value.as_object() {
+                        Some(fields) => {
+                            let fields: MapPrelim = fields.iter().map(|(k, v)| (k.as_str(), json_any(v))).collect();
+                            files.insert(&mut txn, id.as_str(), fields);
+                        }
+                        None => {
+                            files.insert(&mut txn, id.as_str(), json_any(value));
+                        }
+                    }
+                }
+            }
+            let shown: Vec<[String; 3]> =
+                entries(&doc.transact()).into_iter().map(|e| [e.id, e.path, e.kind.as_str().to_owned()]).collect();
+            let expected: Vec<[String; 3]> = serde_json::from_value(case["shown"].clone()).expect("shown");
+            assert_eq!(shown, expected, "{}", case["what"]);
+        }
+    }
+
+    /// The TypeScript the web page uses for the tree's stored shapes (`web/src/tree.ts` reads
+    /// it) is rendered from these types and constants; a difference means it is stale.
+    #[test]
+    fn generated_typescript_is_current() {
+        use ts_rs::TS;
+        let cfg = ts_rs::Config::new().with_large_int("number");
+        let mut text = String::from(
+            "// The project tree's stored shapes (schema v1), generated from sync-core/src/tree.rs; do not edit.\n\
+             // Regenerate with:\n\
+             // UPDATE_GENERATED=1 cargo test -p sync-core -p exec-bridge --lib generated_typescript\n",
+        );
+        for (docs, decl) in [
+            (EntryKind::docs(), EntryKind::decl(&cfg)),
+            (Settings::docs(), Settings::decl(&cfg)),
+            (ChatMessage::docs(), ChatMessage::decl(&cfg)),
+        ] {
+            text.push('\n');
+            text.push_str(&docs.unwrap_or_default());
+            text.push_str("export ");
+            text.push_str(&decl);
+            text.push('\n');
+        }
+        text.push_str(&format!(
+            "\n/** The top-level shared types of a project's root document `{{project}}`. */\n\
+             export type RootKey = \"{META}\" | \"{FILES}\" | \"{CHAT}\" | \"{SETTINGS}\";\n\
+             \n/** `meta.schema` of a root document of this schema. */\n\
+             export type SchemaVersion = {SCHEMA_VERSION};\n\
+             \n/** The Y.Text holding a file's text in its document `{{project}}/{{fileId}}`. */\n\
+             export type ContentKey = \"{CONTENT}\";\n\
+             \n/** Longest accepted path, in UTF-8 bytes. */\n\
+             export type MaxPathLen = {MAX_PATH_LEN};\n"
+        ));
+        check_generated("web/src/generated/tree-schema.ts", &text);
+    }
+
+    /// Compares `rendered` with the committed file at `relative` (from the workspace root), or
+    /// writes it there when `UPDATE_GENERATED` is set.
+    fn check_generated(relative: &str, rendered: &str) {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(relative);
+        if std::env::var_os("UPDATE_GENERATED").is_some() {
+            std::fs::write(&path, rendered).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+            return;
+        }
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            committed == rendered,
+            "{relative} is stale; regenerate it with\n  \
+             UPDATE_GENERATED=1 cargo test -p sync-core -p exec-bridge --lib generated_typescript\n\
+             --- expected ---\n{rendered}"
+        );
     }
 
     #[test]

@@ -1,66 +1,36 @@
 // The exec channel client: one JSON WebSocket per page on /exec/{project} for the project's shared runs and terminals, reconnecting with backoff.
 //
-// The wire types mirror exec-bridge/src/protocol.rs (the authoritative definition); bytes travel
-// base64-encoded in `data`. This module knows nothing about the DOM: console.ts and terminal.ts
-// render what it receives.
+// The wire types are generated from exec-bridge/src/protocol.rs (the authoritative definition)
+// into generated/exec-protocol.ts; bytes travel base64-encoded in `data` and `scrollback`, and
+// the types below are the same messages with those fields decoded. This module knows nothing
+// about the DOM: console.ts and terminal.ts render what it receives.
 
-export type StreamName = 'stdout' | 'stderr';
+import type * as Wire from './generated/exec-protocol';
 
-export interface Verdict {
-  /** `exited`, `signaled`, `time_limit`, `memory_limit`, `output_limit`, `compile_error` or `failed`. */
-  kind: string;
-  code: number | null;
-  signal: number | null;
-  /** A sentence for people, e.g. "exited with code 0". */
-  summary: string;
-}
+/** A wire type with its base64 fields (`data`, `scrollback`) decoded to bytes. */
+type Decoded<T> = T extends readonly (infer Item)[]
+  ? Decoded<Item>[]
+  : T extends object
+    ? { [K in keyof T]: K extends 'data' | 'scrollback' ? Uint8Array : Decoded<T[K]> }
+    : T;
 
-export interface OutputChunk {
-  stream: StreamName;
-  data: Uint8Array;
-}
+export type StreamName = Wire.StreamName;
 
-export interface RunInfo {
-  run: number;
-  by: string;
-  command: string;
-  history: OutputChunk[];
-  verdict: Verdict | null;
-}
+/** `kind` is one of `exited`, `signaled`, `time_limit`, `memory_limit`, `output_limit`, `compile_error`, `stopped` or `failed`; `summary` a sentence for people. */
+export type Verdict = Wire.VerdictInfo;
 
-export interface TermInfo {
-  term: number;
-  by: string;
-  cols: number;
-  rows: number;
-  scrollback: Uint8Array;
-  exitCode: number | null;
-  /** Whether the shell has ended (`exitCode` may still be null, e.g. when it was killed). */
-  exited: boolean;
-}
+export type OutputChunk = Decoded<Wire.OutputChunk>;
+
+export type RunInfo = Decoded<Wire.RunInfo>;
+
+/** `exited` is true once the shell ended (`exit_code` may still be null, e.g. when it was killed). */
+export type TermInfo = Decoded<Wire.TermInfo>;
 
 /** What the server sends, with `data` already decoded to bytes. */
-export type ServerMsg =
-  | { type: 'hello'; role: 'editor' | 'viewer'; runs: RunInfo[]; terms: TermInfo[] }
-  | { type: 'run_started'; run: number; by: string; command: string }
-  | { type: 'run_output'; run: number; stream: StreamName; data: Uint8Array }
-  | { type: 'run_finished'; run: number; verdict: Verdict }
-  | { type: 'term_opened'; term: number; by: string; cols: number; rows: number }
-  | { type: 'term_output'; term: number; data: Uint8Array }
-  | { type: 'term_resized'; term: number; cols: number; rows: number }
-  | { type: 'term_exited'; term: number; exitCode: number | null }
-  | { type: 'error'; message: string };
+export type ServerMsg = Decoded<Wire.ServerMsg>;
 
 /** What the page sends; `data` is encoded to base64 on the way out. */
-export type ClientMsg =
-  | { type: 'run' }
-  | { type: 'stdin'; run: number; data: Uint8Array }
-  | { type: 'stdin_eof'; run: number }
-  | { type: 'stop'; run: number }
-  | { type: 'term_open'; cols: number; rows: number }
-  | { type: 'term_input'; term: number; data: Uint8Array }
-  | { type: 'term_resize'; term: number; cols: number; rows: number }
-  | { type: 'term_close'; term: number };
+export type ClientMsg = Decoded<Wire.ClientMsg>;
 
 export function encodeBase64(bytes: Uint8Array): string {
   let binary = '';
@@ -182,7 +152,7 @@ function termInfo(value: unknown): TermInfo {
     cols: num(fields, 'cols'),
     rows: num(fields, 'rows'),
     scrollback: bytes(fields, 'scrollback'),
-    exitCode,
+    exit_code: exitCode,
     // A terminal closed by a peer has ended without an exit code.
     exited: fields.exited === true || exitCode !== null,
   };
@@ -237,7 +207,7 @@ export function parseServerMsg(text: string): ServerMsg | null {
           rows: num(fields, 'rows'),
         };
       case 'term_exited':
-        return { type, term: num(fields, 'term'), exitCode: optNum(fields, 'exit_code') };
+        return { type, term: num(fields, 'term'), exit_code: optNum(fields, 'exit_code') };
       case 'error':
         return { type, message: str(fields, 'message') };
       default:

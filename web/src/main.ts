@@ -6,7 +6,15 @@ import { userColor, type UserColor } from './color';
 import { createEditor, type OpenEditor } from './editor';
 import { mountExecPanel, type ExecPanel } from './exec-panel';
 import { decodeToken, secondsLeft, type Claims } from './token';
-import { buildTree, filesInTreeOrder, isFileId, readProjectFiles, type FileEntry } from './tree';
+import {
+  buildTree,
+  CONTENT_KEY,
+  FILES_KEY,
+  filesInTreeOrder,
+  isFileId,
+  readProjectFiles,
+  type FileEntry,
+} from './tree';
 import { renderTree } from './tree-view';
 
 const PROJECT_RE = /^[a-z0-9][a-z0-9_-]{0,62}$/;
@@ -136,7 +144,7 @@ class App {
         this.refreshStatus();
       }
     });
-    this.rootDoc.getMap('files').observeDeep(() => {
+    this.rootDoc.getMap(FILES_KEY).observeDeep(() => {
       this.refreshTree();
     });
     this.rootProvider.awareness.on('change', () => {
@@ -272,7 +280,7 @@ class App {
     const readOnly = this.claims.role !== 'editor';
     const editor = createEditor({
       parent: ui.editor,
-      ytext: doc.getText('content'),
+      ytext: doc.getText(CONTENT_KEY),
       awareness: provider.awareness,
       path: entry?.path ?? '',
       readOnly,

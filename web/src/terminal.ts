@@ -174,7 +174,7 @@ export class SharedTerminal {
             chunks: [info.scrollback],
             bytes: info.scrollback.length,
             exited: info.exited,
-            exitCode: info.exitCode,
+            exitCode: info.exit_code,
           });
         }
         this.shown = null;
@@ -227,7 +227,7 @@ export class SharedTerminal {
           return;
         }
         state.exited = true;
-        state.exitCode = msg.exitCode;
+        state.exitCode = msg.exit_code;
         if (msg.term === this.shown) {
           this.xterm.write(this.exitNote(state));
         }

@@ -1,10 +1,20 @@
 // Reads a project's root document (schema v1: meta, files, chat, settings) into a file tree, with the path-clash display rule.
 //
-// Only type imports from yjs: this module must stay free of runtime imports so the Node tests can
+// The stored shapes come from generated/tree-schema.ts (rendered from sync-core/src/tree.rs); the
+// constants below are typed by it, so a change on the Rust side fails the type check here.
+//
+// Only type imports: this module must stay free of runtime imports so the Node tests can
 // transpile and load it on its own.
 import type * as Y from 'yjs';
+import type { ContentKey, EntryKind, MaxPathLen, RootKey } from './generated/tree-schema';
 
-export type EntryKind = 'file' | 'dir';
+export type { EntryKind };
+
+/** The root document's map of file entries. */
+export const FILES_KEY: RootKey = 'files';
+
+/** The Y.Text holding a file's text in its own document. */
+export const CONTENT_KEY: ContentKey = 'content';
 
 /** One entry of the `files` map, as stored. */
 export interface RawEntry {
@@ -48,7 +58,7 @@ export function isFileId(id: string): boolean {
 }
 
 /** Longest accepted path, in UTF-8 bytes (as in the Rust module). */
-export const MAX_PATH_LEN = 1024;
+export const MAX_PATH_LEN: MaxPathLen = 1024;
 
 /**
  * Relative, `/`-separated, at most 1024 bytes, and no segment that is empty, `.` or `..`, or that
@@ -146,7 +156,7 @@ export function readEntries(files: Y.Map<unknown>): RawEntry[] {
 
 /** All entries of a project root document, clash rule applied, sorted by display path. */
 export function readProjectFiles(root: Y.Doc): FileEntry[] {
-  return resolveEntries(readEntries(root.getMap('files')));
+  return resolveEntries(readEntries(root.getMap(FILES_KEY)));
 }
 
 function sortNodes(dir: DirNode): void {

@@ -47,94 +47,76 @@ function sync(a, b) {
   Y.applyUpdate(b, Y.encodeStateAsUpdate(a));
 }
 
+/** The path and clash-rule cases sync-core's tests check too (one file, never copied). */
+const FIXTURE = JSON.parse(
+  readFileSync(
+    path.join(WEB_DIR, '..', 'sync-core', 'tests', 'fixtures', 'clash-rule.json'),
+    'utf8',
+  ),
+);
+
+/** A tree case's expectation, as the fixture writes it: [id, shown path, kind] in order. */
+function shown(entries) {
+  return entries.map((e) => [e.id, e.displayPath, e.kind]);
+}
+
 describe('tree.ts', () => {
-  test('clash display names follow the rule of sync_core::tree::disambiguate', () => {
-    assert.equal(
-      tree.clashDisplayPath('a/b/c.tar.gz', '0123456789abcdef'),
-      'a/b/c.tar (012345).gz',
-    );
-    assert.equal(tree.clashDisplayPath('.env', 'abcdef0000000000'), '.env (abcdef)');
-    assert.equal(tree.clashDisplayPath('Makefile', 'ffffff0000000000'), 'Makefile (ffffff)');
-    assert.equal(tree.clashDisplayPath('src/main.py', '1234567890abcdef'), 'src/main (123456).py');
-    assert.equal(tree.clashDisplayPath('dir.d/file', '1234567890abcdef'), 'dir.d/file (123456)');
+  test('clash display names follow the shared fixture (sync_core::tree::disambiguate)', () => {
+    assert.ok(FIXTURE.display_names.length > 0);
+    for (const { path: p, id, shown: expected } of FIXTURE.display_names) {
+      assert.equal(tree.clashDisplayPath(p, id), expected, JSON.stringify({ p, id }));
+    }
   });
 
-  test('paths are validated like sync_core::tree::validate_path', () => {
-    for (const ok of [
-      'a',
-      'src/main.py',
-      '.env',
-      'a b/c d.txt',
-      'ünïcode/ß.md',
-      'x'.repeat(1024),
-    ]) {
+  test('paths are validated like sync_core::tree::validate_path (shared fixture)', () => {
+    for (const ok of FIXTURE.valid_paths) {
       assert.equal(tree.isValidPath(ok), true, JSON.stringify(ok));
     }
-    for (const bad of [
-      '',
-      '/abs',
-      'a/',
-      'a//b',
-      './a',
-      'a/../b',
-      '..',
-      'a\\b',
-      'a\nb',
-      'a\u0085b',
-      'x'.repeat(1025),
-    ]) {
+    for (const bad of FIXTURE.invalid_paths) {
       assert.equal(tree.isValidPath(bad), false, JSON.stringify(bad));
     }
   });
 
-  test('concurrent creation of one path keeps both entries; the smallest id keeps the path', () => {
-    const a = new Y.Doc();
-    const b = new Y.Doc();
-    const c = new Y.Doc();
-    addEntries(a, { ff00000000000001: { path: 'notes.md', kind: 'file' } });
-    addEntries(b, { '0a00000000000002': { path: 'notes.md', kind: 'file' } });
-    addEntries(c, { 5500000000000003: { path: 'notes.md', kind: 'file' } });
-    sync(a, b);
-    sync(b, c);
-    sync(a, b);
-    const fromA = tree.readProjectFiles(a);
-    assert.deepEqual(fromA, tree.readProjectFiles(c), 'every peer resolves the clash alike');
-    assert.deepEqual(
-      fromA.map((e) => [e.id, e.displayPath, e.clashed]),
-      // Sorted by display path (' ' sorts before '.').
-      [
-        ['5500000000000003', 'notes (550000).md', true],
-        ['ff00000000000001', 'notes (ff0000).md', true],
-        ['0a00000000000002', 'notes.md', false],
-      ],
-    );
-    assert.ok(
-      fromA.every((e) => e.path === 'notes.md'),
-      'the stored path is kept',
-    );
+  test('every tree case of the shared fixture reads as sync_core::tree::entries reads it', () => {
+    for (const { what, files, shown: expected } of FIXTURE.trees) {
+      const doc = new Y.Doc();
+      const maps = Object.fromEntries(
+        Object.entries(files).filter(([, v]) => typeof v === 'object'),
+      );
+      addEntries(doc, maps);
+      for (const [id, value] of Object.entries(files)) {
+        if (typeof value !== 'object') {
+          doc.getMap('files').set(id, value);
+        }
+      }
+      const entries = tree.readProjectFiles(doc);
+      assert.deepEqual(shown(entries), expected, what);
+      for (const entry of entries) {
+        assert.equal(entry.clashed, entry.displayPath !== entry.path, what);
+      }
+    }
   });
 
-  test('malformed entries are skipped; any kind but dir is a file', () => {
-    const doc = new Y.Doc();
-    addEntries(doc, {
-      1111111111111111: { path: 'ok.txt', kind: 'file' },
-      2222222222222222: { path: '../escape', kind: 'file' },
-      3333333333333333: { kind: 'file' },
-      4444444444444444: { path: 42, kind: 'file' },
-      5555555555555555: { path: 'no-kind.py' },
-      6666666666666666: { path: 'weird-kind', kind: 'symlink' },
-      7777777777777777: { path: 'empty-dir', kind: 'dir' },
+  test('concurrent creation of one path keeps every entry; peers resolve the clash alike', () => {
+    const [clash] = FIXTURE.trees;
+    const docs = Object.entries(clash.files).map(([id, fields]) => {
+      const doc = new Y.Doc();
+      addEntries(doc, { [id]: fields });
+      return doc;
     });
-    doc.getMap('files').set('8888888888888888', 'not a map');
-    const entries = tree.readProjectFiles(doc);
-    assert.deepEqual(
-      entries.map((e) => [e.displayPath, e.kind]),
-      [
-        ['empty-dir', 'dir'],
-        ['no-kind.py', 'file'],
-        ['ok.txt', 'file'],
-        ['weird-kind', 'file'],
-      ],
+    for (let round = 0; round < 2; round++) {
+      for (let i = 1; i < docs.length; i++) {
+        sync(docs[i - 1], docs[i]);
+      }
+    }
+    const first = tree.readProjectFiles(docs[0]);
+    for (const doc of docs) {
+      assert.deepEqual(tree.readProjectFiles(doc), first, 'every peer resolves the clash alike');
+    }
+    assert.deepEqual(shown(first), clash.shown);
+    assert.ok(
+      first.every((e) => e.path === 'notes.md'),
+      'the stored path is kept',
     );
   });
 

@@ -17,8 +17,9 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use haproxy_config as haproxy;
 
-use crate::{cmd, haproxy, postgres, redis, steps};
+use crate::{cmd, postgres, redis, steps};
 
 /// Where HAProxy listens: the address people open. Node `i` (from 1) listens on port 8080 + `i`.
 const LB_PORT: u16 = 8080;

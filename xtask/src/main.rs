@@ -5,7 +5,6 @@ mod apt;
 mod cluster;
 mod cmd;
 mod docker;
-mod haproxy;
 mod postgres;
 mod redis;
 mod steps;
@@ -332,25 +331,6 @@ mod tests {
 
     fn strings(args: &[&str]) -> Vec<String> {
         args.iter().map(|s| (*s).to_owned()).collect()
-    }
-
-    #[test]
-    fn serve_args_default_to_the_local_demo() {
-        assert_eq!(
-            serve_command_args(&[]),
-            strings(&[
-                "serve",
-                "--listen",
-                "127.0.0.1:8080",
-                "--data-dir",
-                "data",
-                "--web-dir",
-                "web/dist",
-                "--demo",
-                "--sandbox",
-                "local"
-            ])
-        );
     }
 
     #[test]

@@ -454,9 +454,4 @@ mod tests {
         names.sort_by_key(|name| version_key(name));
         assert_eq!(names, ["9.6", "10", "15", "16"]);
     }
-
-    #[test]
-    fn the_url_names_the_test_role_and_database() {
-        assert_eq!(url(5), "postgres://collab:collab@127.0.0.1:5/collab");
-    }
 }

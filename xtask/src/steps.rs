@@ -75,7 +75,12 @@ impl Context {
 
 /// The Cargo target directory: `$CARGO_TARGET_DIR` (relative to the workspace) or `target/`.
 pub fn target_dir(root: &Path) -> PathBuf {
-    match std::env::var_os("CARGO_TARGET_DIR") {
+    target_dir_from(root, std::env::var_os("CARGO_TARGET_DIR"))
+}
+
+/// [`target_dir`] with the value of `CARGO_TARGET_DIR` given.
+fn target_dir_from(root: &Path, cargo_target_dir: Option<std::ffi::OsString>) -> PathBuf {
+    match cargo_target_dir {
         Some(dir) if !dir.is_empty() => root.join(dir),
         _ => root.join("target"),
     }
@@ -107,21 +112,18 @@ pub fn run_step(step: Step, ctx: &mut Context) -> Result<String> {
         Step::Clippy => ran(cargo(ctx).args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]), ""),
         Step::BuildBins => ran(cargo(ctx).args(["build", "--workspace", "--bins"]), ""),
         Step::BuildServer => ran(cargo(ctx).args(["build", "-p", "collab-server", "--bin", "collab"]), ""),
-        Step::RustTests if has_nextest(ctx) => ran(
-            cargo(ctx).args(["nextest", "run", "--workspace", "--no-fail-fast"]).envs(ctx.test_env.iter().cloned()),
-            "cargo nextest",
-        ),
-        Step::RustTests => ran(
-            cargo(ctx).args(["test", "--workspace"]).envs(ctx.test_env.iter().cloned()),
-            "cargo test, with doc tests",
-        ),
-        Step::DocTests if has_nextest(ctx) => {
-            ran(cargo(ctx).args(["test", "--workspace", "--doc"]).envs(ctx.test_env.iter().cloned()), "")
+        // Only nextest applies the kill timeouts of .config/nextest.toml, so it is installed
+        // rather than done without.
+        Step::RustTests => {
+            if !has_nextest(ctx) {
+                cmd::run(cargo(ctx).args(["install", "cargo-nextest", "--locked"]))?;
+            }
+            ran(
+                cargo(ctx).args(["nextest", "run", "--workspace", "--no-fail-fast"]).envs(ctx.test_env.iter().cloned()),
+                "cargo nextest",
+            )
         }
-        Step::DocTests => {
-            println!("cargo test ran the doc tests with the other tests");
-            Ok("ran with cargo test".to_owned())
-        }
+        Step::DocTests => ran(cargo(ctx).args(["test", "--workspace", "--doc"]).envs(ctx.test_env.iter().cloned()), ""),
         Step::PythonTests => python_tests(ctx),
         Step::NodeTests => {
             ran(npm(ctx).arg("test").envs(ctx.test_env.iter().cloned()).env("COLLAB_BIN", collab_bin(&ctx.root)), "")
@@ -351,9 +353,10 @@ mod tests {
 
     #[test]
     fn a_relative_target_dir_is_taken_from_the_workspace_root() {
-        // Only checks the default; CARGO_TARGET_DIR is left alone so tests stay independent.
-        if std::env::var_os("CARGO_TARGET_DIR").is_none() {
-            assert_eq!(collab_bin(Path::new("/w")), Path::new("/w/target/debug/collab"));
-        }
+        let root = Path::new("/w");
+        assert_eq!(target_dir_from(root, Some("out/t".into())), Path::new("/w/out/t"));
+        assert_eq!(target_dir_from(root, Some("/abs/t".into())), Path::new("/abs/t"));
+        assert_eq!(target_dir_from(root, Some("".into())), Path::new("/w/target"));
+        assert_eq!(target_dir_from(root, None), Path::new("/w/target"));
     }
 }

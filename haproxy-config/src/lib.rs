@@ -1,9 +1,6 @@
-//! HAProxy for `cargo xtask cluster`: deploy/haproxy.cfg with the local listening address and
-//! node list put in place of the ones it marks.
-//!
-//! collab-server/tests/haproxy.rs does the same substitution for its own copy.
-
-use anyhow::{Result, bail};
+//! deploy/haproxy.cfg made local: the listening address and the node list put in place of the
+//! lines the template marks. One implementation, used by `cargo xtask cluster` and by the tests
+//! that put HAProxy in front of real nodes (collab-test-support's `Balanced`).
 
 /// Where Debian's haproxy package installs the proxy.
 pub const BINARY: &str = "/usr/sbin/haproxy";
@@ -15,10 +12,26 @@ const LISTEN_MARKER: &str = "# collab:listen";
 const SERVERS_BEGIN: &str = "# collab:servers begin";
 const SERVERS_END: &str = "# collab:servers end";
 
+/// What is wrong with a template.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TemplateError {
+    #[error("`{LISTEN_MARKER}` in {TEMPLATE} is not followed by a `bind` line")]
+    NoBindAfterListen,
+    #[error("`{SERVERS_BEGIN}` in {TEMPLATE} has no `{SERVERS_END}`")]
+    UnclosedServers,
+    #[error("{TEMPLATE} lacks the `{LISTEN_MARKER}` or `{SERVERS_BEGIN}` marker")]
+    MissingMarker,
+}
+
+/// The workspace's own template (`deploy/haproxy.cfg`), read at run time from `root`.
+pub fn read_template(root: &std::path::Path) -> std::io::Result<String> {
+    std::fs::read_to_string(root.join(TEMPLATE))
+}
+
 /// `template` with the `bind` line after `# collab:listen` replaced by `bind {listen}`, and the
 /// lines between `# collab:servers begin` and `end` by one `server {entry}` line per entry (an
 /// entry is a name, an address and optional keywords: `node1 127.0.0.1:8081`).
-pub fn config(template: &str, listen: &str, servers: &[String]) -> Result<String> {
+pub fn config(template: &str, listen: &str, servers: &[String]) -> Result<String, TemplateError> {
     let mut out = Vec::new();
     let mut lines = template.lines();
     let (mut listen_done, mut servers_done) = (false, false);
@@ -29,14 +42,14 @@ pub fn config(template: &str, listen: &str, servers: &[String]) -> Result<String
             LISTEN_MARKER => {
                 match lines.next() {
                     Some(bind) if bind.trim_start().starts_with("bind ") => {}
-                    _ => bail!("`{LISTEN_MARKER}` in {TEMPLATE} is not followed by a `bind` line"),
+                    _ => return Err(TemplateError::NoBindAfterListen),
                 }
                 out.push(format!("{indent}bind {listen}"));
                 listen_done = true;
             }
             SERVERS_BEGIN => {
                 if !lines.any(|l| l.trim() == SERVERS_END) {
-                    bail!("`{SERVERS_BEGIN}` in {TEMPLATE} has no `{SERVERS_END}`");
+                    return Err(TemplateError::UnclosedServers);
                 }
                 out.extend(servers.iter().map(|entry| format!("{indent}server {entry}")));
                 out.push(format!("{indent}{SERVERS_END}"));
@@ -46,7 +59,7 @@ pub fn config(template: &str, listen: &str, servers: &[String]) -> Result<String
         }
     }
     if !listen_done || !servers_done {
-        bail!("{TEMPLATE} lacks the `{LISTEN_MARKER}` or `{SERVERS_BEGIN}` marker");
+        return Err(TemplateError::MissingMarker);
     }
     out.push(String::new());
     Ok(out.join("\n"))
@@ -73,15 +86,17 @@ mod tests {
 
     #[test]
     fn a_template_without_markers_is_refused() {
-        assert!(config("frontend f\n    bind :8080\n", "127.0.0.1:1", &[]).is_err());
+        assert_eq!(config("frontend f\n    bind :8080\n", "127.0.0.1:1", &[]), Err(TemplateError::MissingMarker));
         let no_end = TEMPLATE_TEXT.replace("# collab:servers end", "");
-        assert!(config(&no_end, "127.0.0.1:1", &[]).is_err());
+        assert_eq!(config(&no_end, "127.0.0.1:1", &[]), Err(TemplateError::UnclosedServers));
+        let no_bind = TEMPLATE_TEXT.replace("    bind :8080\n", "");
+        assert_eq!(config(&no_bind, "127.0.0.1:1", &[]), Err(TemplateError::NoBindAfterListen));
     }
 
     #[test]
     fn the_deploy_config_has_both_markers() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-        let template = std::fs::read_to_string(root.join(TEMPLATE)).unwrap();
+        let template = read_template(root).unwrap();
         let text = config(&template, "127.0.0.1:18080", &["node1 127.0.0.1:18081".to_owned()]).unwrap();
         assert!(text.contains("\n    bind 127.0.0.1:18080\n"));
         assert!(text.contains("\n    server node1 127.0.0.1:18081\n"));

@@ -1,11 +1,57 @@
-//! A private PostgreSQL server for one test, which the test may stop and start (the shared test
-//! database keeps serving every other test). Runs as the `postgres` user when the tests run as
-//! root, since PostgreSQL refuses to run as root.
-#![allow(dead_code)]
+//! PostgreSQL for tests: the shared test database (`COLLAB_TEST_POSTGRES_URL`), a stall of its
+//! update log, and a private server for one test, which the test may stop and start (the shared
+//! database keeps serving every other test). The private server runs as the `postgres` user when
+//! the tests run as root, since PostgreSQL refuses to run as root.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use sqlx::{Connection, PgConnection};
+
+use crate::net::free_port;
+
+/// The shared test database's URL; `cargo xtask test` starts the server and sets it.
+pub fn test_url() -> String {
+    std::env::var("COLLAB_TEST_POSTGRES_URL")
+        .expect("COLLAB_TEST_POSTGRES_URL must point at a PostgreSQL server (cargo xtask test starts one)")
+}
+
+/// `url` (`postgres://user:pw@host:port/db`) with its `host:port` replaced by `addr`, and the
+/// `host:port` it had.
+pub fn with_addr(url: &str, addr: &str) -> (String, String) {
+    let at = url.rfind('@').expect("user in the PostgreSQL URL") + 1;
+    let end = url[at..].find('/').map_or(url.len(), |i| at + i);
+    (format!("{}{addr}{}", &url[..at], &url[end..]), url[at..end].replace("localhost", "127.0.0.1"))
+}
+
+/// A stalled store: one connection holds `LOCK TABLE doc_updates IN ACCESS EXCLUSIVE MODE` in an
+/// open transaction, so every read and write of the update log waits (connections stay up, no
+/// error is returned). Released on drop: closing the connection ends the transaction.
+pub struct StoreStall {
+    conn: Option<PgConnection>,
+}
+
+impl StoreStall {
+    /// Takes the lock in the database at `url`; returns once it is held.
+    pub async fn start(url: &str) -> StoreStall {
+        let mut conn = PgConnection::connect(url).await.expect("connect to PostgreSQL to stall it");
+        sqlx::raw_sql("BEGIN; LOCK TABLE doc_updates IN ACCESS EXCLUSIVE MODE")
+            .execute(&mut conn)
+            .await
+            .expect("lock doc_updates");
+        StoreStall { conn: Some(conn) }
+    }
+
+    /// Releases the lock now (a rollback), rather than when the connection closes on drop.
+    pub async fn release(mut self) {
+        if let Some(mut conn) = self.conn.take() {
+            sqlx::raw_sql("ROLLBACK").execute(&mut conn).await.expect("release doc_updates");
+            let _ = conn.close().await;
+        }
+    }
+}
+
+/// A PostgreSQL server of its own, in a temporary directory, stopped on drop.
 pub struct PrivatePostgres {
     dir: tempfile::TempDir,
     bin: PathBuf,
@@ -24,10 +70,6 @@ fn bin_dir() -> PathBuf {
         .collect();
     versions.sort();
     versions.pop().expect("a PostgreSQL version with pg_ctl")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 impl PrivatePostgres {
