@@ -111,6 +111,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     };
     let sandbox = open_sandbox(config.sandbox).await?;
     let workspaces = config.workspaces_dir.clone().unwrap_or_else(|| config.data_dir.join("workspaces"));
+    if let Some(sandbox) = &sandbox {
+        // Said now rather than by every run: e.g. a data directory of mode 0700 that the local
+        // sandbox's uid cannot reach its workspaces through.
+        std::fs::create_dir_all(&workspaces)
+            .with_context(|| format!("creating the workspaces folder {}", workspaces.display()))?;
+        sandbox.check_reachable(&workspaces).context("--sandbox: the workspaces folder cannot be used")?;
+    }
     let exec = Arc::new(exec::ExecHub::new(
         sandbox,
         workspaces,

@@ -21,6 +21,10 @@ pub struct Limits {
     /// Time from start to end of the whole run; default 10 s. Enforced by the bridge, which kills
     /// the whole sandbox (a sleeping or blocked program uses no CPU time).
     pub wall_time: Duration,
+    /// Time from start to end of a run while its stdin is open, i.e. while someone connected may
+    /// still type into it; default 10 min. Once stdin is closed, `wall_time` applies again,
+    /// counted from the start. Enforced by the bridge, as `wall_time` is.
+    pub interactive_wall_time: Duration,
     /// Address space of each process; default 256 MiB. Enforced by `RLIMIT_AS`.
     pub memory_bytes: u64,
     /// Processes (and threads) in the sandbox at once, counting the sandbox's own init and
@@ -37,6 +41,7 @@ impl Default for Limits {
         Limits {
             cpu_time: Duration::from_secs(5),
             wall_time: Duration::from_secs(10),
+            interactive_wall_time: Duration::from_secs(600),
             memory_bytes: 256 << 20,
             processes: 64,
             output_bytes: 1 << 20,
@@ -218,6 +223,11 @@ pub enum SandboxError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "the sandbox's uid {id} cannot reach {path} (mode {mode:04o}): give others search permission on it \
+         (chmod o+x: that lets them reach names inside, not list or read them), or keep the workspaces elsewhere"
+    )]
+    Unreachable { path: String, mode: u32, id: u32 },
     #[error("starting the sandbox failed")]
     Spawn(#[source] std::io::Error),
     #[error("the run ended without a verdict")]

@@ -6,6 +6,9 @@
 //! each with its recent history, then live events in order. Anything a peer sends that it may
 //! not (a viewer typing, a message that does not parse) is answered with [`ServerMsg::Error`] and
 //! changes nothing.
+//!
+//! The web page's TypeScript for these types, `web/src/generated/exec-protocol.ts`, is rendered
+//! from them (test builds derive `ts_rs::TS`); a test fails when the committed file is stale.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;

@@ -11,6 +11,10 @@
 //!   receiver (the server disconnects it; it reconnects and gets a fresh hello).
 //! - A terminal's output is relayed at most at `term_rate` bytes per second; beyond that it is
 //!   not read, the pty fills and the programs writing to it block (`yes` costs little).
+//! - Nothing outlives its audience: a terminal with no peer subscribed for `terminal_idle` is
+//!   closed with every process in it, and when the last peer leaves, the stdin of a run is
+//!   closed (nobody can type into it any more), so its wall time limit applies again (see
+//!   [`Limits::interactive_wall_time`]).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
@@ -19,7 +23,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use sync_core::Role;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -44,6 +48,8 @@ const MAX_COLS: u16 = 1000;
 const MAX_ROWS: u16 = 500;
 /// How long a run waits for the bridge to write out pending edits.
 const PREPARE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a terminal stays open with no peer subscribed, by default.
+pub const TERMINAL_IDLE: Duration = Duration::from_secs(600);
 
 /// What a session runs in and with what limits.
 #[derive(Clone)]
@@ -56,6 +62,8 @@ pub struct SessionConfig {
     pub term_limits: Limits,
     /// Bytes per second a terminal's output is relayed at most.
     pub term_rate: u64,
+    /// How long a terminal stays open while no peer is subscribed to the session.
+    pub terminal_idle: Duration,
     /// What the server holds of the project when a run is requested (see [`PrepareRequest`]).
     pub barrier: Option<Arc<dyn RunBarrier>>,
 }
@@ -68,8 +76,9 @@ pub trait RunBarrier: Send + Sync {
 }
 
 impl SessionConfig {
-    /// Default limits: [`Limits::default`] for runs, one hour of CPU time for terminals, and
-    /// terminal output relayed at up to 2 MiB/s.
+    /// Default limits: [`Limits::default`] for runs, one hour of CPU time for terminals,
+    /// terminal output relayed at up to 2 MiB/s, and terminals closed after [`TERMINAL_IDLE`]
+    /// without a peer.
     pub fn new(sandbox: Arc<dyn Sandbox>, workspace: PathBuf) -> SessionConfig {
         SessionConfig {
             sandbox,
@@ -78,6 +87,7 @@ impl SessionConfig {
             run_limits: Limits::default(),
             term_limits: Limits { cpu_time: Duration::from_secs(3600), ..Limits::default() },
             term_rate: 2 << 20,
+            terminal_idle: TERMINAL_IDLE,
             barrier: None,
         }
     }
@@ -160,14 +170,49 @@ pub struct Session {
     prepare: mpsc::Sender<PrepareRequest>,
     state: Mutex<State>,
     events: broadcast::Sender<ServerMsg>,
+    /// How many peers are subscribed now.
+    peers: Arc<watch::Sender<usize>>,
     closed: CancellationToken,
+}
+
+/// A peer's subscription to a session's events; the peer counts as present until it is dropped.
+pub struct Subscription {
+    events: broadcast::Receiver<ServerMsg>,
+    _present: Presence,
+}
+
+impl Subscription {
+    /// The next event, as [`broadcast::Receiver::recv`] gives it.
+    pub async fn recv(&mut self) -> Result<ServerMsg, broadcast::error::RecvError> {
+        self.events.recv().await
+    }
+}
+
+/// One subscribed peer in a session's count.
+struct Presence {
+    peers: Arc<watch::Sender<usize>>,
+    session: std::sync::Weak<Session>,
+}
+
+impl Drop for Presence {
+    fn drop(&mut self) {
+        let mut left = false;
+        self.peers.send_modify(|peers| {
+            *peers = peers.saturating_sub(1);
+            left = *peers == 0;
+        });
+        if left && let Some(session) = self.session.upgrade() {
+            session.nobody_left();
+        }
+    }
 }
 
 impl Session {
     /// A session whose runs ask `prepare` (the project's bridge peer) for the project's files.
     pub fn new(config: SessionConfig, prepare: mpsc::Sender<PrepareRequest>) -> Arc<Session> {
         let (events, _) = broadcast::channel(EVENTS);
-        Arc::new(Session { config, prepare, state: Mutex::default(), events, closed: CancellationToken::new() })
+        let peers = Arc::new(watch::Sender::new(0));
+        Arc::new(Session { config, prepare, state: Mutex::default(), events, peers, closed: CancellationToken::new() })
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -179,13 +224,38 @@ impl Session {
         let _ = self.events.send(msg);
     }
 
-    /// The hello for a new peer with `role`, and the events that follow it.
-    pub fn subscribe(&self, role: Role) -> (ServerMsg, broadcast::Receiver<ServerMsg>) {
+    /// The hello for a new peer with `role`, and the events that follow it. The peer counts as
+    /// present (keeping terminals open and runs' stdin) until the subscription is dropped.
+    pub fn subscribe(self: &Arc<Self>, role: Role) -> (ServerMsg, Subscription) {
         let state = self.state();
         let runs = state.runs.iter().map(|r| r.info.clone()).collect();
         let terms = state.terms.iter().map(|(id, t)| t.info(*id)).collect();
         let hello = ServerMsg::Hello { role: role.as_str().to_owned(), runs, terms };
-        (hello, self.events.subscribe())
+        self.peers.send_modify(|peers| *peers += 1);
+        let present = Presence { peers: Arc::clone(&self.peers), session: Arc::downgrade(self) };
+        (hello, Subscription { events: self.events.subscribe(), _present: present })
+    }
+
+    /// The last peer left: nobody can type into a run any more, so its stdin is closed.
+    fn nobody_left(&self) {
+        let mut state = self.state();
+        for run in &mut state.runs {
+            run.stdin = None;
+        }
+    }
+
+    /// Resolves once no peer has been subscribed for `idle` in a row.
+    async fn abandoned_for(&self, idle: Duration) {
+        let mut peers = self.peers.subscribe();
+        loop {
+            if peers.wait_for(|peers| *peers == 0).await.is_err() {
+                return std::future::pending().await;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(idle) => return,
+                _ = peers.wait_for(|peers| *peers > 0) => {}
+            }
+        }
     }
 
     /// True while a run or a terminal is going.
@@ -431,10 +501,16 @@ impl Session {
         close: CancellationToken,
     ) {
         let mut bucket = TokenBucket::new(self.config.term_rate);
+        let abandoned = self.abandoned_for(self.config.terminal_idle);
+        tokio::pin!(abandoned);
         loop {
             let chunk = tokio::select! {
                 chunk = output.recv() => chunk,
                 _ = close.cancelled() => None,
+                () = &mut abandoned => {
+                    tracing::info!(term = id, "closing a terminal nobody is connected to");
+                    None
+                }
             };
             let Some(chunk) = chunk else { break };
             {

@@ -218,3 +218,32 @@ async fn a_run_waits_for_the_edits_made_before_it() {
     bridge.await.unwrap();
     setup.stop().await;
 }
+
+/// A data directory of mode 0700 (as one holding the signing key should be) with the local
+/// sandbox: the server says at start that the sandbox cannot reach its workspaces, and how to
+/// fix it, instead of every run failing with a message of bwrap's.
+#[tokio::test]
+async fn a_private_data_directory_is_reported_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let mut config = Config::for_data_dir(data.clone());
+    config.web_dir = "/nonexistent".into();
+    config.sandbox = collab_server::exec::SandboxKind::Local;
+    match collab_server::start(config).await {
+        Err(err) => {
+            let text = format!("{err:#}");
+            let named = data.canonicalize().unwrap().display().to_string();
+            assert!(text.contains("cannot reach") && text.contains(&named) && text.contains("0700"), "{text}");
+            assert!(text.contains("chmod o+x"), "the message says how to fix it: {text}");
+        }
+        // Not as root the sandbox runs as the server's own user, who owns the data directory.
+        Ok(running) => {
+            use std::os::unix::fs::MetadataExt;
+            assert_ne!(std::fs::metadata("/proc/self").unwrap().uid(), 0, "as root the server must refuse");
+            running.shutdown().await.unwrap();
+        }
+    }
+}

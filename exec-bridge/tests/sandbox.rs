@@ -561,6 +561,208 @@ async fn a_project_cannot_reach_another_projects_port(sandbox: Arc<dyn Sandbox>)
     drop((server_a, server_b));
 }
 
+/// A variable only the server's environment holds (the test process is the server here). It is
+/// put there by running the check again in a child test process: setting a variable in a
+/// running multi-threaded process is not sound.
+const CANARY_VAR: &str = "EXEC_BRIDGE_TEST_SERVER_SECRET";
+const CANARY_VALUE: &str = "canary-7d1e5a-the-server-database-password";
+
+/// Runs the test `name` of this binary again, in a child process with the canary in its
+/// environment; true when this process is that child.
+async fn with_canary_in_the_environment(name: &str) -> bool {
+    if std::env::var(CANARY_VAR).is_ok() {
+        return true;
+    }
+    let binary = std::env::current_exe().expect("the test binary");
+    let mut child = tokio::process::Command::new(binary);
+    child.args(["--exact", name, "--nocapture"]).env(CANARY_VAR, CANARY_VALUE).kill_on_drop(true);
+    let status = tokio::time::timeout(PATIENCE * 2, child.status()).await.expect("in time").expect("the child runs");
+    assert!(status.success(), "{name} failed with the canary in the server's environment");
+    false
+}
+
+/// Neither a run nor a terminal can read the server's environment: not in its own `env`, not
+/// in `/proc/1/environ` (the sandbox's init), not in any `/proc/*/environ` it can read.
+async fn no_server_secret_is_readable_inside(sandbox: Arc<dyn Sandbox>) {
+    assert_eq!(std::env::var(CANARY_VAR).as_deref(), Ok(CANARY_VALUE), "the server holds the canary");
+    let script = "import glob, os\nread = 0\nfor path in ['/proc/self/environ', '/proc/1/environ'] + sorted(glob.glob('/proc/[0-9]*/environ')):\n    try:\n        print(path, open(path, 'rb').read())\n        read += 1\n    except OSError:\n        pass\nprint('env', dict(os.environ))\nprint('read', read)\n";
+    let out = python(&sandbox, script, &Limits::default()).await;
+    assert_eq!(out.verdict, Verdict::Exited { code: 0 }, "stderr: {}", out.stderr_text());
+    let text = out.stdout_text();
+    assert!(text.contains("\nread "), "{text}");
+    assert!(!text.contains(CANARY_VALUE) && !text.contains(CANARY_VAR), "the server's secret leaked to a run: {text}");
+
+    let workspace = workspace_with(&[]);
+    let mut screen = Screen::open(&sandbox, workspace.path(), SIZE).await;
+    screen
+        .type_line("for f in /proc/[0-9]*/environ; do tr '\\0' '\\n' < $f 2>/dev/null; done; env; echo env-$((6*6))")
+        .await;
+    let text = screen.wait_for("env-36").await;
+    assert!(text.contains("PATH="), "{text}");
+    assert!(
+        !text.contains(CANARY_VALUE) && !text.contains(CANARY_VAR),
+        "the server's secret leaked to a terminal: {text}"
+    );
+}
+
+/// Swaps `d` (a folder) and `l` (a symlink to a host folder) in the working directory, as fast
+/// as it can, for at most 60 seconds.
+const SWAPPER: &str = "import ctypes, time\nlibc = ctypes.CDLL(None, use_errno=True)\nend = time.time() + 60\nopen('swapping', 'w').close()\nwhile time.time() < end:\n    for _ in range(1000):\n        libc.renameat2(-100, b'd', -100, b'l', 2)\n";
+
+/// The ownership walk before each run never follows a symlink a program swaps in: a program in
+/// an open terminal swaps a folder with a symlink to a host folder in a tight loop while runs
+/// start one after another, and the root-owned files of that host folder keep their owner.
+async fn the_ownership_walk_never_follows_a_swapped_symlink(sandbox: Arc<dyn Sandbox>) {
+    use std::os::unix::fs::MetadataExt;
+    let host = tempfile::tempdir().expect("temp dir");
+    let canary = host.path().join("host-folder");
+    std::fs::create_dir(&canary).expect("host folder");
+    let names: Vec<String> = (0..64).map(|i| format!("f{i}")).collect();
+    for name in &names {
+        std::fs::write(canary.join(name), "host").expect("host file");
+    }
+    let owners = |dir: &Path| -> Vec<(String, u32)> {
+        let mut found: Vec<(String, u32)> = std::fs::read_dir(dir)
+            .expect("list")
+            .map(|e| e.expect("entry"))
+            .map(|e| (e.file_name().to_string_lossy().into_owned(), e.metadata().expect("meta").uid()))
+            .collect();
+        found.push((".".to_owned(), std::fs::metadata(dir).expect("meta").uid()));
+        found.sort();
+        found
+    };
+    let before = owners(&canary);
+    let workspace = workspace_with(&[("main.py", "print('ran')\n"), ("swap.py", SWAPPER)]);
+    std::fs::create_dir(workspace.path().join("d")).expect("d");
+    for name in &names {
+        std::fs::write(workspace.path().join("d").join(name), "mine").expect("workspace file");
+    }
+    std::os::unix::fs::symlink(&canary, workspace.path().join("l")).expect("symlink");
+    let mut screen = Screen::open(&sandbox, workspace.path(), SIZE).await;
+    screen.type_line("python3 swap.py & echo swapper-$((4*9))").await;
+    screen.wait_for("swapper-36").await;
+    eventually("the swapper swaps", || workspace.path().join("swapping").exists()).await;
+    let (mut started, mut refused) = (0, Vec::new());
+    for _ in 0..40 {
+        match run_program(
+            &sandbox,
+            workspace.path(),
+            &Program::python("main.py"),
+            &Limits::compile(),
+            &Limits::default(),
+        )
+        .await
+        {
+            Ok(execution) => {
+                tokio::time::timeout(PATIENCE, execution.collect()).await.expect("in time").expect("a verdict");
+                started += 1;
+            }
+            Err(err) => refused.push(err.to_string()),
+        }
+        assert_eq!(owners(&canary), before, "a host folder was re-owned after {started} runs");
+    }
+    assert_eq!(owners(&canary), before, "the host folder keeps its owners");
+    assert!(refused.is_empty(), "{started} runs started, the others failed: {refused:?}");
+    drop(screen);
+}
+
+/// A data directory of mode 0700 (as one holding a signing secret should be): runs in the
+/// workspaces inside it work, or the sandbox says at start what is wrong (and a run then fails
+/// to start with the same words, not with a message of bwrap's).
+async fn a_private_data_directory_works_or_is_reported_at_start(sandbox: Arc<dyn Sandbox>) {
+    use std::os::unix::fs::PermissionsExt;
+    let data = tempfile::tempdir().expect("temp dir");
+    std::fs::set_permissions(data.path(), std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let workspaces = data.path().join("workspaces");
+    let workspace = workspaces.join("project");
+    std::fs::create_dir_all(&workspace).expect("workspace");
+    std::fs::write(workspace.join("main.py"), "print('private')\n").expect("main.py");
+    match sandbox.check_reachable(&workspaces) {
+        Ok(()) => {
+            let out = run(&sandbox, &workspace, &Program::python("main.py"), &Limits::default()).await;
+            assert_eq!(out.verdict, Verdict::Exited { code: 0 }, "stderr: {}", out.stderr_text());
+            assert_eq!(out.stdout_text(), "private\n");
+        }
+        Err(SandboxError::Unreachable { path, mode, .. }) => {
+            assert_eq!(Path::new(&path), data.path().canonicalize().expect("canonical"));
+            assert_eq!(mode, 0o700);
+            let command = SandboxCommand::new("/usr/bin/python3", ["main.py"]);
+            let started = sandbox.start(&workspace, &command, &Limits::default()).await;
+            assert!(matches!(started, Err(SandboxError::Unreachable { .. })), "a run says the same");
+            let opened = sandbox.open_terminal(&workspace, SIZE, &terminal_limits()).await;
+            assert!(matches!(opened, Err(SandboxError::Unreachable { .. })), "a terminal says the same");
+        }
+        Err(err) => panic!("checking the workspaces folder: {err:?}"),
+    }
+}
+
+/// A command of the project's `run` setting runs through `sh -c`, which reports its child's
+/// SIGXCPU as exit code 152: still the CPU time limit.
+async fn a_run_setting_that_spins_hits_the_cpu_limit(sandbox: Arc<dyn Sandbox>) {
+    let workspace = workspace_with(&[("spin.py", "while True:\n    pass\n")]);
+    let settings = sync_core::tree::Settings { run: Some("python3 spin.py".into()), language: None };
+    let program = exec_bridge::detect::program_for(&settings, &["spin.py".to_owned()]).expect("a program");
+    let limits = Limits { cpu_time: Duration::from_secs(1), ..Limits::default() };
+    let out = run(&sandbox, workspace.path(), &program, &limits).await;
+    assert_eq!(out.verdict, Verdict::TimeLimit(TimeLimit::Cpu), "stderr: {}", out.stderr_text());
+}
+
+/// What a program prints before it fails comes before its traceback, as it was written.
+async fn output_arrives_in_the_order_it_was_written(sandbox: Arc<dyn Sandbox>) {
+    let workspace = workspace_with(&[("main.py", "print('before the failure')\nraise ValueError('boom')\n")]);
+    for attempt in 0..10 {
+        let mut execution = sandbox
+            .start(workspace.path(), &SandboxCommand::new("/usr/bin/python3", ["main.py"]), &Limits::default())
+            .await
+            .expect("the run starts");
+        drop(execution.stdin);
+        let mut order = Vec::new();
+        loop {
+            match tokio::time::timeout(PATIENCE, execution.events.recv()).await.expect("in time") {
+                Some(RunEvent::Output { stream, .. }) => order.push(stream),
+                Some(RunEvent::Finished(verdict)) => {
+                    assert_eq!(verdict, Verdict::Exited { code: 1 });
+                    break;
+                }
+                None => panic!("no verdict"),
+            }
+        }
+        assert_eq!(order.first(), Some(&Stream::Stdout), "attempt {attempt}: {order:?}");
+        let first_err = order.iter().position(|s| *s == Stream::Stderr).expect("a traceback");
+        assert!(order[first_err..].iter().all(|s| *s == Stream::Stderr), "attempt {attempt}: {order:?}");
+    }
+}
+
+/// A run whose stdin is open (someone may type) is not killed by the wall time limit while it
+/// waits, up to its interactive wall time; closing its stdin brings the wall time limit back.
+async fn an_open_stdin_holds_off_the_wall_time_limit(sandbox: Arc<dyn Sandbox>) {
+    let workspace =
+        workspace_with(&[("ask.py", "import time\ntime.sleep(2)\nprint('got', input())\ntime.sleep(600)\n")]);
+    let limits = Limits { wall_time: Duration::from_secs(1), interactive_wall_time: PATIENCE, ..Limits::default() };
+    let mut execution = sandbox
+        .start(workspace.path(), &SandboxCommand::new("/usr/bin/python3", ["ask.py"]), &limits)
+        .await
+        .expect("the run starts");
+    let started = Instant::now();
+    // Typed after the wall time limit has passed: the program is still there to read it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    execution.stdin.send(Bytes::from_static(b"typed\n")).await.expect("stdin");
+    let mut echoed = Vec::new();
+    while !echoed.ends_with(b"\n") {
+        match tokio::time::timeout(PATIENCE, execution.events.recv()).await.expect("in time") {
+            Some(RunEvent::Output { stream: Stream::Stdout, bytes }) => echoed.extend_from_slice(&bytes),
+            other => panic!("the program should still run and answer, got {other:?}"),
+        }
+    }
+    assert_eq!(String::from_utf8_lossy(&echoed), "got typed\n");
+    assert!(started.elapsed() > limits.wall_time);
+    // Nobody can type any more: the wall time limit, long passed, ends the run.
+    let Execution { stdin, mut events } = execution;
+    drop(stdin);
+    let finished = tokio::time::timeout(PATIENCE, events.recv()).await.expect("ends in time");
+    assert_eq!(finished, Some(RunEvent::Finished(Verdict::TimeLimit(TimeLimit::Wall))));
+}
+
 macro_rules! conformance {
     ($($check:ident),* $(,)?) => {
         mod local {
@@ -616,4 +818,29 @@ conformance!(
     a_preview_reaches_a_server_started_by_a_run,
     a_preview_reaches_a_server_started_in_a_terminal,
     a_project_cannot_reach_another_projects_port,
+    the_ownership_walk_never_follows_a_swapped_symlink,
+    a_private_data_directory_works_or_is_reported_at_start,
+    a_run_setting_that_spins_hits_the_cpu_limit,
+    output_arrives_in_the_order_it_was_written,
+    an_open_stdin_holds_off_the_wall_time_limit,
 );
+
+/// The secret checks, each run again in a child process that has the canary in its
+/// environment (see [`with_canary_in_the_environment`]).
+mod canary {
+    #[tokio::test]
+    async fn local() {
+        if super::with_canary_in_the_environment("canary::local").await {
+            super::no_server_secret_is_readable_inside(super::local_sandbox()).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn docker() {
+        if super::with_canary_in_the_environment("canary::docker").await {
+            let sandbox = super::docker_sandbox().await;
+            super::no_server_secret_is_readable_inside(sandbox.clone()).await;
+            sandbox.shutdown().await.expect("the project containers are removed");
+        }
+    }
+}

@@ -11,6 +11,10 @@
 //! id, so a rename only rewrites `path`. Two peers creating the same path at once make two entries;
 //! readers resolve the clash the same way everywhere: the entry with the smallest id keeps the path,
 //! each other one is shown as `<stem> (<first 6 chars of id>)<ext>` in the same folder.
+//!
+//! The web page reads the same tree (`web/src/tree.ts`): its types come from
+//! `web/src/generated/tree-schema.ts`, rendered from the types and constants here by a test, and
+//! both sides check the path and clash rules against `tests/fixtures/clash-rule.json`.
 
 use std::collections::HashMap;
 

@@ -80,8 +80,8 @@ describe('README.md', () => {
     const blocks = runnableBlocks(readFileSync(README, 'utf8'));
     assert.deepEqual(
       blocks.map((b) => b.kind),
-      ['sh', 'node', 'node', 'sh'],
-      'the marked blocks: tokens, y-websocket, Hocuspocus, checkpoints and export',
+      ['sh', 'node', 'node', 'sh', 'sh'],
+      'the marked blocks: tokens, y-websocket, Hocuspocus, metrics, checkpoints and export',
     );
     const { stdout, stderr, code } = await new Promise((resolve) => {
       const child = execFile(
@@ -114,6 +114,9 @@ describe('README.md', () => {
     assert.match(outputs[1], /^main\.py is demo\/[0-9a-f]{16}:\n/, context);
     assert.ok(outputs[1].includes('print(greet("world"))'), context);
     assert.ok(outputs[2].includes("'README.md', 'main.py', 'src/util.js'"), context);
+
+    // Step 6: the metrics, which count the snippets' own connections.
+    assert.match(outputs[3], /^collab_connections_total \d+/m, context);
 
     // Step 7: the checkpoint, its diff and restore answered, and the export is a zip.
     assert.ok(readFileSync(path.join(dir, 'demo.zip')).subarray(0, 2).equals(Buffer.from('PK')));

@@ -43,6 +43,13 @@ pub trait Sandbox: Send + Sync {
     /// output bytes do not (a terminal lives until closed; its output is flow-controlled).
     async fn open_terminal(&self, workspace: &Path, size: TermSize, limits: &Limits) -> Result<Terminal, SandboxError>;
 
+    /// Checks, at the server's start, that workspaces in `dir` can be run in; `Err` says what is
+    /// wrong (e.g. [`SandboxError::Unreachable`]). Every run and terminal fails the same way
+    /// until it is fixed.
+    fn check_reachable(&self, _dir: &Path) -> Result<(), SandboxError> {
+        Ok(())
+    }
+
     /// Gets `workspace`'s sandbox ready ahead of its first run (the warm start): called when
     /// people open a project, so Run does not wait for a container to start. Does nothing where
     /// there is nothing to prepare.
@@ -59,6 +66,35 @@ pub trait Sandbox: Send + Sync {
     /// Connects to `port` on which a program of this workspace's sandbox listens (on any of its
     /// addresses inside the sandbox), for live previews. Reaches nothing outside the sandbox.
     async fn connect_port(&self, workspace: &Path, port: u16) -> Result<Box<dyn PortStream>, SandboxError>;
+}
+
+/// A run's wall time limit as both sandboxes enforce it: [`Limits::interactive_wall_time`] from
+/// the start while its stdin is open (someone may still type into it), [`Limits::wall_time`]
+/// from the start once its stdin is closed.
+pub(crate) struct WallClock {
+    started: tokio::time::Instant,
+    wall: std::time::Duration,
+    interactive: std::time::Duration,
+    /// Cancelled by the run's stdin feeder once the program's stdin is closed.
+    stdin_closed: tokio_util::sync::CancellationToken,
+}
+
+impl WallClock {
+    pub(crate) fn new(limits: &Limits, stdin_closed: tokio_util::sync::CancellationToken) -> WallClock {
+        let interactive = limits.interactive_wall_time.max(limits.wall_time);
+        WallClock { started: tokio::time::Instant::now(), wall: limits.wall_time, interactive, stdin_closed }
+    }
+
+    /// Resolves once the run is past its wall time.
+    pub(crate) async fn expired(&self) {
+        if !self.stdin_closed.is_cancelled() {
+            tokio::select! {
+                () = tokio::time::sleep_until(self.started + self.interactive) => return,
+                () = self.stdin_closed.cancelled() => {}
+            }
+        }
+        tokio::time::sleep_until(self.started + self.wall).await;
+    }
 }
 
 /// What forwarding one chunk of a run's output did.

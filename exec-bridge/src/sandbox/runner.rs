@@ -132,9 +132,14 @@ pub(super) async fn wait_ready(socket: &Path, pid: u32, patience: Duration) -> R
     }
 }
 
-/// Forwards stdin chunks as `I` frames, then `E`; returns (closing the connection's writing
-/// half, which tells the runner to kill the run) once `kill` is cancelled.
-pub(super) async fn feed(mut writer: OwnedWriteHalf, mut stdin: mpsc::Receiver<Bytes>, kill: CancellationToken) {
+/// Forwards stdin chunks as `I` frames, then `E` (and cancels `closed`); returns (closing the
+/// connection's writing half, which tells the runner to kill the run) once `kill` is cancelled.
+pub(super) async fn feed(
+    mut writer: OwnedWriteHalf,
+    mut stdin: mpsc::Receiver<Bytes>,
+    kill: CancellationToken,
+    closed: CancellationToken,
+) {
     let feeding = async {
         while let Some(chunk) = stdin.recv().await {
             for part in chunk.chunks(STDIN_FRAME) {
@@ -145,7 +150,10 @@ pub(super) async fn feed(mut writer: OwnedWriteHalf, mut stdin: mpsc::Receiver<B
         std::io::Result::Ok(())
     };
     tokio::select! {
-        _ = feeding => kill.cancelled().await,
+        _ = feeding => {
+            closed.cancel();
+            kill.cancelled().await;
+        }
         () = kill.cancelled() => {}
     }
     drop(writer);

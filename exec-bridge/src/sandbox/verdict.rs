@@ -49,9 +49,20 @@ pub(crate) fn judge(status: ExitStatus, report: &str, limits: &Limits) -> Verdic
         Some(SIGKILL) if report.cpu >= limits.cpu_time => Verdict::TimeLimit(TimeLimit::Cpu),
         Some(_) if near_memory_limit => Verdict::MemoryLimit,
         Some(signal) => Verdict::Signaled { signal },
+        // A shell (`sh -c` of the project's `run` setting) reports its child's death by signal N
+        // as exit code 128+N; with the CPU time used, SIGXCPU or SIGKILL is the CPU limit.
+        // (`time` rounds the CPU seconds it reports, so a tenth of the limit is allowed for.)
+        None if cpu_killed_child(report.code) && report.cpu >= limits.cpu_time.mul_f64(0.9) => {
+            Verdict::TimeLimit(TimeLimit::Cpu)
+        }
         None if report.code != 0 && near_memory_limit => Verdict::MemoryLimit,
         None => Verdict::Exited { code: report.code },
     }
+}
+
+/// Whether `code` is how a shell reports a child killed by the CPU time limit's signals.
+fn cpu_killed_child(code: i32) -> bool {
+    code == 128 + SIGXCPU || code == 128 + SIGKILL
 }
 
 #[cfg(test)]
@@ -76,6 +87,10 @@ mod tests {
         check("Command exited with non-zero status 1\n1 0.20 0.10 250000\n", Verdict::MemoryLimit);
         check("Command terminated by signal 11\n0 0.20 0.10 250000\n", Verdict::MemoryLimit);
         check("0 0.20 0.10 250000\n", Verdict::Exited { code: 0 });
+        // Through a shell: its child's SIGXCPU (or the SIGKILL after it) as 128+N.
+        check("Command exited with non-zero status 152\n152 5.01 0.00 9000\n", Verdict::TimeLimit(TimeLimit::Cpu));
+        check("Command exited with non-zero status 137\n137 6.00 0.00 9000\n", Verdict::TimeLimit(TimeLimit::Cpu));
+        check("Command exited with non-zero status 152\n152 0.01 0.00 9000\n", Verdict::Exited { code: 152 });
     }
 
     #[test]

@@ -30,7 +30,7 @@ use crate::job::{
 use crate::sandbox::local::WORKSPACE_MOUNT;
 use crate::sandbox::owner::give_workspace;
 use crate::sandbox::verdict::judge;
-use crate::sandbox::{Forwarded, OutputBudget};
+use crate::sandbox::{Forwarded, OutputBudget, WallClock};
 
 impl DockerSandbox {
     pub(super) async fn start_run(
@@ -67,6 +67,8 @@ impl DockerSandbox {
         let (stdin_tx, stdin_rx) = mpsc::channel(STDIN_QUEUE);
         let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
         let (out_tx, out_rx) = mpsc::channel(EVENT_QUEUE);
+        let stdin_closed = CancellationToken::new();
+        let wall = WallClock::new(limits, stdin_closed.clone());
         let via_runner = match project.runner() {
             Some(addr) => match runner::start(&addr, &limited_command(&report_inside, command, limits)).await {
                 Ok(run) => Some(run),
@@ -86,7 +88,7 @@ impl DockerSandbox {
                 tracing::debug!(program = %command.program, container = %project.container, "runner run started");
                 let kill = CancellationToken::new();
                 let (exited_tx, exited_rx) = oneshot::channel();
-                tokio::spawn(runner::feed(run.writer, stdin_rx, kill.clone()));
+                tokio::spawn(runner::feed(run.writer, stdin_rx, kill.clone(), stdin_closed.clone()));
                 tokio::spawn(runner::read(run.reader, out_tx, exited_tx));
                 Ending::Runner { exited: exited_rx, kill }
             }
@@ -96,13 +98,21 @@ impl DockerSandbox {
                     return Err(SandboxError::Vanished);
                 };
                 tracing::debug!(program = %command.program, container = %project.container, "docker run started");
-                tokio::spawn(feed_stdin(input, stdin_rx));
+                tokio::spawn(feed_stdin(input, stdin_rx, stdin_closed.clone()));
                 tokio::spawn(read_output(output, out_tx));
                 Ending::Exec { exec: exec.0 }
             }
         };
-        let run =
-            Supervised { docker: self.docker.clone(), project, ending, report, limits: limits.clone(), oom, turn };
+        let run = Supervised {
+            docker: self.docker.clone(),
+            project,
+            ending,
+            report,
+            limits: limits.clone(),
+            wall,
+            oom,
+            turn,
+        };
         tokio::spawn(supervise(run, out_rx, events_tx));
         Ok(Execution { stdin: stdin_tx, events: events_rx })
     }
@@ -216,7 +226,13 @@ async fn start_runner(docker: &Docker, project: &Project) -> Result<runner::Runn
         .map_err(|err| SandboxError::Spawn(std::io::Error::other(err)))
 }
 
-async fn feed_stdin(mut stdin: std::pin::Pin<Box<dyn AsyncWrite + Send>>, mut chunks: mpsc::Receiver<Bytes>) {
+/// Writes stdin chunks to the exec; cancels `closed` once the program's stdin is closed.
+async fn feed_stdin(
+    mut stdin: std::pin::Pin<Box<dyn AsyncWrite + Send>>,
+    mut chunks: mpsc::Receiver<Bytes>,
+    closed: CancellationToken,
+) {
+    let _closed = closed.drop_guard();
     while let Some(chunk) = chunks.recv().await {
         // A program that stopped reading (or exited) is not an error of the run.
         if stdin.write_all(&chunk).await.is_err() || stdin.flush().await.is_err() {
@@ -262,6 +278,7 @@ struct Supervised {
     ending: Ending,
     report: PathBuf,
     limits: Limits,
+    wall: WallClock,
     oom: OomWatch,
     /// The project's turn, released once every process of the run is dead.
     turn: Turn,
@@ -273,8 +290,6 @@ async fn supervise(
     mut output: mpsc::Receiver<(OutputStream, Bytes)>,
     events: mpsc::Sender<RunEvent>,
 ) {
-    let deadline = tokio::time::sleep(run.limits.wall_time);
-    tokio::pin!(deadline);
     let mut budget = OutputBudget::new(run.limits.output_bytes);
     let killed = loop {
         tokio::select! {
@@ -287,7 +302,7 @@ async fn supervise(
                     Forwarded::NobodyListens => break Some(None),
                 }
             }
-            () = &mut deadline => break Some(Some(Verdict::TimeLimit(TimeLimit::Wall))),
+            () = run.wall.expired() => break Some(Some(Verdict::TimeLimit(TimeLimit::Wall))),
         }
     };
     let verdict = match killed {

@@ -33,9 +33,17 @@
 //!   (user namespace, uid), so the 64 processes are this run's own, and concurrent runs under
 //!   the same id do not share (or exhaust) one budget. (A cgroup `pids.max` would also work
 //!   but needs a writable cgroup tree, which CI containers often lack.)
-//! * **The workspace belongs to the sandbox id.** Running as root, the sandbox `lchown`s the
+//! * **The workspace belongs to the sandbox id.** Running as root, the sandbox re-owns the
 //!   workspace tree to that id before each run, so the program can change the project's files;
-//!   the bridge, being root, still reads and writes them.
+//!   the bridge, being root, still reads and writes them. The walk goes through directory
+//!   handles and never follows a symlink (see `sandbox::owner`), since a program in an open
+//!   terminal can swap a folder for a symlink to the host while it runs. bwrap, running as that
+//!   id, opens the workspace by its path, so every folder above it must let the id search it:
+//!   [`Sandbox::check_reachable`] says at the server's start when one does not (a data
+//!   directory of mode 0700), and so does every run.
+//! * **Nothing of the server's environment.** bwrap is started with an empty environment (its
+//!   own process is the sandbox's init, whose `/proc/1/environ` the program can read); the
+//!   program's variables are only those of `--setenv`.
 //! * **Verdict evidence from GNU `time`.** bwrap reports a child killed by signal N as exit code
 //!   128+N, which a program could also exit with. `time` waits for the program with `wait4` and
 //!   writes to a report file bound from the host: "Command terminated by signal N" when it was
@@ -165,11 +173,38 @@ impl LocalSandbox {
         Ok(LocalSandbox { config, drop_to, live: Arc::default() })
     }
 
+    /// Checks that the sandbox's uid can reach workspaces in `dir`: bwrap runs as that uid and
+    /// opens the workspace by its path, so every folder above it must let the uid search it (a
+    /// data directory of mode 0700 does not). The server calls this at start for its
+    /// workspaces folder; every run and terminal checks its own workspace again.
+    fn check_folders(&self, dir: &Path) -> Result<(), SandboxError> {
+        let Some(id) = self.drop_to else { return Ok(()) };
+        let dir = std::fs::canonicalize(dir)
+            .map_err(|source| SandboxError::Workspace { path: dir.display().to_string(), source })?;
+        for folder in dir.ancestors() {
+            let meta = std::fs::metadata(folder)
+                .map_err(|source| SandboxError::Workspace { path: folder.display().to_string(), source })?;
+            let mode = meta.mode() & 0o7777;
+            let search = match (meta.uid() == id, meta.gid() == id) {
+                (true, _) => mode & 0o100,
+                (false, true) => mode & 0o010,
+                (false, false) => mode & 0o001,
+            };
+            if search == 0 {
+                return Err(SandboxError::Unreachable { path: folder.display().to_string(), mode, id });
+            }
+        }
+        Ok(())
+    }
+
     /// The canonical workspace, given (with `report`, if any) to the sandbox id when the bridge
     /// runs as root.
     async fn prepare(&self, workspace: &Path, report: Option<&Path>) -> Result<PathBuf, SandboxError> {
         let workspace_error = |source| SandboxError::Workspace { path: workspace.display().to_string(), source };
         let workspace = tokio::fs::canonicalize(workspace).await.map_err(workspace_error)?;
+        if let Some(parent) = workspace.parent() {
+            self.check_folders(parent)?;
+        }
         if let Some(id) = self.drop_to {
             let (dir, report) = (workspace.clone(), report.map(Path::to_owned));
             let given = tokio::task::spawn_blocking(move || {
@@ -193,6 +228,10 @@ fn require(path: &Path, what: &'static str) -> Result<(), SandboxError> {
 
 #[async_trait]
 impl Sandbox for LocalSandbox {
+    fn check_reachable(&self, dir: &Path) -> Result<(), SandboxError> {
+        self.check_folders(dir)
+    }
+
     async fn open_terminal(&self, workspace: &Path, size: TermSize, limits: &Limits) -> Result<Terminal, SandboxError> {
         self.open_pty_terminal(workspace, size, limits).await
     }

@@ -1,12 +1,14 @@
 //! A run in the local sandbox: bwrap started with pipes, its output forwarded under the output
 //! limit, its wall time enforced from outside, and its verdict from GNU `time`'s report.
 
+use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use super::LocalSandbox;
 use super::command::Purpose;
@@ -15,8 +17,7 @@ use crate::job::{
     EVENT_QUEUE, Execution, Limits, RunEvent, STDIN_QUEUE, SandboxCommand, SandboxError, Stream, TimeLimit, Verdict,
 };
 use crate::sandbox::verdict::judge;
-use crate::sandbox::{Forwarded, OutputBudget};
-use std::path::Path;
+use crate::sandbox::{Forwarded, OutputBudget, WallClock};
 
 impl LocalSandbox {
     pub(super) async fn start_run(
@@ -32,8 +33,12 @@ impl LocalSandbox {
         let workspace = self.prepare(workspace, Some(report.path())).await?;
         let purpose = Purpose::Run { command, report: report.path() };
         let line = self.command_line(&workspace, &purpose, limits);
+        // Nothing of the server's environment (database URLs, passwords) reaches bwrap, whose
+        // own process is the sandbox's init and readable there as `/proc/1/environ`: the
+        // program's variables are set by `--setenv`.
         let mut child = Command::new(&line[0])
             .args(&line[1..])
+            .env_clear()
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -53,8 +58,10 @@ impl LocalSandbox {
         let (stdin_tx, stdin_rx) = mpsc::channel(STDIN_QUEUE);
         let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
         let (out_tx, out_rx) = mpsc::channel(EVENT_QUEUE);
-        if let Some(stdin) = child.stdin.take() {
-            tokio::spawn(feed_stdin(stdin, stdin_rx));
+        let stdin_closed = CancellationToken::new();
+        match child.stdin.take() {
+            Some(stdin) => drop(tokio::spawn(feed_stdin(stdin, stdin_rx, stdin_closed.clone()))),
+            None => stdin_closed.cancel(),
         }
         if let Some(stdout) = child.stdout.take() {
             tokio::spawn(read_output(stdout, Stream::Stdout, out_tx.clone()));
@@ -62,13 +69,17 @@ impl LocalSandbox {
         if let Some(stderr) = child.stderr.take() {
             tokio::spawn(read_output(stderr, Stream::Stderr, out_tx));
         }
-        let run = Supervised { child, report, limits: limits.clone(), _registration: registration };
+        let wall = WallClock::new(limits, stdin_closed);
+        let run = Supervised { child, report, limits: limits.clone(), wall, _registration: registration };
         tokio::spawn(supervise(run, out_rx, events_tx));
         Ok(Execution { stdin: stdin_tx, events: events_rx })
     }
 }
 
-async fn feed_stdin(mut stdin: ChildStdin, mut chunks: mpsc::Receiver<Bytes>) {
+/// Writes stdin chunks to the program; cancels `closed` once its stdin is closed (nobody sends
+/// any more, or the program stopped reading).
+async fn feed_stdin(mut stdin: ChildStdin, mut chunks: mpsc::Receiver<Bytes>, closed: CancellationToken) {
+    let _closed = closed.drop_guard();
     while let Some(chunk) = chunks.recv().await {
         // A program that stopped reading (or exited) is not an error of the run.
         if stdin.write_all(&chunk).await.is_err() || stdin.flush().await.is_err() {
@@ -95,14 +106,13 @@ struct Supervised {
     child: Child,
     report: tempfile::NamedTempFile,
     limits: Limits,
+    wall: WallClock,
     /// Keeps the run where previews look until it has ended.
     _registration: Registration,
 }
 
 /// Forwards output, enforces the wall-time and output limits, and sends the verdict.
 async fn supervise(mut run: Supervised, mut output: mpsc::Receiver<(Stream, Bytes)>, events: mpsc::Sender<RunEvent>) {
-    let deadline = tokio::time::sleep(run.limits.wall_time);
-    tokio::pin!(deadline);
     let mut budget = OutputBudget::new(run.limits.output_bytes);
     let mut status: Option<ExitStatus> = None;
     let mut output_open = true;
@@ -129,7 +139,7 @@ async fn supervise(mut run: Supervised, mut output: mpsc::Receiver<(Stream, Byte
                     break Some(None);
                 }
             },
-            () = &mut deadline => break Some(Some(Verdict::TimeLimit(TimeLimit::Wall))),
+            () = run.wall.expired() => break Some(Some(Verdict::TimeLimit(TimeLimit::Wall))),
         }
     };
     let verdict = match killed {

@@ -30,6 +30,8 @@ impl LocalSandbox {
         let mut builder = CommandBuilder::new(&line[0]);
         builder.args(&line[1..]);
         builder.cwd("/");
+        // As for a run: none of the server's environment reaches bwrap (see `run`).
+        builder.env_clear();
         let mut child = pty.slave.spawn_command(builder).map_err(pty_error)?;
         // Only the sandbox holds the pty's slave now: when its last process ends, reading the
         // master fails and the output ends.
