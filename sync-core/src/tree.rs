@@ -149,7 +149,9 @@ pub fn entries<T: ReadTxn>(txn: &T) -> Vec<Entry> {
 
 /// `dir/name.ext` shown for a clashing entry with id `id`: `dir/name (abcdef).ext`.
 pub fn disambiguate(path: &str, id: &str) -> String {
-    let tag = &id[..id.len().min(6)];
+    // Six characters, not six bytes: ids are untrusted keys, and a byte cut inside a character
+    // would panic.
+    let tag = id.char_indices().nth(6).map_or(id, |(end, _)| &id[..end]);
     let (dir, name) = match path.rsplit_once('/') {
         Some((d, n)) => (Some(d), n),
         None => (None, path),

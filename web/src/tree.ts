@@ -88,7 +88,7 @@ export function clashDisplayPath(path: string, id: string): string {
   const last = path.slice(slash + 1);
   const dot = last.lastIndexOf('.');
   const [stem, ext] = dot > 0 ? [last.slice(0, dot), last.slice(dot)] : [last, ''];
-  return `${folder}${stem} (${id.slice(0, 6)})${ext}`;
+  return `${folder}${stem} (${Array.from(id).slice(0, 6).join('')})${ext}`;
 }
 
 function compareStrings(a: string, b: string): number {
