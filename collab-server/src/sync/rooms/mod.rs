@@ -15,10 +15,12 @@ mod frames;
 mod persist;
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use doc_store::DocStore;
+use futures_util::FutureExt;
 use sync_core::peering::NodeMsg;
 use sync_core::wire::DocMessage;
 use sync_core::{DocName, PeerId, Role};
@@ -185,8 +187,31 @@ impl Rooms {
         let actor = actor::Actor::new(doc.clone(), self.clone(), leases.clone(), tx.downgrade());
         self.env.metrics.documents_loaded.inc();
         let span = info_span!("room", doc_id = %doc);
-        self.env.tasks.spawn("room", actor.run(rx).instrument(span));
+        let (rooms, inbox) = (self.clone(), tx.downgrade());
+        self.env.tasks.spawn("room", async move {
+            // A room that panics is counted and logged (by `Tasks`), and leaves the registry, so
+            // its peers' connections close (1013) and reconnect to a fresh room that loads what
+            // is saved; their clients resend the rest.
+            let ran = AssertUnwindSafe(actor.run(rx).instrument(span)).catch_unwind().await;
+            if let Err(panic) = ran {
+                rooms.remove_dead(&doc, &inbox);
+                rooms.env.metrics.documents_loaded.dec();
+                std::panic::resume_unwind(panic);
+            }
+        });
         Entry { tx, leases }
+    }
+
+    /// Removes `doc` if its entry is still the room whose inbox is `inbox` (its actor died).
+    fn remove_dead(&self, doc: &DocName, inbox: &mpsc::WeakSender<RoomCmd>) {
+        let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let same = match (map.get(doc), inbox.upgrade()) {
+            (Some(entry), Some(inbox)) => entry.tx.same_channel(&inbox),
+            _ => false,
+        };
+        if same {
+            map.remove(doc);
+        }
     }
 
     /// Removes `doc` from the registry if nobody holds a lease; true if it was removed.
