@@ -48,6 +48,15 @@ fn encode_full(doc: &Doc) -> Vec<u8> {
     doc.transact().encode_state_as_update_v1(&yrs::StateVector::default())
 }
 
+/// Runs `job` (decodes, diffs: CPU work) on the blocking pool.
+async fn off_runtime<R, J>(rooms: &Rooms, job: J) -> Result<R, CheckpointError>
+where
+    J: FnOnce() -> Result<R, CheckpointError> + Send + 'static,
+    R: Send + 'static,
+{
+    rooms.tasks().blocking("checkpoint decode", job).await.map_err(|_| CheckpointError::Corrupt)?
+}
+
 fn decode(bytes: &[u8]) -> Result<Doc, CheckpointError> {
     let doc = Doc::new();
     let update = Update::decode_v1(bytes).map_err(|_| CheckpointError::Corrupt)?;
@@ -82,16 +91,25 @@ pub async fn list(rooms: &Rooms, project: &str) -> Result<Vec<CheckpointInfo>, C
 /// checkpoint saved first (the state before the restore).
 pub async fn restore(rooms: &Rooms, project: &str, id: i64, author: &str) -> Result<i64, CheckpointError> {
     let saved = rooms.store().load_checkpoint(project, id).await?.ok_or(CheckpointError::NotFound)?;
-    let saved: HashMap<String, Vec<u8>> = saved.into_iter().collect();
-    let then_root = decode(saved.get(project).ok_or(CheckpointError::Corrupt)?)?;
+    let owned = project.to_owned();
+    let (then_root, then_files) = off_runtime(rooms, move || {
+        let saved: HashMap<String, Vec<u8>> = saved.into_iter().collect();
+        let then_root = decode(saved.get(&owned).ok_or(CheckpointError::Corrupt)?)?;
+        let mut files = Vec::new();
+        for entry in tree::entries(&then_root.transact()).iter().filter(|e| e.kind == EntryKind::File) {
+            let name = tree::file_doc_name(&owned, &entry.id);
+            if let Some(bytes) = saved.get(&name) {
+                files.push((name, content_of(&decode(bytes)?)));
+            }
+        }
+        Ok((then_root, files))
+    })
+    .await?;
     let before = create(rooms, project, &format!("{AUTO_PREFIX}before restoring checkpoint {id}"), author).await?;
 
     // File contents first, so a file that reappears in the tree already has its text.
     let then_entries = tree::entries(&then_root.transact());
-    for entry in then_entries.iter().filter(|e| e.kind == EntryKind::File) {
-        let name = tree::file_doc_name(project, &entry.id);
-        let Some(bytes) = saved.get(&name) else { continue };
-        let then_text = content_of(&decode(bytes)?);
+    for (name, then_text) in then_files {
         let doc_name = doc_name(&name)?;
         let now = project::snapshot(rooms, &doc_name).await?;
         let sv = now.transact().state_vector();
@@ -134,15 +152,19 @@ pub async fn restore(rooms: &Rooms, project: &str, id: i64, author: &str) -> Res
 /// A unified diff of one file between a checkpoint and now (`/dev/null` where it is absent).
 pub async fn diff(rooms: &Rooms, project: &str, id: i64, path: &str) -> Result<String, CheckpointError> {
     let saved = rooms.store().load_checkpoint(project, id).await?.ok_or(CheckpointError::NotFound)?;
-    let saved: HashMap<String, Vec<u8>> = saved.into_iter().collect();
-    let then_root = decode(saved.get(project).ok_or(CheckpointError::Corrupt)?)?;
-    let then_text = match tree::find_by_path(&then_root.transact(), path) {
-        Some(entry) => match saved.get(&tree::file_doc_name(project, &entry.id)) {
-            Some(bytes) => Some(content_of(&decode(bytes)?)),
-            None => Some(String::new()),
-        },
-        None => None,
-    };
+    let (owned, owned_path) = (project.to_owned(), path.to_owned());
+    let then_text = off_runtime(rooms, move || {
+        let saved: HashMap<String, Vec<u8>> = saved.into_iter().collect();
+        let then_root = decode(saved.get(&owned).ok_or(CheckpointError::Corrupt)?)?;
+        Ok(match tree::find_by_path(&then_root.transact(), &owned_path) {
+            Some(entry) => match saved.get(&tree::file_doc_name(&owned, &entry.id)) {
+                Some(bytes) => Some(content_of(&decode(bytes)?)),
+                None => Some(String::new()),
+            },
+            None => None,
+        })
+    })
+    .await?;
     let now_root = project::snapshot(rooms, &doc_name(project)?).await?;
     let now_text = match tree::find_by_path(&now_root.transact(), path) {
         Some(entry) => {
@@ -159,24 +181,31 @@ pub async fn diff(rooms: &Rooms, project: &str, id: i64, path: &str) -> Result<S
         if now_text.is_some() { format!("b/{path}") } else { "/dev/null".to_owned() },
     );
     let (old, new) = (then_text.unwrap_or_default(), now_text.unwrap_or_default());
-    Ok(similar::TextDiff::from_lines(&old, &new).unified_diff().header(&old_name, &new_name).to_string())
+    off_runtime(rooms, move || {
+        Ok(similar::TextDiff::from_lines(&old, &new).unified_diff().header(&old_name, &new_name).to_string())
+    })
+    .await
 }
 
 /// Every file of a project as it was at a checkpoint, by path.
 pub async fn files_at(rooms: &Rooms, project: &str, id: i64) -> Result<Vec<ArchiveFile>, CheckpointError> {
     let saved = rooms.store().load_checkpoint(project, id).await?.ok_or(CheckpointError::NotFound)?;
-    let saved: HashMap<String, Vec<u8>> = saved.into_iter().collect();
-    let root = decode(saved.get(project).ok_or(CheckpointError::Corrupt)?)?;
-    let entries = tree::entries(&root.transact());
-    let mut files = Vec::new();
-    for entry in entries.into_iter().filter(|e| e.kind == EntryKind::File) {
-        let text = match saved.get(&tree::file_doc_name(project, &entry.id)) {
-            Some(bytes) => content_of(&decode(bytes)?),
-            None => String::new(),
-        };
-        files.push(ArchiveFile { path: entry.path, text });
-    }
-    Ok(files)
+    let project = project.to_owned();
+    off_runtime(rooms, move || {
+        let saved: HashMap<String, Vec<u8>> = saved.into_iter().collect();
+        let root = decode(saved.get(&project).ok_or(CheckpointError::Corrupt)?)?;
+        let entries = tree::entries(&root.transact());
+        let mut files = Vec::new();
+        for entry in entries.into_iter().filter(|e| e.kind == EntryKind::File) {
+            let text = match saved.get(&tree::file_doc_name(&project, &entry.id)) {
+                Some(bytes) => content_of(&decode(bytes)?),
+                None => String::new(),
+            };
+            files.push(ArchiveFile { path: entry.path, text });
+        }
+        Ok(files)
+    })
+    .await
 }
 
 /// Deletes the oldest automatic checkpoints of `project` beyond the newest `keep`.

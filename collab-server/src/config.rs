@@ -55,7 +55,7 @@ pub struct Config {
     /// Where runs and terminals execute: `none` (the exec channel is off), `local`
     /// (bubblewrap on this machine) or `docker` (a container per project).
     #[arg(long, env = "COLLAB_SANDBOX", value_enum, default_value = "none")]
-    pub sandbox: crate::exec::SandboxKind,
+    pub sandbox: SandboxKind,
     /// Folder of the projects' workspaces (the files runs see); default: `workspaces` in the
     /// data directory.
     #[arg(long, env = "COLLAB_WORKSPACES_DIR")]
@@ -144,6 +144,17 @@ pub struct Limits {
     /// Logged updates of a document before they are merged into its snapshot.
     #[arg(long, env = "COLLAB_COMPACT_THRESHOLD", default_value_t = 500)]
     pub compact_threshold: u64,
+}
+
+/// Which sandbox runs a node's programs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SandboxKind {
+    /// No runs or terminals: the exec channel answers 503.
+    None,
+    /// bubblewrap on this machine (the embedded default).
+    Local,
+    /// A Docker container per project.
+    Docker,
 }
 
 #[derive(Debug, Clone, Args)]

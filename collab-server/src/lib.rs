@@ -1,5 +1,26 @@
 //! The collaboration server: y-websocket and Hocuspocus compatible sync over WebSockets, with
 //! documents persisted through `doc-store`. The binary `collab` is a thin shell over [`start`].
+//!
+//! # Layers
+//!
+//! The modules form layers, lowest first. A module uses its own layer and the layers below it,
+//! never one above: a lower layer that must reach up takes a callback or a channel instead (the
+//! bus delivers into any inbox type, rooms know connections only by their sink).
+//! `xtask/tests/tidy.rs` reads this list and checks every `crate::`, `super::` and `self::` path
+//! of every file against it; a new module must be placed in it.
+//!
+//! - layer: `config` `metrics` `close` `archive` `tasks` (shared leaves: flags, metrics, close
+//!   codes, archive codecs, supervised tasks)
+//! - layer: `auth` `demo` (tokens and the access check; the demo seed, straight into the store)
+//! - layer: `sync::sink` `sync::commit` `sync::bus` (a connection's outbound queue, the group
+//!   committer, the cluster bus)
+//! - layer: `sync::rooms` (the registry of loaded documents and their actors)
+//! - layer: `sync::conn` (connections: read and write loops, the two endpoint handlers)
+//! - layer: `project` `checkpoints` (services: whole-project reads and writes, versions)
+//! - layer: `exec` (runs and terminals: the hub, sandbox leases, the bridge peer, exec sockets)
+//! - layer: `edge` (HTTP: the router, access extractors, API handlers, upgrades, previews)
+//!
+//! The crate root (this file) assembles them all in [`start`].
 
 pub mod archive;
 pub mod auth;
@@ -12,37 +33,25 @@ pub mod exec;
 pub mod metrics;
 pub mod project;
 pub mod sync;
+pub mod tasks;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::info;
 
 pub use config::Config;
+pub use edge::AppState;
 
-use crate::auth::Keys;
+use crate::auth::{Authorizer, Keys};
 use crate::metrics::Metrics;
-use crate::sync::rooms::{RoomEnv, Rooms};
+use crate::sync::conn::Connections;
+use crate::sync::rooms::{RoomBus, RoomEnv, Rooms};
 use crate::sync::{bus, commit};
-
-/// Everything a connection needs, shared by all of them.
-#[derive(Debug)]
-pub struct AppState {
-    pub config: Config,
-    pub keys: Keys,
-    pub rooms: Rooms,
-    pub exec: Arc<exec::ExecHub>,
-    pub metrics: Arc<Metrics>,
-    pub shutdown: CancellationToken,
-    pub tracker: TaskTracker,
-    next_peer: AtomicU64,
-}
+use crate::tasks::Tasks;
 
 /// A started server.
 #[derive(Debug)]
@@ -56,8 +65,7 @@ impl Running {
     /// Closes every connection, flushes every document to the store and waits for both.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.app.shutdown.cancel();
-        self.app.tracker.close();
-        self.app.tracker.wait().await;
+        self.app.tasks.wait().await;
         self.serve.await??;
         Ok(())
     }
@@ -86,20 +94,16 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     if config.demo {
         demo::seed(store.as_ref()).await.context("creating the demo project")?;
     }
-    let shutdown = CancellationToken::new();
-    let tracker = TaskTracker::new();
     let metrics = Arc::new(Metrics::new());
-    let committer = commit::Committer::start(
-        store.clone(),
-        metrics.clone(),
-        config.limits.commit_interval,
-        config.limits.commit_batch,
-    );
-    let bus = match &config.redis_url {
-        Some(url) => Some(bus::Bus::start(url, metrics.clone(), shutdown.clone(), &tracker).context("--redis-url")?),
+    let tasks = Tasks::new(metrics.clone());
+    let shutdown = tasks.shutdown().clone();
+    let commit = (config.limits.commit_interval, config.limits.commit_batch);
+    let committer = commit::Committer::start(store.clone(), metrics.clone(), commit, &tasks);
+    let bus: Option<RoomBus> = match &config.redis_url {
+        Some(url) => Some(bus::Bus::start(url, metrics.clone(), &tasks).context("--redis-url")?),
         None => None,
     };
-    let lease = bus.clone().map(|bus| (bus, config.exec_lease));
+    let lease = bus.as_ref().map(|bus| (bus.leases(), config.exec_lease));
     let env = RoomEnv {
         bus,
         committer,
@@ -107,8 +111,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         metrics: metrics.clone(),
         limits: config.limits.clone(),
         shutdown: shutdown.clone(),
-        tracker: tracker.clone(),
+        tasks: tasks.clone(),
     };
+    let rooms = Rooms::new(env);
     let sandbox = open_sandbox(config.sandbox).await?;
     let workspaces = config.workspaces_dir.clone().unwrap_or_else(|| config.data_dir.join("workspaces"));
     if let Some(sandbox) = &sandbox {
@@ -119,37 +124,41 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         sandbox.check_reachable(&workspaces).context("--sandbox: the workspaces folder cannot be used")?;
     }
     let exec = Arc::new(exec::ExecHub::new(
-        sandbox,
-        workspaces,
+        exec::HubConfig { sandbox, workspaces, idle: config.exec_idle, send_timeout: config.exec_send_timeout, lease },
         keys.clone(),
-        (config.exec_idle, config.exec_send_timeout),
-        lease,
-        shutdown.clone(),
+        rooms.clone(),
+        tasks.clone(),
     ));
     let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
+    let auth = Authorizer { keys: keys.clone(), allow_anonymous: config.allow_anonymous };
+    let sync =
+        Arc::new(Connections::new(config.limits.clone(), metrics.clone(), rooms.clone(), auth.clone(), tasks.clone()));
     let app = Arc::new(AppState {
         keys,
-        rooms: Rooms::new(env),
+        auth,
+        rooms,
+        sync,
         exec,
         metrics,
+        tasks: tasks.clone(),
         shutdown: shutdown.clone(),
-        tracker,
-        next_peer: AtomicU64::new(1),
         config,
     });
     app.exec.set_listening(addr);
-    app.exec.set_rooms(app.rooms.clone());
     if app.exec.enabled() {
-        app.tracker.spawn(sweep_exec(app.clone()));
+        tasks.spawn("exec sweep", sweep_exec(app.clone()));
     }
     if !app.config.auto_checkpoint_interval.is_zero() {
-        app.tracker.spawn(auto_checkpoints(app.clone()));
+        tasks.spawn("automatic checkpoints", auto_checkpoints(app.clone()));
     }
     let router = edge::router(app.clone());
     let service = router.into_make_service_with_connect_info::<SocketAddr>();
     let stop = shutdown.clone();
-    let serve = tokio::spawn(async move {
+    let serve_tasks = tasks.clone();
+    // Under the tracker like every task; its result also reaches `Running::shutdown` (a panic
+    // there is a `JoinError`), so it is not wrapped by `Tasks::spawn`.
+    let serve = tasks.tracker().spawn(async move {
         // Small frames go out at once: without TCP_NODELAY, Nagle's algorithm and delayed
         // acknowledgements hold a keystroke back for up to 40 ms.
         let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
@@ -157,21 +166,25 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 tracing::warn!(error = %e, "cannot set TCP_NODELAY");
             }
         });
-        axum::serve(listener, service).with_graceful_shutdown(async move { stop.cancelled().await }).await
+        let served = axum::serve(listener, service).with_graceful_shutdown(async move { stop.cancelled().await }).await;
+        if let Err(e) = &served {
+            serve_tasks.failed("listener", e);
+        }
+        served
     });
     info!(%addr, "listening");
     Ok(Running { addr, app, serve })
 }
 
 /// The sandbox `kind` names; a sandbox that cannot work here is an error at startup.
-async fn open_sandbox(kind: exec::SandboxKind) -> anyhow::Result<Option<Arc<dyn exec_bridge::sandbox::Sandbox>>> {
+async fn open_sandbox(kind: config::SandboxKind) -> anyhow::Result<Option<Arc<dyn exec_bridge::sandbox::Sandbox>>> {
     use exec_bridge::sandbox::{docker, local};
     Ok(match kind {
-        exec::SandboxKind::None => None,
-        exec::SandboxKind::Local => {
+        config::SandboxKind::None => None,
+        config::SandboxKind::Local => {
             Some(Arc::new(local::LocalSandbox::new(local::LocalSandboxConfig::default()).context("--sandbox local")?))
         }
-        exec::SandboxKind::Docker => Some(Arc::new(
+        config::SandboxKind::Docker => Some(Arc::new(
             docker::DockerSandbox::connect(docker::DockerSandboxConfig::default()).await.context("--sandbox docker")?,
         )),
     })

@@ -54,10 +54,11 @@ async fn serve(config: collab_server::Config) -> anyhow::Result<()> {
     let app = running.app.clone();
     // SIGINT (Ctrl-C) or SIGTERM (docker stop, systemd, Kubernetes): flush every document, exit.
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::spawn(async move {
+    running.app.tasks.spawn("signals", async move {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = terminate.recv() => {}
+            _ = app.shutdown.cancelled() => return,
         }
         tracing::info!("shutting down");
         app.shutdown.cancel();

@@ -2,6 +2,7 @@
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
@@ -35,6 +36,8 @@ pub struct Metrics {
     pub bus_malformed: Counter,
     pub bus_repairs: Counter,
     pub bus_refused: Counter,
+    /// Tasks that panicked or returned an error, by task name.
+    pub task_failures: Family<Vec<(String, String)>, Counter>,
 }
 
 impl Default for Metrics {
@@ -73,6 +76,7 @@ impl Metrics {
             bus_malformed: Counter::default(),
             bus_repairs: Counter::default(),
             bus_refused: Counter::default(),
+            task_failures: Family::default(),
             registry: Registry::default(),
         };
         registry.register("connections", "WebSocket connections accepted", m.connections_total.clone());
@@ -89,6 +93,11 @@ impl Metrics {
         registry.register("bus_malformed", "Bus messages that did not decode", m.bus_malformed.clone());
         registry.register("bus_repairs", "State comparisons that changed this node's document", m.bus_repairs.clone());
         registry.register("bus_refused", "Updates from other nodes the document could not take", m.bus_refused.clone());
+        registry.register(
+            "task_failures",
+            "Server tasks that panicked or returned an error, by task",
+            m.task_failures.clone(),
+        );
         registry.register("tasks_alive", "Tokio tasks alive (read when metrics are rendered)", m.tasks_alive.clone());
         registry.register("messages_in", "WebSocket frames received", m.messages_in.clone());
         registry.register("messages_out", "WebSocket frames sent", m.messages_out.clone());

@@ -26,10 +26,14 @@ pub async fn snapshot(rooms: &Rooms, name: &DocName) -> Result<Doc, ProjectError
     let (reply, rx) = oneshot::channel();
     lease.send(RoomCmd::Snapshot { reply }).await.map_err(|_| ProjectError::Unavailable)?;
     let bytes = rx.await.map_err(|_| ProjectError::Unavailable)?;
-    let doc = Doc::new();
-    let update = Update::decode_v1(&bytes).map_err(|_| ProjectError::Unavailable)?;
-    doc.transact_mut().apply_update(update).map_err(|_| ProjectError::Unavailable)?;
-    Ok(doc)
+    // Decoding a big document is CPU work: off the runtime's workers.
+    let decoded = rooms.tasks().blocking("snapshot decode", move || {
+        let doc = Doc::new();
+        let update = Update::decode_v1(&bytes).map_err(|_| ProjectError::Unavailable)?;
+        doc.transact_mut().apply_update(update).map_err(|_| ProjectError::Unavailable)?;
+        Ok(doc)
+    });
+    decoded.await.map_err(|_| ProjectError::Unavailable)?
 }
 
 /// Applies an update as the server's own edit; returns once it is committed to the store.

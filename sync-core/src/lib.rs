@@ -1,4 +1,5 @@
-//! Sans-IO core of the collaboration engine: wire codecs, per-document sync state and the project tree schema.
+//! Sans-IO core of the collaboration engine: wire codecs, per-document sync state, the relay and
+//! confirmation policy, and the project tree schema.
 //!
 //! Nothing in this crate opens a socket, spawns a task or reads a clock: callers hand it bytes and
 //! a `now`, and get back bytes and events. That is what lets the fuzzers and property tests drive it
@@ -6,6 +7,7 @@
 
 pub mod names;
 pub mod peering;
+pub mod relay;
 pub mod room;
 pub mod tree;
 pub mod untrusted;

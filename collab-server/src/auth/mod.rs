@@ -45,6 +45,30 @@ pub enum AuthError {
     OutOfScope,
 }
 
+/// The node's access check: tokens verified with its keys, and an anonymous editor for
+/// token-less requests only when the operator allowed it (`--allow-anonymous`).
+#[derive(Debug, Clone)]
+pub struct Authorizer {
+    pub keys: Keys,
+    pub allow_anonymous: bool,
+}
+
+impl Authorizer {
+    /// Verifies a token for `doc`, falling back to an anonymous editor only when the operator
+    /// allowed it and no token was given at all.
+    pub fn authorize(&self, token: &str, doc: &DocName) -> Result<Identity, AuthError> {
+        match self.keys.authorize(token, doc) {
+            Err(AuthError::Missing) if self.allow_anonymous => Ok(anonymous(doc.project())),
+            other => other,
+        }
+    }
+}
+
+/// The identity used for token-less connections when `--allow-anonymous` is on.
+pub fn anonymous(project: &str) -> Identity {
+    Identity { user: "anonymous".into(), name: "Anonymous".into(), project: project.to_owned(), role: Role::Editor }
+}
+
 #[derive(Clone)]
 pub struct Keys {
     encoding: EncodingKey,

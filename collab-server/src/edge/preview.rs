@@ -21,8 +21,9 @@ use axum::response::{IntoResponse, Redirect, Response};
 use hyper_util::rt::TokioIo;
 use tracing::{debug, warn};
 
-use crate::AppState;
-use crate::edge::AppError;
+use super::AppState;
+use super::access::{ProjectAccess, bearer};
+use super::error::AppError;
 
 const COOKIE: &str = "collab_preview";
 /// The sandbox policy of every preview response: scripts, forms and popups run, but in an
@@ -65,9 +66,7 @@ async fn proxy(
 ) -> Result<Response, AppError> {
     let from_query = params.get("token").cloned();
     let token = from_query.clone().or_else(|| token_from(request.headers())).unwrap_or_default();
-    let mut with_token = params.clone();
-    with_token.insert("token".into(), token.clone());
-    let (_, identity) = crate::edge::project_identity(&app, &project, &with_token, &HeaderMap::new())?;
+    let identity = ProjectAccess::check(&app, &project, &token)?.identity;
     if from_query.is_some() {
         // Move the token from the address to a cookie, and show the address without it.
         let cookie = format!("{COOKIE}={token}; Path=/preview/{project}/; HttpOnly; SameSite=Strict");
@@ -84,9 +83,13 @@ async fn proxy(
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| AppError::BadGateway(format!("the program on port {port} does not speak HTTP: {e}")))?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.with_upgrades().await {
-            debug!(error = %e, "preview connection ended");
+    let shutdown = app.shutdown.clone();
+    app.tasks.spawn("preview connection", async move {
+        tokio::select! {
+            ended = connection.with_upgrades() => if let Err(e) = ended {
+                debug!(error = %e, "preview connection ended");
+            },
+            _ = shutdown.cancelled() => {}
         }
     });
     let upgrade = is_upgrade(request.headers()).then(|| hyper::upgrade::on(&mut request));
@@ -99,13 +102,20 @@ async fn proxy(
         && let Some(client) = upgrade
     {
         let program = hyper::upgrade::on(&mut response);
-        tokio::spawn(async move {
-            match tokio::try_join!(client, program) {
-                Ok((client, program)) => {
-                    let (mut client, mut program) = (TokioIo::new(client), TokioIo::new(program));
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut program).await;
+        let shutdown = app.shutdown.clone();
+        app.tasks.spawn("preview upgrade", async move {
+            let relay = async {
+                match tokio::try_join!(client, program) {
+                    Ok((client, program)) => {
+                        let (mut client, mut program) = (TokioIo::new(client), TokioIo::new(program));
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut program).await;
+                    }
+                    Err(e) => warn!(error = %e, "preview upgrade failed"),
                 }
-                Err(e) => warn!(error = %e, "preview upgrade failed"),
+            };
+            tokio::select! {
+                _ = relay => {}
+                _ = shutdown.cancelled() => {}
             }
         });
     }
@@ -116,7 +126,7 @@ async fn proxy(
 
 /// The token from the preview cookie or a bearer header.
 fn token_from(headers: &HeaderMap) -> Option<String> {
-    if let Some(bearer) = crate::edge::bearer(headers) {
+    if let Some(bearer) = bearer(headers) {
         return Some(bearer.to_owned());
     }
     headers

@@ -7,9 +7,12 @@
 //!
 //! The bus is lossy by design, like Redis pub/sub itself: a message published while Redis is
 //! unreachable, or pushed to a room whose inbox is full, is dropped and counted, never waited for.
-//! Rooms repair what was lost by comparing states (see `rooms.rs`); the bus tells every room when
-//! the connection comes back so they compare at once. Nothing here blocks a room: publishing
-//! queues the message for one task that sends queued messages in pipelines.
+//! Rooms repair what was lost by comparing states (see `rooms/cluster.rs`); the bus tells every
+//! subscriber when the connection comes back so they compare at once. Nothing here blocks a room:
+//! publishing queues the message for one task that sends queued messages in pipelines.
+//!
+//! The bus does not know what a room is: it delivers [`BusEvent`]s into whatever inbox type a
+//! subscriber hands it (anything `From<BusEvent>`), so it sits below the rooms that use it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -22,11 +25,10 @@ use sync_core::DocName;
 use sync_core::peering::{NodeId, NodeMsg};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
-use crate::sync::rooms::RoomCmd;
+use crate::tasks::Tasks;
 
 /// Messages waiting to be published; past this, new ones are dropped (and later repaired).
 const OUTBOX: usize = 1 << 16;
@@ -37,25 +39,39 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Interval of the liveness ping (a silently dead connection is noticed within ~2 intervals).
 const PING_EVERY: Duration = Duration::from_secs(1);
 
-/// A handle on the node's bus connection; cheap to clone.
-#[derive(Clone)]
-pub struct Bus {
-    inner: Arc<Inner>,
+/// What the bus delivers to a subscriber's inbox.
+#[derive(Debug)]
+pub enum BusEvent {
+    /// A message another node published on the subscribed document's channel.
+    Msg(NodeMsg),
+    /// The connection came back (and every route is subscribed again): compare states now.
+    Up,
 }
 
-impl std::fmt::Debug for Bus {
+/// A handle on the node's bus connection, delivering into inboxes of `T`; cheap to clone.
+pub struct Bus<T> {
+    inner: Arc<Inner<T>>,
+}
+
+impl<T> Clone for Bus<T> {
+    fn clone(&self) -> Self {
+        Bus { inner: self.inner.clone() }
+    }
+}
+
+impl<T> std::fmt::Debug for Bus<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Bus").field("node", &self.inner.node).finish_non_exhaustive()
     }
 }
 
-struct Inner {
+struct Inner<T> {
     node: NodeId,
     client: redis::Client,
-    /// The live connection, if any; `None` while Redis is unreachable.
-    live: Mutex<Option<Live>>,
-    /// The room of each subscribed channel.
-    routes: Arc<Mutex<HashMap<Vec<u8>, mpsc::Sender<RoomCmd>>>>,
+    /// The live connection, if any; `None` while Redis is unreachable. Shared with [`Leases`].
+    live: Arc<Mutex<Option<Live>>>,
+    /// The inbox of each subscribed channel.
+    routes: Arc<Mutex<HashMap<Vec<u8>, mpsc::Sender<T>>>>,
     /// Serialises subscribe and unsubscribe commands, so an unloading room's unsubscribe cannot
     /// overtake the subscribe of the same document loading again.
     subscribing: tokio::sync::Mutex<()>,
@@ -100,19 +116,65 @@ end
 return 0
 ";
 
+fn live(live: &Mutex<Option<Live>>) -> Result<Live, BusDown> {
+    live.lock().unwrap_or_else(|e| e.into_inner()).clone().ok_or_else(|| BusDown("not connected".into()))
+}
+
+/// Leases held through the bus connection (one node at a time holds a key), for callers that
+/// need no subscriptions; cheap to clone.
+#[derive(Clone)]
+pub struct Leases {
+    node: NodeId,
+    live: Arc<Mutex<Option<Live>>>,
+}
+
+impl std::fmt::Debug for Leases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Leases").field("node", &self.node).finish_non_exhaustive()
+    }
+}
+
+impl Leases {
+    fn live(&self) -> Result<Live, BusDown> {
+        live(&self.live)
+    }
+
+    /// Holds the lease `key` for this node for `ttl` from now: takes it when nobody holds it,
+    /// renews it when this node does. True when this node holds it after the call.
+    pub async fn hold_lease(&self, key: &str, ttl: Duration) -> Result<bool, BusDown> {
+        let mut live = self.live()?;
+        let held: Result<i64, _> = redis::Script::new(HOLD_LEASE)
+            .key(key)
+            .arg(self.node.to_string())
+            .arg(ttl.as_millis().max(1) as u64)
+            .invoke_async(&mut live.conn)
+            .await;
+        held.map(|h| h == 1).map_err(|e| {
+            live.lost();
+            BusDown(e.to_string())
+        })
+    }
+
+    /// Gives up the lease `key` if this node holds it.
+    pub async fn release_lease(&self, key: &str) -> Result<(), BusDown> {
+        let mut live = self.live()?;
+        let released: Result<i64, _> =
+            redis::Script::new(RELEASE_LEASE).key(key).arg(self.node.to_string()).invoke_async(&mut live.conn).await;
+        released.map(|_| ()).map_err(|e| {
+            live.lost();
+            BusDown(e.to_string())
+        })
+    }
+}
+
 fn channel(doc: &DocName) -> Vec<u8> {
     format!("collab:doc:{doc}").into_bytes()
 }
 
-impl Bus {
+impl<T: From<BusEvent> + Send + 'static> Bus<T> {
     /// Connects to Redis at `url` (retrying in the background if it is down) and starts the tasks
     /// that keep the connection and send published messages.
-    pub fn start(
-        url: &str,
-        metrics: Arc<Metrics>,
-        shutdown: CancellationToken,
-        tracker: &TaskTracker,
-    ) -> anyhow::Result<Bus> {
+    pub fn start(url: &str, metrics: Arc<Metrics>, tasks: &Tasks) -> anyhow::Result<Bus<T>> {
         let info = url.into_connection_info()?;
         let settings = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
         let client = redis::Client::open(info.set_redis_settings(settings))?;
@@ -121,15 +183,16 @@ impl Bus {
             inner: Arc::new(Inner {
                 node: rand::random::<u64>() | 1,
                 client,
-                live: Mutex::new(None),
+                live: Arc::default(),
                 routes: Arc::default(),
                 subscribing: tokio::sync::Mutex::new(()),
                 outbox,
                 metrics,
             }),
         };
-        tracker.spawn(bus.clone().keep_connected(shutdown.clone()));
-        tracker.spawn(bus.clone().publish_queued(queued, shutdown));
+        let shutdown = tasks.shutdown().clone();
+        tasks.spawn("bus connection", bus.clone().keep_connected(shutdown.clone()));
+        tasks.spawn("bus publisher", bus.clone().publish_queued(queued, shutdown));
         Ok(bus)
     }
 
@@ -139,12 +202,17 @@ impl Bus {
     }
 
     fn live(&self) -> Result<Live, BusDown> {
-        self.inner.live.lock().unwrap_or_else(|e| e.into_inner()).clone().ok_or_else(|| BusDown("not connected".into()))
+        live(&self.inner.live)
+    }
+
+    /// The node's leases, over the same connection.
+    pub fn leases(&self) -> Leases {
+        Leases { node: self.inner.node, live: self.inner.live.clone() }
     }
 
     /// Routes `doc`'s channel to `room` and subscribes to it. On error the route stays: the
     /// subscription is made when the connection comes back, and the room hears `BusUp`.
-    pub async fn subscribe(&self, doc: &DocName, room: mpsc::Sender<RoomCmd>) -> Result<(), BusDown> {
+    pub async fn subscribe(&self, doc: &DocName, room: mpsc::Sender<T>) -> Result<(), BusDown> {
         let ch = channel(doc);
         let _order = self.inner.subscribing.lock().await;
         self.inner.routes.lock().unwrap_or_else(|e| e.into_inner()).insert(ch.clone(), room);
@@ -158,7 +226,7 @@ impl Bus {
 
     /// Stops routing `doc`'s channel to `room` and unsubscribes, unless a newer room took the
     /// route over meanwhile.
-    pub async fn unsubscribe(&self, doc: &DocName, room: &mpsc::Sender<RoomCmd>) {
+    pub async fn unsubscribe(&self, doc: &DocName, room: &mpsc::Sender<T>) {
         let ch = channel(doc);
         let _order = self.inner.subscribing.lock().await;
         {
@@ -196,36 +264,6 @@ impl Bus {
         let mut live = self.live()?;
         let result = redis::cmd("SPUBLISH").arg(channel(doc)).arg(msg.encode()).query_async(&mut live.conn).await;
         result.map_err(|e| {
-            live.lost();
-            BusDown(e.to_string())
-        })
-    }
-
-    /// Holds the lease `key` for this node for `ttl` from now: takes it when nobody holds it,
-    /// renews it when this node does. True when this node holds it after the call.
-    pub async fn hold_lease(&self, key: &str, ttl: Duration) -> Result<bool, BusDown> {
-        let mut live = self.live()?;
-        let held: Result<i64, _> = redis::Script::new(HOLD_LEASE)
-            .key(key)
-            .arg(self.inner.node.to_string())
-            .arg(ttl.as_millis().max(1) as u64)
-            .invoke_async(&mut live.conn)
-            .await;
-        held.map(|h| h == 1).map_err(|e| {
-            live.lost();
-            BusDown(e.to_string())
-        })
-    }
-
-    /// Gives up the lease `key` if this node holds it.
-    pub async fn release_lease(&self, key: &str) -> Result<(), BusDown> {
-        let mut live = self.live()?;
-        let released: Result<i64, _> = redis::Script::new(RELEASE_LEASE)
-            .key(key)
-            .arg(self.inner.node.to_string())
-            .invoke_async(&mut live.conn)
-            .await;
-        released.map(|_| ()).map_err(|e| {
             live.lost();
             BusDown(e.to_string())
         })
@@ -278,7 +316,7 @@ impl Bus {
             .set_push_sender(pushes);
         let mut conn = self.inner.client.get_multiplexed_async_connection_with_config(&config).await?;
         let _order = self.inner.subscribing.lock().await;
-        let (channels, rooms): (Vec<Vec<u8>>, Vec<mpsc::Sender<RoomCmd>>) = self
+        let (channels, rooms): (Vec<Vec<u8>>, Vec<mpsc::Sender<T>>) = self
             .inner
             .routes
             .lock()
@@ -293,7 +331,7 @@ impl Bus {
         *self.inner.live.lock().unwrap_or_else(|e| e.into_inner()) = Some(live.clone());
         for room in rooms {
             // A full inbox skips this nudge; the room's periodic comparison covers it.
-            let _ = room.try_send(RoomCmd::BusUp);
+            let _ = room.try_send(T::from(BusEvent::Up));
         }
         Ok(live)
     }
@@ -352,15 +390,15 @@ impl Bus {
 }
 
 /// Hands pushed messages to their rooms from the connection's reader, without waiting.
-struct Dispatch {
+struct Dispatch<T> {
     /// This node: Redis delivers a node's own publications back to it; they stop here.
     node: NodeId,
-    routes: Arc<Mutex<HashMap<Vec<u8>, mpsc::Sender<RoomCmd>>>>,
+    routes: Arc<Mutex<HashMap<Vec<u8>, mpsc::Sender<T>>>>,
     lost: Arc<Notify>,
     metrics: Arc<Metrics>,
 }
 
-impl AsyncPushSender for Dispatch {
+impl<T: From<BusEvent> + Send + 'static> AsyncPushSender for Dispatch<T> {
     fn send(&self, info: PushInfo) -> Result<(), SendError> {
         match info.kind {
             PushKind::Disconnection => self.lost.notify_one(),
@@ -381,7 +419,7 @@ impl AsyncPushSender for Dispatch {
                     return Ok(());
                 }
                 let room = self.routes.lock().unwrap_or_else(|e| e.into_inner()).get(ch).cloned();
-                match room.map(|room| room.try_send(RoomCmd::Bus(msg))) {
+                match room.map(|room| room.try_send(T::from(BusEvent::Msg(msg)))) {
                     Some(Ok(())) => {
                         self.metrics.bus_received.inc();
                     }

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
@@ -13,15 +13,38 @@ use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use sync_core::wire::{self, DocMessage, HocusDocIn, HocusIn, HocusOut, OutMsg};
-use sync_core::{DocName, PeerId, Role};
+use sync_core::{DocName, PeerId};
 use tokio::time::Instant;
 use tracing::{debug, info};
 
-use crate::AppState;
-use crate::auth::{AuthError, Identity};
+use crate::auth::{Authorizer, Identity};
 use crate::close::{self, CloseReason};
-use crate::sync::rooms::{Framing, RoomCmd, RoomLease};
+use crate::config::Limits;
+use crate::metrics::Metrics;
+use crate::sync::rooms::{Framing, RoomCmd, RoomLease, Rooms};
 use crate::sync::sink::{ConnSink, Killer, Outbox};
+use crate::tasks::Tasks;
+
+/// What every connection shares: limits, metrics, the rooms, the access check and the tasks.
+#[derive(Debug)]
+pub struct Connections {
+    pub limits: Limits,
+    pub metrics: Arc<Metrics>,
+    pub rooms: Rooms,
+    pub auth: Authorizer,
+    pub tasks: Tasks,
+    next_peer: AtomicU64,
+}
+
+impl Connections {
+    pub fn new(limits: Limits, metrics: Arc<Metrics>, rooms: Rooms, auth: Authorizer, tasks: Tasks) -> Connections {
+        Connections { limits, metrics, rooms, auth, tasks, next_peer: AtomicU64::new(1) }
+    }
+
+    fn next_peer(&self) -> PeerId {
+        self.next_peer.fetch_add(1, Ordering::Relaxed)
+    }
+}
 
 /// What differs between the two endpoints: how frames are read and which rooms they reach.
 pub trait Handler: Send {
@@ -44,8 +67,7 @@ struct Throttle {
 }
 
 impl Throttle {
-    fn new(app: &AppState) -> Throttle {
-        let l = &app.config.limits;
+    fn new(l: &Limits) -> Throttle {
         let messages = NonZeroU32::new(l.rate_messages).map(|rate| {
             let burst = NonZeroU32::new(l.rate_burst.max(l.rate_messages)).unwrap_or(rate);
             RateLimiter::direct(Quota::per_second(rate).allow_burst(burst))
@@ -78,15 +100,16 @@ impl Throttle {
 }
 
 /// Runs a connection until it closes, then leaves its rooms and closes the socket with a reason.
-pub async fn run<H: Handler>(socket: WebSocket, app: Arc<AppState>, mut handler: H) {
-    let limits = app.config.limits.clone();
+pub async fn run<H: Handler>(socket: WebSocket, app: Arc<Connections>, mut handler: H) {
+    let limits = app.limits.clone();
     let metrics = app.metrics.clone();
     metrics.connections_total.inc();
     metrics.connections_active.inc();
     let (sink, rx, killer) = ConnSink::new(limits.outbound_queue);
     let (ws_tx, mut ws_rx) = socket.split();
-    let writer = tokio::spawn(write_loop(ws_tx, rx, killer.clone(), H::keepalive(), app.clone()));
-    let throttle = Throttle::new(&app);
+    let writer =
+        app.tasks.spawn("connection writer", write_loop(ws_tx, rx, killer.clone(), H::keepalive(), app.clone()));
+    let throttle = Throttle::new(&limits);
     let mut last_seen = Instant::now();
     let mut tick = tokio::time::interval(limits.ping_interval.max(Duration::from_millis(10)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -97,7 +120,7 @@ pub async fn run<H: Handler>(socket: WebSocket, app: Arc<AppState>, mut handler:
     // Futures and the idle timer live across iterations: re-creating them for every frame was
     // a timer-wheel insertion and two waiter registrations per message (seen in callgrind).
     let killed = killer.killed();
-    let shutdown = app.shutdown.cancelled();
+    let shutdown = app.tasks.shutdown().cancelled();
     let idle = tokio::time::sleep_until(last_seen + limits.idle_timeout);
     tokio::pin!(killed, shutdown, idle);
     while !killer.is_killed() {
@@ -179,10 +202,10 @@ async fn write_loop(
     mut rx: Outbox,
     killer: Killer,
     keepalive: Bytes,
-    app: Arc<AppState>,
+    app: Arc<Connections>,
 ) {
     let metrics = app.metrics.clone();
-    let mut ping = tokio::time::interval(app.config.limits.ping_interval);
+    let mut ping = tokio::time::interval(app.limits.ping_interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ping.tick().await;
     let mut quiet = true;
@@ -245,10 +268,6 @@ async fn write_loop(
     let _ = tokio::time::timeout(Duration::from_secs(1), tx.close()).await;
 }
 
-fn next_peer(app: &AppState) -> PeerId {
-    app.next_peer.fetch_add(1, Ordering::Relaxed)
-}
-
 /// The y-websocket endpoint: the socket is bound to one document, authorized at the upgrade.
 pub struct YwsHandler {
     identity: Identity,
@@ -257,9 +276,9 @@ pub struct YwsHandler {
 }
 
 impl YwsHandler {
-    pub fn new(app: &AppState, doc: &DocName, identity: Identity) -> YwsHandler {
+    pub fn new(app: &Connections, doc: &DocName, identity: Identity) -> YwsHandler {
         let lease = app.rooms.lease(doc);
-        let peer = next_peer(app);
+        let peer = app.next_peer();
         YwsHandler { identity, lease, peer }
     }
 }
@@ -310,7 +329,7 @@ struct Bound {
 
 /// The multiplexed endpoint: documents are opened one by one, each with its own token.
 pub struct MuxHandler {
-    app: Arc<AppState>,
+    app: Arc<Connections>,
     bound: HashMap<String, Bound>,
     /// Messages for documents whose token has not arrived yet, in order.
     preauth: HashMap<String, Vec<DocMessage>>,
@@ -321,7 +340,7 @@ pub struct MuxHandler {
 }
 
 impl MuxHandler {
-    pub fn new(app: Arc<AppState>) -> MuxHandler {
+    pub fn new(app: Arc<Connections>) -> MuxHandler {
         MuxHandler {
             app,
             bound: HashMap::new(),
@@ -345,7 +364,7 @@ impl MuxHandler {
                 return Self::reply(sink, &key, HocusOut::PermissionDenied(&format!("invalid document name: {e}")));
             }
         };
-        let identity = match self.app.authorize(token, &doc) {
+        let identity = match self.app.auth.authorize(token, &doc) {
             Ok(identity) => identity,
             Err(e) => {
                 self.app.metrics.auth_failures.inc();
@@ -360,13 +379,13 @@ impl MuxHandler {
         if self.bound.contains_key(&key) {
             return Self::reply(sink, &key, HocusOut::Authenticated { read_write });
         }
-        if self.bound.len() >= self.app.config.limits.max_docs_per_socket {
+        if self.bound.len() >= self.app.limits.max_docs_per_socket {
             return Self::reply(sink, &key, HocusOut::PermissionDenied("too many documents open on one connection"));
         }
         Self::reply(sink, &key, HocusOut::Authenticated { read_write })?;
         self.authenticated_once = true;
         let lease = self.app.rooms.lease(&doc);
-        let peer = next_peer(&self.app);
+        let peer = self.app.next_peer();
         info!(doc_id = %doc, user_id = %identity.user, role = identity.role.as_str(), "peer joined");
         let framing = Framing::Hocus { key: Arc::from(key.as_str()) };
         lease
@@ -399,7 +418,7 @@ impl Handler for MuxHandler {
                 if let Some(b) = self.bound.get(&key) {
                     return b.lease.send(RoomCmd::Msg { peer: b.peer, msg }).await.map_err(|_| room_gone());
                 }
-                let limits = &self.app.config.limits;
+                let limits = &self.app.limits;
                 self.preauth_messages += 1;
                 self.preauth_bytes += data.len();
                 if self.preauth_messages > limits.preauth_messages || self.preauth_bytes > limits.preauth_bytes {
@@ -422,7 +441,7 @@ impl Handler for MuxHandler {
     }
 
     fn tick(&mut self, now: Instant) -> Result<(), CloseReason> {
-        if !self.authenticated_once && now.duration_since(self.opened) >= self.app.config.limits.auth_timeout {
+        if !self.authenticated_once && now.duration_since(self.opened) >= self.app.limits.auth_timeout {
             return Err(CloseReason::new(close::POLICY_VIOLATION, "no document was authenticated in time"));
         }
         Ok(())
@@ -436,21 +455,5 @@ impl Handler for MuxHandler {
 
     fn keepalive() -> Bytes {
         Bytes::from(wire::hocus_ping())
-    }
-}
-
-/// The identity used for token-less connections when `--allow-anonymous` is on.
-pub fn anonymous(project: &str) -> Identity {
-    Identity { user: "anonymous".into(), name: "Anonymous".into(), project: project.to_owned(), role: Role::Editor }
-}
-
-impl AppState {
-    /// Verifies a token for `doc`, falling back to an anonymous editor only when the operator
-    /// allowed it and no token was given at all.
-    pub fn authorize(&self, token: &str, doc: &DocName) -> Result<Identity, AuthError> {
-        match self.keys.authorize(token, doc) {
-            Err(AuthError::Missing) if self.config.allow_anonymous => Ok(anonymous(doc.project())),
-            other => other,
-        }
     }
 }
