@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use collab_client::{DocPeer, MuxConnection};
+use collab_server::Config;
 use collab_test_support::{TestServer, WAIT, until};
 use exec_bridge::mirror::Mirror;
 use exec_bridge::peer::{self, BridgeConfig};
