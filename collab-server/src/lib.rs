@@ -41,6 +41,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
+    /// The preview origin (`--preview-listen`), if previews are on.
+    pub preview: Option<edge::preview::Origin>,
     next_peer: AtomicU64,
 }
 
@@ -128,6 +130,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     ));
     let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
+    let preview = edge::preview::bind(&config).await?;
     let app = Arc::new(AppState {
         keys,
         rooms: Rooms::new(env),
@@ -135,9 +138,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         metrics,
         shutdown: shutdown.clone(),
         tracker,
+        preview: preview.as_ref().map(|(_, origin)| origin.clone()),
         next_peer: AtomicU64::new(1),
         config,
     });
+    if let Some((listener, origin)) = preview {
+        info!(addr = %origin.addr, url = %origin.url, "serving previews");
+        app.tracker.spawn(edge::preview::serve(listener, app.clone()));
+    }
     app.exec.set_listening(addr);
     app.exec.set_rooms(app.rooms.clone());
     if app.exec.enabled() {

@@ -1,6 +1,8 @@
 //! HTTP routes: the two sync endpoints, `/healthz`, `/metrics` and the web front end.
 
+pub mod page_headers;
 pub mod preview;
+pub mod preview_rules;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -103,12 +105,12 @@ pub fn router(app: Arc<AppState>) -> Router {
         .merge(sync)
         .merge(api)
         .route("/exec/{project}", get(exec_upgrade))
-        .route("/preview/{project}/{port}", get(crate::edge::preview::bare))
-        .route("/preview/{project}/{port}/", axum::routing::any(crate::edge::preview::root))
-        .route("/preview/{project}/{port}/{*path}", axum::routing::any(crate::edge::preview::path))
+        .route("/api/config", get(preview::client_config))
+        .route("/preview/{*rest}", axum::routing::any(preview::elsewhere))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .merge(web)
+        .layer(axum::middleware::map_response(page_headers::add))
         .with_state(app)
 }
 
