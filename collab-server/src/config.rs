@@ -83,7 +83,7 @@ pub struct Config {
     pub preview_listen: Option<SocketAddr>,
     /// The preview listener's public URL (`http://localhost:8081`), which the IDE links to. Its
     /// host name should differ from the IDE's (cookies ignore ports); default: `http://` and the
-    /// bound preview address.
+    /// bound preview address, with `localhost` for a loopback one.
     #[arg(long, env = "COLLAB_PREVIEW_URL")]
     pub preview_url: Option<String>,
     #[command(flatten)]

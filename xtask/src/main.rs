@@ -149,6 +149,9 @@ const SERVE_DEFAULTS: &[(&str, Option<&str>)] = &[
     ("--web-dir", Some("web/dist")),
     ("--demo", None),
     ("--sandbox", Some("local")),
+    // Previews from their own origin: another port, and another host name than the IDE's.
+    ("--preview-listen", Some("127.0.0.1:8081")),
+    ("--preview-url", Some("http://localhost:8081")),
 ];
 
 fn main() -> ExitCode {
@@ -345,6 +348,10 @@ mod tests {
                 "--demo",
                 "--sandbox",
                 "local",
+                "--preview-listen",
+                "127.0.0.1:8081",
+                "--preview-url",
+                "http://localhost:8081",
                 "--listen=0.0.0.0:9000",
                 "--data-dir",
                 "/tmp/d",

@@ -43,7 +43,11 @@ pub async fn bind(config: &Config) -> anyhow::Result<Option<(TcpListener, Origin
     let Some(listen) = config.preview_listen else { return Ok(None) };
     let listener = TcpListener::bind(listen).await.with_context(|| format!("binding the preview listener {listen}"))?;
     let addr = listener.local_addr()?;
-    let url = config.preview_url.clone().unwrap_or_else(|| format!("http://{addr}"));
+    // A loopback default is named `localhost`: another host than the IDE's `127.0.0.1`.
+    let default = || {
+        if addr.ip().is_loopback() { format!("http://localhost:{}", addr.port()) } else { format!("http://{addr}") }
+    };
+    let url = config.preview_url.clone().unwrap_or_else(default);
     let url = url.trim_end_matches('/').to_owned();
     if url.contains(&format!("//{}:", config.listen.ip())) {
         warn!(%url, "the preview URL names the IDE's host: a preview's cookies reach the IDE (cookies ignore ports)");
