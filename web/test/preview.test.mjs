@@ -174,11 +174,16 @@ describe('previews from their own origin in Chromium', { timeout: 120_000 }, () 
         ['ide=keep'],
       );
 
-      const preview = await context.newPage();
+      // The IDE's Preview link opens the preview origin in a new tab.
+      await ide.getByTestId('preview').waitFor({ state: 'visible' });
+      const link = `${config.preview_url}/preview/${PROJECT}/8000/?token=${encodeURIComponent(token)}`;
+      assert.equal(await ide.getByTestId('preview-open').getAttribute('href'), link);
+      const opened = context.waitForEvent('page');
+      await ide.getByTestId('preview-open').click();
+      const preview = await opened;
       preview.setDefaultTimeout(15_000);
       preview.on('pageerror', (error) => browser.problems.push(`preview: ${error.message}`));
-      const link = `${config.preview_url}/preview/${PROJECT}/8000/?token=${encodeURIComponent(token)}`;
-      await preview.goto(link);
+      await preview.waitForLoadState('load');
       assert.equal(
         preview.url(),
         `${config.preview_url}/preview/${PROJECT}/8000/`,

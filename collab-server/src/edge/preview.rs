@@ -85,9 +85,19 @@ pub async fn elsewhere(State(app): State<Arc<AppState>>, request: Request) -> Re
     }
 }
 
-/// `GET /api/config`: what the IDE's page needs to know about this server (wire type).
-pub async fn client_config(State(app): State<Arc<AppState>>) -> axum::Json<serde_json::Value> {
-    axum::Json(serde_json::json!({ "preview_url": app.preview.as_ref().map(|o| o.url.clone()) }))
+/// What the IDE's page needs to know about this server: `GET /api/config` (wire type; the
+/// page reads it as `web/src/generated/client-config.ts`).
+#[derive(Debug, serde::Serialize)]
+#[cfg_attr(test, derive(ts_rs::TS))]
+pub struct ClientConfig {
+    /// Where previews are served (`http://host:port`, no trailing slash); `null` when they are
+    /// off. A preview's address is `{preview_url}/preview/{project}/{port}/?token=...`.
+    pub preview_url: Option<String>,
+}
+
+/// `GET /api/config` (no token needed: nothing in it is secret).
+pub async fn client_config(State(app): State<Arc<AppState>>) -> axum::Json<ClientConfig> {
+    axum::Json(ClientConfig { preview_url: app.preview.as_ref().map(|o| o.url.clone()) })
 }
 
 const UNAUTHORIZED: &str = "this preview is for the project's members: open it from the project's page\n";
@@ -241,6 +251,29 @@ fn forwarded_request(request: Request, port: u16, rest: &str, query: &str, token
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The TypeScript the web page reads `/api/config` with is rendered from [`ClientConfig`]; a
+    /// difference means the committed file is stale (`UPDATE_GENERATED=1` rewrites it).
+    #[test]
+    fn generated_typescript_is_current() {
+        use ts_rs::TS;
+        let cfg = ts_rs::Config::new();
+        let mut text = String::from(
+            "// What GET /api/config answers, generated from collab-server/src/edge/preview.rs; do not edit.\n\
+             // Regenerate with: UPDATE_GENERATED=1 cargo test -p collab-server --lib generated_typescript\n\n",
+        );
+        text.push_str(&ClientConfig::docs().unwrap_or_default());
+        text.push_str("export ");
+        text.push_str(&ClientConfig::decl(&cfg));
+        text.push('\n');
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../web/src/generated/client-config.ts");
+        if std::env::var_os("UPDATE_GENERATED").is_some() {
+            std::fs::write(&path, &text).expect("written");
+            return;
+        }
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(committed == text, "{} is stale; regenerate it with UPDATE_GENERATED=1\n{text}", path.display());
+    }
 
     #[test]
     fn the_token_is_never_forwarded() {
