@@ -169,3 +169,16 @@ async fn hostile_preview() {
     }
     server.stop().await;
 }
+
+/// Without `--preview-listen` there are no previews: the IDE's listener says so, and tells its
+/// page there is nowhere to link to.
+#[tokio::test]
+async fn previews_off() {
+    let server = TestServer::start().await;
+    let token = server.token("hp", Role::Editor, "ann");
+    let response = get(server.http_addr(), &format!("/preview/hp/8000/?token={token}"), &[]).await;
+    assert_eq!((response.status, response.text().as_str()), (404, "previews are off on this server\n"));
+    let config = get(server.http_addr(), "/api/config", &[]).await;
+    assert_eq!(config.text(), r#"{"preview_url":null}"#);
+    server.stop().await;
+}

@@ -172,6 +172,7 @@ pub fn filter_response(headers: &mut HeaderMap, prefix: &str) {
         && let Some(path) = location.strip_prefix('/')
         && !path.starts_with('/')
         && !path.starts_with('\\')
+        && !location.starts_with(prefix)
         && let Ok(moved) = HeaderValue::from_str(&format!("{prefix}{path}"))
     {
         headers.insert(header::LOCATION, moved);
@@ -237,6 +238,10 @@ mod tests {
             lines,
             ["content-type: text/html", "location: /preview/p/8000/next?a=1", "set-cookie: x=1; Path=/preview/p/8000/",]
         );
+        let mut already = HeaderMap::new();
+        already.insert(header::LOCATION, HeaderValue::from_static("/preview/p/8000/next"));
+        filter_response(&mut already, "/preview/p/8000/");
+        assert_eq!(already[header::LOCATION], "/preview/p/8000/next");
         let mut elsewhere = HeaderMap::new();
         elsewhere.insert(header::LOCATION, HeaderValue::from_static("//evil.example/"));
         filter_response(&mut elsewhere, "/preview/p/8000/");
