@@ -82,7 +82,9 @@ pub struct Config {
     #[arg(long, env = "COLLAB_PREVIEW_LISTEN")]
     pub preview_listen: Option<SocketAddr>,
     /// The preview listener's public URL (`http://localhost:8081`), which the IDE links to. Its
-    /// host name should differ from the IDE's (cookies ignore ports); default: `http://` and the
+    /// host name should differ from the IDE's (cookies ignore ports); a `{project}` in it
+    /// (`http://{project}.localhost:8081`) gives each project a host, and so an origin, of its
+    /// own, and a request must then come for its project's host. Default: `http://` and the
     /// bound preview address, with `localhost` for a loopback one.
     #[arg(long, env = "COLLAB_PREVIEW_URL")]
     pub preview_url: Option<String>,

@@ -182,3 +182,33 @@ async fn previews_off() {
     assert_eq!(config.text(), r#"{"preview_url":null}"#);
     server.stop().await;
 }
+
+/// With `{project}` in the preview URL every project has a host of its own: a request must come
+/// for its project's host, and the IDE sends each project's previews to its host.
+#[tokio::test]
+async fn a_host_per_project() {
+    let server = TestServer::start_with(|c| {
+        c.preview_listen = Some("127.0.0.1:0".parse().expect("an address"));
+        c.preview_url = Some("http://{project}.localhost:1".into());
+    })
+    .await;
+    let preview = server.app().preview.as_ref().expect("previews are on").addr.to_string();
+    let token = server.token("hp", Role::Editor, "ann");
+    let own = get(&preview, "/preview/hp/8000/", &[("host", "HP.localhost:1")]).await;
+    assert_eq!((own.status, own.text().as_str()), (401, UNAUTHORIZED), "its own host, no token");
+    let moved = get(&preview, &format!("/preview/hp/8000/?token={token}"), &[("host", "hp.localhost:1")]).await;
+    assert_eq!(moved.status, 307, "its own host, a member's token");
+    for host in ["other.localhost:1", "localhost:1", preview.as_str()] {
+        let path = format!("/preview/hp/8000/?token={token}");
+        let elsewhere = get(&preview, &path, &[("host", host)]).await;
+        assert_eq!((elsewhere.status, elsewhere.text().as_str()), (404, "no such preview\n"), "{host}");
+    }
+    let sent = get(server.http_addr(), &format!("/preview/hp/8000/x?token={token}"), &[]).await;
+    assert_eq!(
+        sent.header("location"),
+        Some(format!("http://hp.localhost:1/preview/hp/8000/x?token={token}").as_str())
+    );
+    let config = get(server.http_addr(), "/api/config", &[]).await;
+    assert_eq!(config.text(), r#"{"preview_url":"http://{project}.localhost:1"}"#);
+    server.stop().await;
+}

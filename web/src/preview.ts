@@ -1,14 +1,19 @@
 // The terminal pane's Preview link: what a program in the project serves on a port, opened from the server's preview origin (`GET /api/config` says where), with the token the preview origin turns into its own cookie.
 import type { ClientConfig } from './generated/client-config';
 
-/** The address of `project`'s preview of `port` on `previewUrl`, with the token to log in. */
+/**
+ * The address of `project`'s preview of `port` on `previewUrl` (where `{project}` stands for the
+ * project's name), with the token to log in.
+ */
 export function previewHref(
   previewUrl: string,
   project: string,
   port: number,
   token: string,
 ): string {
-  return `${previewUrl}/preview/${encodeURIComponent(project)}/${String(port)}/?token=${encodeURIComponent(token)}`;
+  const name = encodeURIComponent(project);
+  const origin = previewUrl.replaceAll('{project}', name);
+  return `${origin}/preview/${name}/${String(port)}/?token=${encodeURIComponent(token)}`;
 }
 
 /** Shows the Preview link once the server says where previews are; hidden when they are off. */

@@ -1,11 +1,31 @@
 // End-to-end test of previews in Chromium: a Python site started in the project's sandbox, opened from its own origin, with CSS, JS, an image, a fetch and a WebSocket working, and the IDE origin's cookies untouched.
 import assert from 'node:assert/strict';
+import { createServer } from 'node:net';
 import { gzipSync } from 'node:zlib';
 import { describe, test } from 'node:test';
 import WebSocket from 'ws';
 import { editorTokenFor, useBrowser, useServer, waitFor } from './harness.mjs';
 
-const server = useServer({ sandbox: 'local', args: ['--preview-listen', '127.0.0.1:0'] });
+/** A port that was free a moment ago: the preview URL names it before the server binds it. */
+async function freePort() {
+  const probe = createServer();
+  await new Promise((resolve) => probe.listen(0, '127.0.0.1', resolve));
+  const { port } = probe.address();
+  await new Promise((resolve) => probe.close(resolve));
+  return port;
+}
+
+// Each project gets a host (so an origin) of its own under localhost, as `cargo xtask run` does.
+const PREVIEW_PORT = await freePort();
+const server = useServer({
+  sandbox: 'local',
+  args: [
+    '--preview-listen',
+    `127.0.0.1:${PREVIEW_PORT}`,
+    '--preview-url',
+    `http://{project}.localhost:${PREVIEW_PORT}`,
+  ],
+});
 const browser = useBrowser({ ignoreConsole: [/favicon/] });
 
 const PROJECT = 'ptest';
@@ -159,7 +179,8 @@ describe('previews from their own origin in Chromium', { timeout: 120_000 }, () 
     });
     assert.equal(imported.status, 200, await imported.text());
     const config = await (await fetch(`${server.httpUrl}/api/config`)).json();
-    assert.match(config.preview_url, /^http:\/\/localhost:\d+$/, 'another host than 127.0.0.1');
+    assert.equal(config.preview_url, `http://{project}.localhost:${PREVIEW_PORT}`);
+    const origin = `http://${PROJECT}.localhost:${PREVIEW_PORT}`;
     const site = await startSite(token);
     try {
       const ide = await browser.newPage('ide');
@@ -176,7 +197,7 @@ describe('previews from their own origin in Chromium', { timeout: 120_000 }, () 
 
       // The IDE's Preview link opens the preview origin in a new tab.
       await ide.getByTestId('preview').waitFor({ state: 'visible' });
-      const link = `${config.preview_url}/preview/${PROJECT}/8000/?token=${encodeURIComponent(token)}`;
+      const link = `${origin}/preview/${PROJECT}/8000/?token=${encodeURIComponent(token)}`;
       assert.equal(await ide.getByTestId('preview-open').getAttribute('href'), link);
       const opened = context.waitForEvent('page');
       await ide.getByTestId('preview-open').click();
@@ -184,11 +205,7 @@ describe('previews from their own origin in Chromium', { timeout: 120_000 }, () 
       preview.setDefaultTimeout(15_000);
       preview.on('pageerror', (error) => browser.problems.push(`preview: ${error.message}`));
       await preview.waitForLoadState('load');
-      assert.equal(
-        preview.url(),
-        `${config.preview_url}/preview/${PROJECT}/8000/`,
-        'no token left',
-      );
+      assert.equal(preview.url(), `${origin}/preview/${PROJECT}/8000/`, 'no token left');
       const results = await waitFor(
         () =>
           preview.evaluate(() =>
@@ -217,7 +234,7 @@ describe('previews from their own origin in Chromium', { timeout: 120_000 }, () 
         `the login cookie is HttpOnly: ${page.cookie}`,
       );
 
-      const login = (await context.cookies(`${config.preview_url}/preview/${PROJECT}/8000/`)).find(
+      const login = (await context.cookies(`${origin}/preview/${PROJECT}/8000/`)).find(
         (c) => c.name === 'collab_preview',
       );
       assert.ok(login, 'the preview cookie is set on the preview origin');

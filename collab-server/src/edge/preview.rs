@@ -34,8 +34,27 @@ use crate::{AppState, Config};
 #[derive(Debug, Clone)]
 pub struct Origin {
     pub addr: SocketAddr,
-    /// `http://host:port`, without a trailing slash.
+    /// `http://host:port`, without a trailing slash; a `{project}` in it gives every project a
+    /// host name (and so an origin) of its own.
     pub url: String,
+}
+
+impl Origin {
+    /// The public URL of `project`'s previews.
+    pub fn url_for(&self, project: &str) -> String {
+        self.url.replace("{project}", project)
+    }
+
+    /// The `Host` a request for `project`'s previews must carry, when projects have host names
+    /// of their own (lowercase `host[:port]`).
+    fn host_for(&self, project: &str) -> Option<String> {
+        if !self.url.contains("{project}") {
+            return None;
+        }
+        let url = self.url_for(project);
+        let after_scheme = url.split_once("://").map_or(url.as_str(), |(_, rest)| rest);
+        Some(after_scheme.split('/').next().unwrap_or("").to_ascii_lowercase())
+    }
 }
 
 /// Binds `--preview-listen`, when it is given.
@@ -49,7 +68,7 @@ pub async fn bind(config: &Config) -> anyhow::Result<Option<(TcpListener, Origin
     };
     let url = config.preview_url.clone().unwrap_or_else(default);
     let url = url.trim_end_matches('/').to_owned();
-    if url.contains(&format!("//{}:", config.listen.ip())) {
+    if !url.contains("{project}") && url.contains(&format!("//{}:", config.listen.ip())) {
         warn!(%url, "the preview URL names the IDE's host: a preview's cookies reach the IDE (cookies ignore ports)");
     }
     Ok(Some((listener, Origin { addr, url })))
@@ -78,8 +97,11 @@ pub fn router(app: Arc<AppState>) -> Router {
 pub async fn elsewhere(State(app): State<Arc<AppState>>, request: Request) -> Response {
     match &app.preview {
         Some(origin) => {
+            let Some((project, _, _)) = split_path(request.uri().path()) else {
+                return refusal(StatusCode::NOT_FOUND, NOT_FOUND);
+            };
             let target = request.uri().path_and_query().map_or("/", |p| p.as_str());
-            Redirect::temporary(&format!("{}{target}", origin.url)).into_response()
+            Redirect::temporary(&format!("{}{target}", origin.url_for(project.as_str()))).into_response()
         }
         None => refusal(StatusCode::NOT_FOUND, "previews are off on this server\n"),
     }
@@ -90,8 +112,9 @@ pub async fn elsewhere(State(app): State<Arc<AppState>>, request: Request) -> Re
 #[derive(Debug, serde::Serialize)]
 #[cfg_attr(test, derive(ts_rs::TS))]
 pub struct ClientConfig {
-    /// Where previews are served (`http://host:port`, no trailing slash); `null` when they are
-    /// off. A preview's address is `{preview_url}/preview/{project}/{port}/?token=...`.
+    /// Where previews are served (`http://host:port`, no trailing slash; a `{project}` in it
+    /// stands for the project's name); `null` when they are off. A preview's address is
+    /// `{preview_url}/preview/{project}/{port}/?token=...`.
     pub preview_url: Option<String>,
 }
 
@@ -142,6 +165,14 @@ async fn proxy(State(app): State<Arc<AppState>>, mut request: Request) -> Respon
     let Some((project, port, Some(rest))) = split_path(request.uri().path()) else {
         return refusal(StatusCode::NOT_FOUND, NOT_FOUND);
     };
+    let wanted = app.preview.as_ref().and_then(|origin| origin.host_for(project.as_str()));
+    if let Some(wanted) = wanted {
+        // Each project has a host of its own: another project's host is not its origin.
+        let host = request.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_ascii_lowercase);
+        if host.as_deref() != Some(wanted.as_str()) {
+            return refusal(StatusCode::NOT_FOUND, NOT_FOUND);
+        }
+    }
     let rest = rest.to_owned();
     let query = request.uri().query().unwrap_or("").to_owned();
     let from_query = rules::query_tokens(&query);

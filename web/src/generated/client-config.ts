@@ -7,7 +7,8 @@
  */
 export type ClientConfig = { 
 /**
- * Where previews are served (`http://host:port`, no trailing slash); `null` when they are
- * off. A preview's address is `{preview_url}/preview/{project}/{port}/?token=...`.
+ * Where previews are served (`http://host:port`, no trailing slash; a `{project}` in it
+ * stands for the project's name); `null` when they are off. A preview's address is
+ * `{preview_url}/preview/{project}/{port}/?token=...`.
  */
 preview_url: string | null, };
