@@ -27,7 +27,12 @@ export default tseslint.config(
   },
   {
     // Callbacks passed to page.evaluate() run in the browser.
-    files: ['test/browser.test.mjs', 'test/exec.test.mjs', 'test/exec-ui.test.mjs'],
+    files: [
+      'test/browser.test.mjs',
+      'test/exec.test.mjs',
+      'test/exec-ui.test.mjs',
+      'test/preview.test.mjs',
+    ],
     languageOptions: { globals: { ...globals.node, ...globals.browser } },
   },
 );

@@ -76,6 +76,18 @@ pub struct Config {
     /// a node dies, another takes the project's runs and terminals over this much later.
     #[arg(long, env = "COLLAB_EXEC_LEASE", value_parser = parse_secs, default_value = "10")]
     pub exec_lease: Duration,
+    /// Address of the preview listener, which serves only `/preview/{project}/{port}/...` (the
+    /// programs running in projects' sandboxes) from an origin of its own; port 0 picks a free
+    /// port. Without it there are no previews.
+    #[arg(long, env = "COLLAB_PREVIEW_LISTEN")]
+    pub preview_listen: Option<SocketAddr>,
+    /// The preview listener's public URL (`http://localhost:8081`), which the IDE links to. Its
+    /// host name should differ from the IDE's (cookies ignore ports); a `{project}` in it
+    /// (`http://{project}.localhost:8081`) gives each project a host, and so an origin, of its
+    /// own, and a request must then come for its project's host. Default: `http://` and the
+    /// bound preview address, with `localhost` for a loopback one.
+    #[arg(long, env = "COLLAB_PREVIEW_URL")]
+    pub preview_url: Option<String>,
     #[command(flatten)]
     pub limits: Limits,
 }

@@ -134,6 +134,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let auth = Authorizer { keys: keys.clone(), allow_anonymous: config.allow_anonymous };
     let sync =
         Arc::new(Connections::new(config.limits.clone(), metrics.clone(), rooms.clone(), auth.clone(), tasks.clone()));
+    let preview = edge::preview::bind(&config).await?;
     let app = Arc::new(AppState {
         keys,
         auth,
@@ -143,8 +144,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         metrics,
         tasks: tasks.clone(),
         shutdown: shutdown.clone(),
+        preview: preview.as_ref().map(|(_, origin)| origin.clone()),
         config,
     });
+    if let Some((listener, origin)) = preview {
+        info!(addr = %origin.addr, url = %origin.url, "serving previews");
+        tasks.spawn("preview listener", edge::preview::serve(listener, app.clone()));
+    }
     app.exec.set_listening(addr);
     if app.exec.enabled() {
         tasks.spawn("exec sweep", sweep_exec(app.clone()));

@@ -35,6 +35,9 @@ async fn serve(config: collab_server::Config) -> anyhow::Result<()> {
     let base = format!("http://{}", running.addr);
     let mut out = std::io::stdout().lock();
     writeln!(out, "collab listening on {base}")?;
+    if let Some(preview) = &running.app.preview {
+        writeln!(out, "previews on {}", preview.url)?;
+    }
     if demo {
         let keys = Keys::load_or_create(&data_dir)?;
         writeln!(out, "Open the demo project as two people, each in their own tab:")?;

@@ -91,7 +91,11 @@ impl Request {
             let _ = connection.await;
         });
         let method = hyper::Method::from_bytes(self.method.as_bytes()).map_err(io::Error::other)?;
-        let mut request = hyper::Request::builder().method(method).uri(&self.path).header(header::HOST, addr);
+        let mut request = hyper::Request::builder().method(method).uri(&self.path);
+        // `Host` is `addr` unless the request names another.
+        if !self.headers.iter().any(|(name, _)| name.eq_ignore_ascii_case(header::HOST.as_str())) {
+            request = request.header(header::HOST, addr);
+        }
         for (name, value) in &self.headers {
             request = request.header(name.as_str(), value.as_str());
         }

@@ -3,6 +3,7 @@ import type { Claims } from './token';
 import { RunConsole } from './console';
 import { ExecChannel, type ClientMsg, type ExecState, type ServerMsg } from './exec';
 import { SharedTerminal } from './terminal';
+import { mountPreviewLink } from './preview';
 
 /** How long a refusal from the server (say, "a run is already going") stays on screen. */
 const ERROR_SHOWN_MS = 8_000;
@@ -124,6 +125,14 @@ export function mountExecPanel(project: string, token: string, claims: Claims): 
   });
 
   mountSplitter(byTestId('panel-splitter', HTMLElement), byTestId('exec-panel', HTMLElement));
+  const preview = {
+    box: byTestId('preview', HTMLElement),
+    port: byTestId('preview-port', HTMLInputElement),
+    open: byTestId('preview-open', HTMLAnchorElement),
+  };
+  mountPreviewLink(preview, project, token).catch((error: unknown) => {
+    console.warn('cannot tell where previews are served', error);
+  });
   return { console: runConsole, terminal, channel, errors };
 }
 

@@ -149,6 +149,9 @@ const SERVE_DEFAULTS: &[(&str, Option<&str>)] = &[
     ("--web-dir", Some("web/dist")),
     ("--demo", None),
     ("--sandbox", Some("local")),
+    // Previews from origins of their own: another port, and a host name per project.
+    ("--preview-listen", Some("127.0.0.1:8081")),
+    ("--preview-url", Some("http://{project}.localhost:8081")),
 ];
 
 fn main() -> ExitCode {
@@ -345,6 +348,10 @@ mod tests {
                 "--demo",
                 "--sandbox",
                 "local",
+                "--preview-listen",
+                "127.0.0.1:8081",
+                "--preview-url",
+                "http://{project}.localhost:8081",
                 "--listen=0.0.0.0:9000",
                 "--data-dir",
                 "/tmp/d",

@@ -47,7 +47,7 @@ pub fn request_token(parts: &Parts) -> Result<String, AppError> {
 impl ProjectAccess {
     /// Verifies `token` for `project`'s root document.
     pub fn check(app: &AppState, project: &str, token: &str) -> Result<ProjectAccess, AppError> {
-        let root = DocName::parse(project).map_err(|e| AppError::BadRequest(format!("invalid project: {e}")))?;
+        let root = DocName::parse(project).map_err(|_| AppError::BadRequest("invalid project name".into()))?;
         let identity = app.auth.authorize(token, &root).map_err(|e| {
             app.metrics.auth_failures.inc();
             AppError::Unauthorized(e)

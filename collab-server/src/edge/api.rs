@@ -48,7 +48,7 @@ pub async fn export(
             let bytes = app.tasks.blocking("export", move || archive::write_zip(&files)).await;
             (bytes.map_err(|_| AppError::Export)?.map_err(|_| AppError::Export)?, "application/zip")
         }
-        other => return Err(AppError::BadRequest(format!("unknown format {other:?}: use tar.gz or zip"))),
+        _ => return Err(AppError::BadRequest("unknown format: use tar.gz or zip".into())),
     };
     let disposition = format!("attachment; filename=\"{project}.{format}\"");
     Ok(([(header::CONTENT_TYPE, content_type.to_owned()), (header::CONTENT_DISPOSITION, disposition)], bytes)
@@ -113,7 +113,7 @@ pub async fn create_checkpoint(
         // Automatic checkpoints on request, e.g. by the AI peer before each turn; retention applies.
         let name = match reason.as_str() {
             "before-ai-turn" => format!("{}before AI turn", checkpoints::AUTO_PREFIX),
-            other => return Err(AppError::BadRequest(format!("unknown automatic checkpoint {other:?}"))),
+            _ => return Err(AppError::BadRequest("unknown automatic checkpoint kind".into())),
         };
         let id = checkpoints::create(&app.rooms, root.as_str(), &name, &identity.name).await?;
         checkpoints::prune_automatic(&app.rooms, root.as_str(), app.config.auto_checkpoints_kept).await?;

@@ -5,7 +5,9 @@
 pub mod access;
 pub mod api;
 pub mod error;
+pub mod page_headers;
 pub mod preview;
+pub mod preview_rules;
 pub mod upgrade;
 
 use std::sync::Arc;
@@ -43,6 +45,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub tasks: Tasks,
     pub shutdown: CancellationToken,
+    /// The preview origin (`--preview-listen`), if previews are on.
+    pub preview: Option<preview::Origin>,
 }
 
 pub fn router(app: Arc<AppState>) -> Router {
@@ -81,12 +85,12 @@ pub fn router(app: Arc<AppState>) -> Router {
         .merge(sync)
         .merge(api)
         .route("/exec/{project}", get(upgrade::exec_upgrade))
-        .route("/preview/{project}/{port}", get(preview::bare))
-        .route("/preview/{project}/{port}/", axum::routing::any(preview::root))
-        .route("/preview/{project}/{port}/{*path}", axum::routing::any(preview::path))
+        .route("/api/config", get(preview::client_config))
+        .route("/preview/{*rest}", axum::routing::any(preview::elsewhere))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .merge(web)
+        .layer(axum::middleware::map_response(page_headers::add))
         .with_state(app)
 }
 

@@ -49,7 +49,7 @@ pub async fn yws_upgrade(
     Token(token): Token,
     ws: WebSocketUpgrade,
 ) -> Result<Response, AppError> {
-    let doc = DocName::parse(&doc).map_err(|e| AppError::BadRequest(format!("invalid document name: {e}")))?;
+    let doc = DocName::parse(&doc).map_err(|_| AppError::BadRequest("invalid document name".into()))?;
     let identity = app.auth.authorize(&token, &doc).map_err(|e| {
         app.metrics.auth_failures.inc();
         info!(doc_id = %doc, reason = %e, "token refused at upgrade");
