@@ -11,7 +11,7 @@
 //! Scans and writes touch the disk, so they run on tokio's blocking pool (`spawn_blocking`),
 //! never on a runtime worker: the mirror's state goes to the blocking thread and comes back.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -188,6 +188,7 @@ pub async fn run_serving(
     write_out(mirror, &ws, root.doc(), &files).await;
     info!(project = config.project, workspace = %config.workspace.display(), "bridge mirroring");
     let mut scan_every = tokio::time::interval(config.scan_every);
+    let mut refused: HashSet<String> = HashSet::new();
     scan_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let deadline = debounce.deadline().map(Instant::from_std);
@@ -239,9 +240,13 @@ pub async fn run_serving(
                 match scanned {
                     Ok(found) => {
                         let report = mirror.files_to_docs(&found, root.doc(), &mut files);
-                        if !report.refused.is_empty() {
-                            warn!(refused = ?report.refused, "workspace files not mirrored");
+                        // Said once per refusal, not on every scan while it lasts.
+                        let now_refused: HashSet<String> = report.refused.iter().map(ToString::to_string).collect();
+                        let fresh: Vec<&String> = now_refused.difference(&refused).collect();
+                        if !fresh.is_empty() {
+                            warn!(refused = ?fresh, "workspace files not mirrored");
                         }
+                        refused = now_refused;
                         // A merge that kept other people's typing leaves the document ahead of
                         // the file: write it back (the mirror's own edits mark nothing).
                         let now = std::time::Instant::now();
