@@ -114,6 +114,19 @@ pub(crate) async fn over_disk_limit(root: std::path::PathBuf, limit: u64) {
     }
 }
 
+/// Resolves once the workspace at `root` grows past `limit`, or past what it takes now if that
+/// is more: for a terminal, which must open on a workspace already over its limit (it is how
+/// people clean one up) but may not make it any bigger.
+pub(crate) async fn grows_past_disk_limit(root: std::path::PathBuf, limit: u64) {
+    let dir = root.clone();
+    let now = tokio::task::spawn_blocking(move || owner::disk_usage(&dir)).await;
+    let bound = match now {
+        Ok(Ok(used)) => used.max(limit),
+        _ => limit,
+    };
+    over_disk_limit(root, bound).await;
+}
+
 /// What forwarding one chunk of a run's output did.
 pub(crate) enum Forwarded {
     Sent,
