@@ -34,7 +34,14 @@ pub struct Limits {
     pub output_bytes: u64,
     /// Largest file a process may write; default 16 MiB. Enforced by `RLIMIT_FSIZE`.
     pub file_size_bytes: u64,
+    /// Bytes the whole workspace may take on disk while the run goes; default 128 MiB. The
+    /// bridge measures it every [`DISK_CHECK`] and kills the run past it, so a run can write at
+    /// most one interval's worth beyond (many files each under `file_size_bytes` add up).
+    pub workspace_bytes: u64,
 }
+
+/// How often a run's workspace is measured against [`Limits::workspace_bytes`].
+pub const DISK_CHECK: Duration = Duration::from_millis(100);
 
 impl Default for Limits {
     fn default() -> Self {
@@ -46,6 +53,7 @@ impl Default for Limits {
             processes: 64,
             output_bytes: 1 << 20,
             file_size_bytes: 16 << 20,
+            workspace_bytes: 128 << 20,
         }
     }
 }
@@ -83,6 +91,8 @@ pub enum Verdict {
     MemoryLimit,
     /// The program wrote more than its output limit and was killed.
     OutputLimit,
+    /// The workspace grew past its size limit while the program ran, and it was killed.
+    DiskLimit,
     /// The compile step did not succeed; the program never ran. Holds the compiler's verdict.
     CompileError(Box<Verdict>),
 }

@@ -26,6 +26,10 @@ use crate::workspace::{FileState, Scan, Workspace, WorkspaceError};
 
 /// Origin of every transaction the mirror makes, so a driver can tell its own edits apart.
 pub const MIRROR_ORIGIN: &str = "exec-bridge-mirror";
+/// Most files a project's tree holds before the mirror stops adding files that programs create
+/// (as many as an archive import takes): a program writing thousands of files does not flood
+/// the project, and what it is refused is said, not dropped silently.
+pub const MAX_FILES: usize = 1000;
 /// Longest time spent on finding a minimal diff; past it the diff is still correct, just coarser.
 const DIFF_TIMEOUT: Duration = Duration::from_millis(500);
 
@@ -56,6 +60,8 @@ pub enum MirrorError {
     Workspace(#[from] WorkspaceError),
     #[error(transparent)]
     Tree(#[from] TreeError),
+    #[error("{path}: not added to the project, which has {limit} files already (the most it takes from programs)")]
+    TooManyFiles { path: SafePath, limit: usize },
 }
 
 /// What one docs -> files pass did.
@@ -90,15 +96,28 @@ struct Synced {
 
 /// The mirror's memory of what both sides last agreed on. Start with
 /// [`Mirror::docs_to_files`]: the documents are the source of truth for a fresh workspace.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Mirror {
     synced: BTreeMap<String, Synced>,
     dirs: BTreeSet<SafePath>,
+    /// Files in the tree past which files new on disk are refused ([`MAX_FILES`]).
+    max_files: usize,
+}
+
+impl Default for Mirror {
+    fn default() -> Mirror {
+        Mirror { synced: BTreeMap::new(), dirs: BTreeSet::new(), max_files: MAX_FILES }
+    }
 }
 
 impl Mirror {
     pub fn new() -> Mirror {
         Mirror::default()
+    }
+
+    /// A mirror that adds files new on disk only while the tree holds fewer than `max_files`.
+    pub fn with_max_files(max_files: usize) -> Mirror {
+        Mirror { max_files, ..Mirror::default() }
     }
 
     /// The path and text last synced for file `id`.
@@ -216,6 +235,7 @@ impl Mirror {
                 Some(_) => {}
             }
         }
+        let mut files_in_tree = tree::entries(&root.transact()).iter().filter(|e| e.kind == EntryKind::File).count();
         for (path, state) in scan {
             let FileState::Text(text) = state else { continue };
             if tracked.contains(path) {
@@ -228,6 +248,11 @@ impl Mirror {
                 if tree::find_by_path(&txn, path.as_str()).is_some() {
                     continue;
                 }
+                if files_in_tree >= self.max_files {
+                    report.refused.push(MirrorError::TooManyFiles { path: path.clone(), limit: self.max_files });
+                    continue;
+                }
+                files_in_tree += 1;
                 tree::create(&mut txn, path.as_str(), EntryKind::File)
             };
             match created {
@@ -455,6 +480,27 @@ mod tests {
             apply_edits(&text, &mut doc.transact_mut(), current, &edits, kind);
             assert_eq!(text.get_string(&doc.transact()), expected, "{kind:?}");
         }
+    }
+
+    #[test]
+    fn files_past_the_limit_are_refused_with_a_reason() {
+        let root = Doc::new();
+        tree::init(&mut root.transact_mut());
+        let mut docs: HashMap<String, Doc> = HashMap::new();
+        let mut mirror = Mirror::with_max_files(3);
+        let scan: Scan = (0..5)
+            .map(|i| (SafePath::new(&format!("out/{i}.txt")).unwrap(), FileState::Text(format!("{i}\n"))))
+            .collect();
+        let report = mirror.files_to_docs(&scan, &root, &mut docs);
+        assert_eq!(report.created.len(), 3);
+        assert_eq!(tree::entries(&root.transact()).len(), 3);
+        let refused: Vec<String> = report.refused.iter().map(ToString::to_string).collect();
+        assert_eq!(refused.len(), 2, "{refused:?}");
+        assert!(refused.iter().all(|r| r.contains("has 3 files already")), "{refused:?}");
+        // Once files are deleted on disk, room is made again.
+        let fewer: Scan = scan.iter().skip(2).map(|(p, s)| (p.clone(), s.clone())).collect();
+        let report = mirror.files_to_docs(&fewer, &root, &mut docs);
+        assert_eq!((report.deleted.len(), report.created.len(), report.refused.len()), (2, 2, 0));
     }
 
     #[test]

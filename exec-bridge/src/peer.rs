@@ -4,14 +4,16 @@
 //! Documents to files: every update to a document (other than the mirror's own) marks it; a
 //! [`Debounce`] writes marked documents once they are quiet for `quiet` (or at most `max_delay`
 //! after the first mark), so a burst of keystrokes is one write and a single keystroke reaches the
-//! disk within milliseconds. Files to documents: the workspace is scanned every `scan_every`
-//! (a polling scan: simple and correct for the project sizes of a classroom; an inotify watcher
-//! is the next step for large trees), and what changed becomes minimal CRDT edits.
+//! disk within milliseconds. Files to documents: an inotify watcher (the `notify` crate, not
+//! following symlinks) wakes the mirror when anything in the workspace changes, which then
+//! scans it (at most once per [`SCAN_GAP`]); a full scan every `scan_every` (1 s) is the safety
+//! net for what inotify misses (a full event queue, a watch limit reached, a folder created and
+//! filled before its watch was added). What changed becomes minimal CRDT edits.
 //!
 //! Scans and writes touch the disk, so they run on tokio's blocking pool (`spawn_blocking`),
 //! never on a runtime worker: the mirror's state goes to the blocking thread and comes back.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -46,7 +48,7 @@ pub struct BridgeConfig {
 
 impl BridgeConfig {
     /// Defaults: writes 5 ms after the last keystroke (at most 50 ms after the first), a scan
-    /// every 100 ms.
+    /// whenever the workspace changes and every second.
     pub fn new(server: &str, project: &str, token: &str, workspace: PathBuf) -> BridgeConfig {
         BridgeConfig {
             server: server.to_owned(),
@@ -57,7 +59,7 @@ impl BridgeConfig {
             workspace_config: WorkspaceConfig::default(),
             quiet: Duration::from_millis(5),
             max_delay: Duration::from_millis(50),
-            scan_every: Duration::from_millis(100),
+            scan_every: Duration::from_secs(1),
         }
     }
 }
@@ -71,6 +73,9 @@ pub enum BridgeError {
     #[error("the connection to the server closed")]
     Disconnected,
 }
+
+/// Shortest time between two scans, however often the workspace changes.
+pub const SCAN_GAP: Duration = Duration::from_millis(10);
 
 /// Key of the root document in the debounce set (file ids are 16 hex characters).
 const ROOT: &str = "";
@@ -187,7 +192,11 @@ pub async fn run_serving(
     open_files(&mux, &config, root.doc(), &mut files, &marks).await?;
     write_out(mirror, &ws, root.doc(), &files).await;
     info!(project = config.project, workspace = %config.workspace.display(), "bridge mirroring");
+    let changed = Arc::new(Notify::new());
+    let _watcher = watch_workspace(&config.workspace, &changed);
+    let mut last_scan = Instant::now();
     let mut scan_every = tokio::time::interval(config.scan_every);
+    let mut refused: HashSet<String> = HashSet::new();
     scan_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let deadline = debounce.deadline().map(Instant::from_std);
@@ -226,7 +235,9 @@ pub async fn run_serving(
                 }
                 write_out(mirror, &ws, root.doc(), &files).await;
             }
-            _ = scan_every.tick() => {
+            () = next_scan(&changed, &mut scan_every) => {
+                tokio::time::sleep_until(last_scan + SCAN_GAP).await;
+                last_scan = Instant::now();
                 if !root.status().connected {
                     return Err(BridgeError::Disconnected);
                 }
@@ -239,9 +250,13 @@ pub async fn run_serving(
                 match scanned {
                     Ok(found) => {
                         let report = mirror.files_to_docs(&found, root.doc(), &mut files);
-                        if !report.refused.is_empty() {
-                            warn!(refused = ?report.refused, "workspace files not mirrored");
+                        // Said once per refusal, not on every scan while it lasts.
+                        let now_refused: HashSet<String> = report.refused.iter().map(ToString::to_string).collect();
+                        let fresh: Vec<&String> = now_refused.difference(&refused).collect();
+                        if !fresh.is_empty() {
+                            warn!(refused = ?fresh, "workspace files not mirrored");
                         }
+                        refused = now_refused;
                         // A merge that kept other people's typing leaves the document ahead of
                         // the file: write it back (the mirror's own edits mark nothing).
                         let now = std::time::Instant::now();
@@ -286,6 +301,32 @@ async fn catch_up(
             warn!(doc = name, "a run starts before the bridge received every edit made before it");
             return Ok(());
         }
+    }
+}
+
+/// Watches the workspace for changes (recursively, not following symlinks), waking `changed`
+/// on every event; `None` (and the periodic scan alone) when inotify refuses.
+fn watch_workspace(workspace: &std::path::Path, changed: &Arc<Notify>) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let wake = Arc::clone(changed);
+    let handler = move |_: notify::Result<notify::Event>| wake.notify_one();
+    let config = notify::Config::default().with_follow_symlinks(false);
+    let watched = notify::RecommendedWatcher::new(handler, config)
+        .and_then(|mut watcher| watcher.watch(workspace, notify::RecursiveMode::Recursive).map(|()| watcher));
+    match watched {
+        Ok(watcher) => Some(watcher),
+        Err(err) => {
+            warn!(error = %err, workspace = %workspace.display(), "cannot watch the workspace; scanning it every so often only");
+            None
+        }
+    }
+}
+
+/// Resolves when the workspace changed or the periodic scan is due.
+async fn next_scan(changed: &Notify, every: &mut tokio::time::Interval) {
+    tokio::select! {
+        () = changed.notified() => {}
+        _ = every.tick() => {}
     }
 }
 

@@ -206,6 +206,7 @@ impl From<&Verdict> for VerdictInfo {
             Verdict::TimeLimit(TimeLimit::Wall) => ("time_limit", None, None, "wall time limit exceeded".to_owned()),
             Verdict::MemoryLimit => ("memory_limit", None, None, "memory limit exceeded".to_owned()),
             Verdict::OutputLimit => ("output_limit", None, None, "output limit exceeded".to_owned()),
+            Verdict::DiskLimit => ("disk_limit", None, None, "workspace size limit exceeded".to_owned()),
             Verdict::CompileError(inner) => {
                 let inner = VerdictInfo::from(inner.as_ref());
                 ("compile_error", inner.code, inner.signal, format!("compile error (compiler {})", inner.summary))

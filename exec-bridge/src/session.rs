@@ -31,7 +31,7 @@ use crate::detect;
 use crate::peer::{PrepareRequest, Prepared};
 use crate::protocol::{ClientMsg, Data, OutputChunk, RunInfo, ServerMsg, StreamName, TermInfo, VerdictInfo};
 use crate::run::{self, Limits, Program, RunEvent, Stream};
-use crate::sandbox::{Sandbox, TermSize, Terminal};
+use crate::sandbox::{Sandbox, TermSize, Terminal, grows_past_disk_limit};
 
 /// Output kept per run for late joiners (the oldest is dropped first).
 pub const HISTORY_BYTES: usize = 256 << 10;
@@ -503,12 +503,22 @@ impl Session {
         let mut bucket = TokenBucket::new(self.config.term_rate);
         let abandoned = self.abandoned_for(self.config.terminal_idle);
         tokio::pin!(abandoned);
+        // A terminal's programs are held to the workspace's size limit as a run's are (but a
+        // terminal opened on a workspace over it may still be used to clean it up).
+        let disk = grows_past_disk_limit(self.config.workspace.clone(), self.config.term_limits.workspace_bytes);
+        tokio::pin!(disk);
         loop {
             let chunk = tokio::select! {
                 chunk = output.recv() => chunk,
                 _ = close.cancelled() => None,
                 () = &mut abandoned => {
                     tracing::info!(term = id, "closing a terminal nobody is connected to");
+                    None
+                }
+                () = &mut disk => {
+                    let said = format!("\r\n[terminal closed: the workspace is over its size limit of {} MiB]\r\n", self.config.term_limits.workspace_bytes >> 20);
+                    let state = self.state();
+                    self.emit(&state, ServerMsg::TermOutput { term: id, data: Data(said.into_bytes()) });
                     None
                 }
             };

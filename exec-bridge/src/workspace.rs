@@ -20,8 +20,26 @@ use globset::{Glob, GlobSet, GlobSetBuilder};
 
 use crate::paths::{PathError, SafePath};
 
-/// Folders (or files) that are never mirrored unless the configuration says otherwise.
-pub const DEFAULT_IGNORES: &[&str] = &["node_modules", "__pycache__", ".git", "target", "build", "dist", ".venv"];
+/// Folders (or files) that are never mirrored unless the configuration says otherwise: build
+/// output and dependencies, and what shells and interpreters keep in `HOME`, which is the
+/// workspace in a sandbox (a terminal's `.bash_history` must not become a project file).
+pub const DEFAULT_IGNORES: &[&str] = &[
+    "node_modules",
+    "__pycache__",
+    ".git",
+    "target",
+    "build",
+    "dist",
+    ".venv",
+    ".bash_history",
+    ".python_history",
+    ".node_repl_history",
+    ".sqlite_history",
+    ".lesshst",
+    ".viminfo",
+    ".wget-hsts",
+    ".cache",
+];
 /// Largest mirrored file, in bytes.
 pub const DEFAULT_MAX_FILE_BYTES: u64 = 1024 * 1024;
 /// Names of this module's temporary files start with this; scans skip them.
@@ -293,5 +311,23 @@ impl Workspace {
             return Some(FileState::Binary);
         }
         Some(String::from_utf8(bytes).map_or(FileState::Binary, FileState::Text))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_and_interpreter_history_never_enters_the_project() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [".bash_history", ".python_history", ".node_repl_history", ".lesshst", "main.py"] {
+            std::fs::write(dir.path().join(name), "ls\n").unwrap();
+        }
+        std::fs::create_dir(dir.path().join(".cache")).unwrap();
+        std::fs::write(dir.path().join(".cache/pip.log"), "x").unwrap();
+        let ws = Workspace::open(dir.path(), &WorkspaceConfig::default()).unwrap();
+        let found: Vec<String> = ws.scan().unwrap().keys().map(|p| p.as_str().to_owned()).collect();
+        assert_eq!(found, ["main.py"]);
     }
 }

@@ -248,3 +248,36 @@ async fn a_private_data_directory_is_reported_at_start() {
         }
     }
 }
+
+/// What a program writes reaches the documents by the workspace watcher's events, not by
+/// waiting for the periodic scan (here an hour away after the first one), in a new folder too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_a_program_writes_is_noticed_without_waiting_for_a_scan() {
+    let setup = server().await;
+    let (human, root, _file, _) = project_with_file(&setup, "main.py", "print(1)\n").await;
+    let workspace = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let mut config = BridgeConfig::new(&setup.url, PROJECT, &setup.token("exec-bridge"), workspace.path().to_owned());
+    config.scan_every = Duration::from_secs(3600);
+    let bridge = spawn_bridge(config, &shutdown);
+    let main = workspace.path().join("main.py");
+    until("main.py in the workspace", || read(&main).as_deref() == Some("print(1)\n")).await;
+    // Once this file is in the tree, the one periodic scan there will be has happened.
+    std::fs::write(workspace.path().join("probe.txt"), "probe\n").unwrap();
+    root.wait_until("probe.txt in the tree", WAIT, |p| tree::find_by_path(&p.doc().transact(), "probe.txt").is_some())
+        .await
+        .unwrap();
+    std::fs::create_dir(workspace.path().join("out")).unwrap();
+    std::fs::write(workspace.path().join("out/result.txt"), "42\n").unwrap();
+    root.wait_until("out/result.txt in the tree", WAIT, |p| {
+        tree::find_by_path(&p.doc().transact(), "out/result.txt").is_some()
+    })
+    .await
+    .unwrap();
+    let id = tree::find_by_path(&root.doc().transact(), "out/result.txt").unwrap().id;
+    let result = human.open(&tree::file_doc_name(PROJECT, &id), &setup.token("ada")).await.unwrap();
+    result.wait_until("its content", WAIT, |p| text(p) == "42\n").await.unwrap();
+    shutdown.cancel();
+    bridge.await.unwrap();
+    setup.running.shutdown().await.unwrap();
+}

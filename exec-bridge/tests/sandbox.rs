@@ -763,6 +763,22 @@ async fn an_open_stdin_holds_off_the_wall_time_limit(sandbox: Arc<dyn Sandbox>) 
     assert_eq!(finished, Some(RunEvent::Finished(Verdict::TimeLimit(TimeLimit::Wall))));
 }
 
+/// Many files, each under the file size limit, add up: past the workspace's size limit the run
+/// is killed with a verdict that says so.
+async fn a_run_filling_the_disk_hits_the_workspace_limit(sandbox: Arc<dyn Sandbox>) {
+    let script = "import time\nchunk = b'x' * (1 << 20)\nfor i in range(1000):\n    with open('fill-%d.bin' % i, 'wb') as f:\n        f.write(chunk)\ntime.sleep(600)\n";
+    let workspace = workspace_with(&[("main.py", script)]);
+    let limits = Limits { workspace_bytes: 32 << 20, wall_time: PATIENCE, ..Limits::default() };
+    let out = run(&sandbox, workspace.path(), &Program::python("main.py"), &limits).await;
+    assert_eq!(out.verdict, Verdict::DiskLimit, "stderr: {}", out.stderr_text());
+    let written: u64 = std::fs::read_dir(workspace.path())
+        .expect("list")
+        .map(|e| e.expect("entry").metadata().expect("meta").len())
+        .sum();
+    println!("written before the kill: {} MiB", written >> 20);
+    assert!(written < 1000 << 20, "the run was not stopped: {written} bytes");
+}
+
 macro_rules! conformance {
     ($($check:ident),* $(,)?) => {
         mod local {
@@ -823,6 +839,7 @@ conformance!(
     a_run_setting_that_spins_hits_the_cpu_limit,
     output_arrives_in_the_order_it_was_written,
     an_open_stdin_holds_off_the_wall_time_limit,
+    a_run_filling_the_disk_hits_the_workspace_limit,
 );
 
 /// The secret checks, each run again in a child process that has the canary in its

@@ -85,7 +85,11 @@ async fn a_terminal_nobody_is_connected_to_ends_after_the_idle_time() {
     let line = format!("sleep {seconds} & echo started-$((6*7))\n");
     session.handle(&editor(), ClientMsg::TermInput { term, data: Data(line.into_bytes()) }).await.expect("typed");
     printed(&mut events, term, "started-42").await;
-    assert_eq!(host_processes(&sleeper).len(), 1, "the sleeper runs");
+    let deadline = Instant::now() + PATIENCE;
+    while host_processes(&sleeper).len() != 1 {
+        assert!(Instant::now() < deadline, "the sleeper does not show in ps");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // Connected and quiet for longer than the idle time: still open.
     tokio::time::sleep(idle * 2).await;
@@ -148,4 +152,27 @@ async fn a_run_waiting_for_input_ends_when_its_last_peer_leaves() {
     let verdict = runs[0].verdict.as_ref().expect("a verdict");
     assert_eq!(verdict.summary, "wall time limit exceeded", "{verdict:?}");
     assert!(started.elapsed() > Duration::from_secs(1));
+}
+
+/// A terminal's programs are held to the workspace size limit too: past it the terminal is
+/// closed, and it says why.
+#[tokio::test]
+async fn a_terminal_filling_the_disk_is_closed_and_says_why() {
+    let workspace = tempfile::tempdir().expect("temp dir");
+    let mut config = SessionConfig::new(sandbox(), workspace.path().to_owned());
+    config.term_limits.workspace_bytes = 16 << 20;
+    let (prepare, _requests) = mpsc::channel(1);
+    let session = Session::new(config, prepare);
+    let (_, mut events) = session.subscribe(Role::Editor);
+    session.handle(&editor(), ClientMsg::TermOpen { cols: 80, rows: 24 }).await.expect("opens");
+    let term = next(&mut events, |e| match e {
+        ServerMsg::TermOpened { term, .. } => Some(term),
+        _ => None,
+    })
+    .await;
+    let line = b"for i in $(seq 200); do head -c 1048576 /dev/zero > fill-$i; done; sleep 600\n".to_vec();
+    session.handle(&editor(), ClientMsg::TermInput { term, data: Data(line) }).await.expect("typed");
+    printed(&mut events, term, "over its size limit of 16 MiB").await;
+    next(&mut events, |e| matches!(e, ServerMsg::TermExited { term: t, .. } if t == term).then_some(())).await;
+    assert!(!session.busy(), "nothing runs any more");
 }

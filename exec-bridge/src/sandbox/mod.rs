@@ -97,6 +97,36 @@ impl WallClock {
     }
 }
 
+/// Resolves once the workspace at `root` takes more than `limit` bytes on disk, measured now
+/// and every [`crate::job::DISK_CHECK`] on the blocking pool. A workspace that cannot be
+/// measured is not held against the run.
+pub(crate) async fn over_disk_limit(root: std::path::PathBuf, limit: u64) {
+    loop {
+        let dir = root.clone();
+        let used = tokio::task::spawn_blocking(move || owner::disk_usage(&dir)).await;
+        if let Ok(Ok(used)) = used
+            && used > limit
+        {
+            tracing::debug!(used, limit, workspace = %root.display(), "a run's workspace is over its size limit");
+            return;
+        }
+        tokio::time::sleep(crate::job::DISK_CHECK).await;
+    }
+}
+
+/// Resolves once the workspace at `root` grows past `limit`, or past what it takes now if that
+/// is more: for a terminal, which must open on a workspace already over its limit (it is how
+/// people clean one up) but may not make it any bigger.
+pub(crate) async fn grows_past_disk_limit(root: std::path::PathBuf, limit: u64) {
+    let dir = root.clone();
+    let now = tokio::task::spawn_blocking(move || owner::disk_usage(&dir)).await;
+    let bound = match now {
+        Ok(Ok(used)) => used.max(limit),
+        _ => limit,
+    };
+    over_disk_limit(root, bound).await;
+}
+
 /// What forwarding one chunk of a run's output did.
 pub(crate) enum Forwarded {
     Sent,

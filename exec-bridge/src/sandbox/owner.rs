@@ -1,5 +1,5 @@
-//! Giving a workspace to the uid its sandboxed programs run as, without ever following a
-//! symlink a program planted.
+//! Walks of a workspace made while its programs run: giving it to the uid they run as, and
+//! measuring what it takes on disk, without ever following a symlink a program planted.
 //!
 //! The walk runs as root while a program of the project may be running (in an open terminal)
 //! and changing the tree under it, e.g. swapping a folder with a symlink to a host folder in a
@@ -19,7 +19,7 @@ use std::path::Path;
 use cap_fs_ext::DirExt;
 use cap_std::ambient_authority;
 use cap_std::fs::Dir;
-use rustix::fs::{AtFlags, Gid, Uid, chownat};
+use rustix::fs::{AtFlags, FileType, Gid, Uid, chownat, statat};
 
 /// Gives the workspace tree at `root` (canonical, in a folder of the bridge's that no program
 /// can change) to `id`, so the sandboxed program can change the project's files.
@@ -63,4 +63,30 @@ fn chown_entry(dir: &Dir, name: &OsStr, uid: Option<Uid>, gid: Option<Gid>) -> i
 fn swapped(err: &io::Error) -> bool {
     let errno = err.raw_os_error().map(rustix::io::Errno::from_raw_os_error);
     matches!(errno, Some(rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR | rustix::io::Errno::NOENT))
+}
+
+/// The bytes the workspace tree at `root` takes on disk (allocated blocks, so a sparse file
+/// counts what it really uses), not following symlinks; entries that vanish meanwhile count 0.
+pub(crate) fn disk_usage(root: &Path) -> io::Result<u64> {
+    let mut used = 0u64;
+    let mut folders = vec![Dir::open_ambient_dir(root, ambient_authority())?];
+    while let Some(dir) = folders.pop() {
+        for entry in dir.entries()? {
+            let name = entry?.file_name();
+            let stat = match statat(&dir, &name, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(stat) => stat,
+                Err(rustix::io::Errno::NOENT) => continue,
+                Err(errno) => return Err(errno.into()),
+            };
+            used = used.saturating_add(u64::try_from(stat.st_blocks).unwrap_or(0).saturating_mul(512));
+            if FileType::from_raw_mode(stat.st_mode) == FileType::Directory {
+                match dir.open_dir_nofollow(&name) {
+                    Ok(sub) => folders.push(sub),
+                    Err(err) if swapped(&err) => {}
+                    Err(err) => return Err(err),
+                }
+            }
+        }
+    }
+    Ok(used)
 }

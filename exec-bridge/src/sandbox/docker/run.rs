@@ -30,7 +30,7 @@ use crate::job::{
 use crate::sandbox::local::WORKSPACE_MOUNT;
 use crate::sandbox::owner::give_workspace;
 use crate::sandbox::verdict::judge;
-use crate::sandbox::{Forwarded, OutputBudget, WallClock};
+use crate::sandbox::{Forwarded, OutputBudget, WallClock, over_disk_limit};
 
 impl DockerSandbox {
     pub(super) async fn start_run(
@@ -110,6 +110,7 @@ impl DockerSandbox {
             report,
             limits: limits.clone(),
             wall,
+            workspace: workspace.clone(),
             oom,
             turn,
         };
@@ -279,6 +280,8 @@ struct Supervised {
     report: PathBuf,
     limits: Limits,
     wall: WallClock,
+    /// The canonical workspace, measured against the size limit.
+    workspace: PathBuf,
     oom: OomWatch,
     /// The project's turn, released once every process of the run is dead.
     turn: Turn,
@@ -291,6 +294,8 @@ async fn supervise(
     events: mpsc::Sender<RunEvent>,
 ) {
     let mut budget = OutputBudget::new(run.limits.output_bytes);
+    let disk = over_disk_limit(run.workspace.clone(), run.limits.workspace_bytes);
+    tokio::pin!(disk);
     let killed = loop {
         tokio::select! {
             chunk = output.recv() => {
@@ -303,6 +308,7 @@ async fn supervise(
                 }
             }
             () = run.wall.expired() => break Some(Some(Verdict::TimeLimit(TimeLimit::Wall))),
+            () = &mut disk => break Some(Some(Verdict::DiskLimit)),
         }
     };
     let verdict = match killed {

@@ -17,7 +17,7 @@ use crate::job::{
     EVENT_QUEUE, Execution, Limits, RunEvent, STDIN_QUEUE, SandboxCommand, SandboxError, Stream, TimeLimit, Verdict,
 };
 use crate::sandbox::verdict::judge;
-use crate::sandbox::{Forwarded, OutputBudget, WallClock};
+use crate::sandbox::{Forwarded, OutputBudget, WallClock, over_disk_limit};
 
 impl LocalSandbox {
     pub(super) async fn start_run(
@@ -70,7 +70,7 @@ impl LocalSandbox {
             tokio::spawn(read_output(stderr, Stream::Stderr, out_tx));
         }
         let wall = WallClock::new(limits, stdin_closed);
-        let run = Supervised { child, report, limits: limits.clone(), wall, _registration: registration };
+        let run = Supervised { child, report, limits: limits.clone(), wall, workspace, _registration: registration };
         tokio::spawn(supervise(run, out_rx, events_tx));
         Ok(Execution { stdin: stdin_tx, events: events_rx })
     }
@@ -107,6 +107,8 @@ struct Supervised {
     report: tempfile::NamedTempFile,
     limits: Limits,
     wall: WallClock,
+    /// The canonical workspace, measured against the size limit.
+    workspace: std::path::PathBuf,
     /// Keeps the run where previews look until it has ended.
     _registration: Registration,
 }
@@ -114,6 +116,8 @@ struct Supervised {
 /// Forwards output, enforces the wall-time and output limits, and sends the verdict.
 async fn supervise(mut run: Supervised, mut output: mpsc::Receiver<(Stream, Bytes)>, events: mpsc::Sender<RunEvent>) {
     let mut budget = OutputBudget::new(run.limits.output_bytes);
+    let disk = over_disk_limit(run.workspace.clone(), run.limits.workspace_bytes);
+    tokio::pin!(disk);
     let mut status: Option<ExitStatus> = None;
     let mut output_open = true;
     let killed = loop {
@@ -140,6 +144,7 @@ async fn supervise(mut run: Supervised, mut output: mpsc::Receiver<(Stream, Byte
                 }
             },
             () = run.wall.expired() => break Some(Some(Verdict::TimeLimit(TimeLimit::Wall))),
+            () = &mut disk => break Some(Some(Verdict::DiskLimit)),
         }
     };
     let verdict = match killed {
