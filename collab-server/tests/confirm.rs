@@ -11,7 +11,7 @@ mod common;
 use collab_client::MuxConnection;
 use collab_test_support::postgres::{PrivatePostgres, StoreStall};
 use collab_test_support::process::{Serve, ServerProcess};
-use common::{TestServer, WAIT};
+use common::{TestServer, WAIT, http};
 use futures_util::{SinkExt, StreamExt};
 use rand::Rng;
 use sync_core::Role;
@@ -336,5 +336,74 @@ async fn past_the_backlog_bound_only_real_writers_are_refused() {
     stall.release().await;
     server.eventually("backlog saved", |s| s.metric("collab_unsaved_bytes") == 0.0).await;
     writer.sync().await;
+    server.stop().await;
+}
+
+/// A gzip'd tar of `files` (path, text).
+fn tar_gz(files: &[(&str, &str)]) -> Vec<u8> {
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut tar = tar::Builder::new(gz);
+    for (path, text) in files {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(text.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        tar.append_data(&mut header, path, text.as_bytes()).expect("tar member");
+    }
+    tar.into_inner().expect("tar").finish().expect("gzip")
+}
+
+/// The project's files and texts, as the server holds them now.
+async fn files_of(server: &TestServer, project: &str) -> Vec<(String, String)> {
+    let files = collab_server::project::read_files(&server.app().rooms, project).await.expect("read the project");
+    let mut files: Vec<(String, String)> = files.into_iter().map(|f| (f.path, f.text)).collect();
+    files.sort();
+    files
+}
+
+fn owned(files: &[(&str, &str)]) -> Vec<(String, String)> {
+    files.iter().map(|(p, t)| ((*p).to_owned(), (*t).to_owned())).collect()
+}
+
+/// Issue #14 item 15: an import or a restore while the store is stalled answers 503 within its
+/// bound (`project::SAVE_WAIT`) instead of hanging, and then completes on its own once the store
+/// is back: every file with its text, nothing half done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imports_and_restores_during_a_store_stall_answer_503_in_time_and_complete_once_it_is_back() {
+    let postgres = PrivatePostgres::start();
+    let url = postgres.url();
+    let server = TestServer::start_with(|c| c.database_url = Some(url)).await;
+    let project = project();
+    let token = server.editor(&project, "w");
+    let import = format!("/api/projects/{project}/import");
+    let first = [("a.txt", "first")];
+    let (status, _) = http(&server, "POST", &import, &token, &tar_gz(&first)).await;
+    assert_eq!(status, 200);
+    let (status, body) =
+        http(&server, "POST", &format!("/api/projects/{project}/checkpoints?name=one"), &token, b"").await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let checkpoint = serde_json::from_slice::<serde_json::Value>(&body).unwrap()["id"].as_i64().unwrap();
+    let bound = collab_server::project::SAVE_WAIT + std::time::Duration::from_secs(5);
+
+    let stall = StoreStall::start(&postgres.url()).await;
+    let second = [("a.txt", "second"), ("b.txt", "new"), ("c/d.txt", "deep")];
+    let started = std::time::Instant::now();
+    let answer = tokio::time::timeout(bound, http(&server, "POST", &import, &token, &tar_gz(&second))).await;
+    let (status, body) = answer.expect("the import answered within its bound while the store is stalled");
+    assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
+    eprintln!("import answered 503 after {:?}", started.elapsed());
+    stall.release().await;
+    let want = owned(&second);
+    common::until_async("the import completes", || async { files_of(&server, &project).await == want }).await;
+
+    let stall = StoreStall::start(&postgres.url()).await;
+    let restore = format!("/api/projects/{project}/checkpoints/{checkpoint}/restore");
+    let answer = tokio::time::timeout(bound, http(&server, "POST", &restore, &token, b"")).await;
+    let (status, body) = answer.expect("the restore answered within its bound while the store is stalled");
+    assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
+    stall.release().await;
+    // The checkpoint held only a.txt: the others leave the tree, a.txt gets its old text back.
+    let want = owned(&first);
+    common::until_async("the restore completes", || async { files_of(&server, &project).await == want }).await;
     server.stop().await;
 }
