@@ -213,7 +213,8 @@ export function useServer(opts = {}) {
 
 /**
  * Starts `collab serve` on 127.0.0.1 with an OS-chosen port and a fresh data dir (and, with
- * `sandbox`, `--sandbox SANDBOX` for the exec channel's runs and terminals).
+ * `sandbox`, `--sandbox SANDBOX` for the exec channel's runs and terminals; `args`, more
+ * arguments such as `--database-url`).
  * Resolves once the server printed `listening on http://127.0.0.1:PORT`.
  */
 export async function startServer({
@@ -221,6 +222,7 @@ export async function startServer({
   sandbox,
   webDir = DIST_DIR,
   timeout = 60_000,
+  args: extraArgs = [],
 } = {}) {
   const bin = collabBin();
   const dataDir = mkdtempSync(path.join(tmpdir(), 'collab-web-test-'));
@@ -228,6 +230,7 @@ export async function startServer({
   if (demo) {
     args.push('--demo');
   }
+  args.push(...extraArgs);
   if (sandbox !== undefined) {
     // `local` (bubblewrap) turns the exec channel on; without it /exec answers 503.
     args.push('--sandbox', sandbox);
