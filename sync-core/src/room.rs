@@ -552,6 +552,40 @@ mod tests {
     }
 
     #[test]
+    fn each_writer_gets_its_own_part_of_the_batch() {
+        let mut room = DocState::new();
+        let now = Instant::now();
+        room.step([Input::Join { peer: 1, role: Role::Editor }, Input::Join { peer: 2, role: Role::Editor }], now);
+        let (a, b) = (Doc::new(), Doc::new());
+        let hello = edit(&a, 0, "hello ");
+        let out = room.step([update_msg(1, hello.clone()), update_msg(2, edit(&b, 0, "world"))], now);
+        let parts: HashMap<PeerId, Vec<u8>> = out.writes.into_iter().collect();
+        // Ada's part plus Bob's is the whole batch, and Bob's alone is what Ada lacks.
+        a.transact_mut().apply_update(Update::decode_v1(&parts[&2]).unwrap()).unwrap();
+        assert_eq!(text_of(&a), text_of(room.doc()));
+        assert!(!text_of(&a).is_empty() && parts[&1] == hello);
+        // A resend of what the document holds is applied, but adds no part.
+        let out = room.step([update_msg(1, hello)], now);
+        assert_eq!(out.replies, vec![(1, Reply::WriteApplied)]);
+        assert!(out.writes.is_empty() && out.update.is_none());
+    }
+
+    #[test]
+    fn only_what_would_change_the_document_is_a_write() {
+        let mut room = DocState::new();
+        let now = Instant::now();
+        let a = Doc::new();
+        let hello = edit(&a, 0, "hello");
+        room.step([Input::Join { peer: 1, role: Role::Editor }, update_msg(1, hello.clone())], now);
+        let msg = |bytes: Vec<u8>| DocMessage::Sync(SyncMessage::SyncStep2(bytes));
+        assert!(room.is_write(Role::Editor, &msg(edit(&a, 0, "more"))));
+        assert!(!room.is_write(Role::Viewer, &msg(edit(&a, 0, "more"))), "a viewer's is refused anyway");
+        assert!(!room.is_write(Role::Editor, &msg(EMPTY_UPDATE.to_vec())), "a fresh joiner's step 2");
+        assert!(!room.is_write(Role::Editor, &msg(hello)), "a resend of what is here");
+        assert!(!room.is_write(Role::Editor, &DocMessage::Sync(SyncMessage::SyncStep1(StateVector::default()))));
+    }
+
+    #[test]
     fn viewer_writes_are_refused_and_told_apart_from_empty_ones() {
         let mut room = DocState::new();
         let now = Instant::now();
