@@ -88,8 +88,15 @@ pub async fn list(rooms: &Rooms, project: &str) -> Result<Vec<CheckpointInfo>, C
 }
 
 /// Restores a checkpoint as a new change on top of the history; returns the id of the automatic
-/// checkpoint saved first (the state before the restore).
+/// checkpoint saved first (the state before the restore). Waits at most [`project::SAVE_WAIT`]:
+/// past it the store is answered unavailable and the restore completes once it is back.
 pub async fn restore(rooms: &Rooms, project: &str, id: i64, author: &str) -> Result<i64, CheckpointError> {
+    let (owned_rooms, project, author) = (rooms.clone(), project.to_owned(), author.to_owned());
+    let job = async move { restore_now(&owned_rooms, &project, id, &author).await };
+    project::to_completion(rooms, "restore", job, || CheckpointError::Project(ProjectError::Unavailable)).await
+}
+
+async fn restore_now(rooms: &Rooms, project: &str, id: i64, author: &str) -> Result<i64, CheckpointError> {
     let saved = rooms.store().load_checkpoint(project, id).await?.ok_or(CheckpointError::NotFound)?;
     let owned = project.to_owned();
     let (then_root, then_files) = off_runtime(rooms, move || {

@@ -1,9 +1,20 @@
 //! Whole-project operations done by the server itself, through the same room actors as every
 //! peer: reading all files of a project, and writing files as live CRDT edits.
+//!
+//! A whole-project write (an import, a checkpoint restore) runs to its end on a task of its own
+//! and is waited for at most [`SAVE_WAIT`]: while the store is down or stalled, the request is
+//! answered 503 within that bound, and the write completes once the store answers again (file
+//! contents first, the tree last, each applied once the one before is saved), so it is never
+//! left half done by a caller that stopped waiting. Sending the same import again changes
+//! nothing more: files get the smallest edit to their new text, which is then none.
+
+use std::future::Future;
+use std::time::Duration;
 
 use sync_core::DocName;
 use sync_core::tree::{self, EntryKind};
 use tokio::sync::oneshot;
+use tracing::warn;
 use yrs::updates::decoder::Decode;
 use yrs::{Doc, GetString, ReadTxn, Text, Transact, Update};
 
@@ -44,6 +55,39 @@ pub async fn apply(rooms: &Rooms, name: &DocName, update: Vec<u8>) -> Result<(),
     rx.await.map_err(|_| ProjectError::Unavailable)
 }
 
+/// How long an import or a restore waits for its edits to be saved before answering that the
+/// store is unavailable (it carries on, and completes once the store is back).
+pub const SAVE_WAIT: Duration = Duration::from_secs(10);
+
+/// Runs a whole-project write to its end on a task of its own and waits for it at most
+/// [`SAVE_WAIT`]; past that, answers `unavailable` while the write goes on.
+pub async fn to_completion<T, E>(
+    rooms: &Rooms,
+    what: &'static str,
+    job: impl Future<Output = Result<T, E>> + Send + 'static,
+    unavailable: impl FnOnce() -> E,
+) -> Result<T, E>
+where
+    T: Send + 'static,
+    E: std::fmt::Display + Send + 'static,
+{
+    let (tx, rx) = oneshot::channel();
+    rooms.tasks().spawn(what, async move {
+        let result = job.await;
+        if let Err(Err(e)) = tx.send(result) {
+            warn!(error = %e, job = what, "a project write nobody waits for any more failed");
+        }
+    });
+    match tokio::time::timeout(SAVE_WAIT, rx).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(_)) => Err(unavailable()),
+        Err(_) => {
+            warn!(job = what, "store slow: answered unavailable, the write completes once it is saved");
+            Err(unavailable())
+        }
+    }
+}
+
 fn doc_name(name: &str) -> Result<DocName, ProjectError> {
     DocName::parse(name).map_err(|_| ProjectError::BadName)
 }
@@ -64,8 +108,15 @@ pub async fn read_files(rooms: &Rooms, project: &str) -> Result<Vec<ArchiveFile>
 
 /// Writes files into a project as live edits: new paths become new entries, existing ones get
 /// their text replaced by the smallest edit that trims the common prefix and suffix. Contents are
-/// committed before the tree, so a peer that sees a new entry finds its text.
+/// committed before the tree, so a peer that sees a new entry finds its text. Waits at most
+/// [`SAVE_WAIT`] (see the module's documentation).
 pub async fn write_files(rooms: &Rooms, project: &str, files: &[ArchiveFile]) -> Result<usize, ProjectError> {
+    let (owned_rooms, project, files) = (rooms.clone(), project.to_owned(), files.to_vec());
+    let job = async move { write_files_now(&owned_rooms, &project, &files).await };
+    to_completion(rooms, "import", job, || ProjectError::Unavailable).await
+}
+
+async fn write_files_now(rooms: &Rooms, project: &str, files: &[ArchiveFile]) -> Result<usize, ProjectError> {
     let root_name = doc_name(project)?;
     let root = snapshot(rooms, &root_name).await?;
     let before = root.transact().state_vector();

@@ -2,16 +2,17 @@
 //! which peer now, which waits for a commit to land, and when a failed commit is retried.
 //!
 //! The room around it encodes frames (per framing) and owns the sockets, the store and the
-//! timers; it hands this policy what one step produced and does what the policy answers. Today's
-//! rules, pinned by the tests below (whose names start with `today_` where issue #14 changes them):
+//! timers; it hands this policy what one step produced and does what the policy answers. The
+//! rules, pinned by the tests below:
 //!
 //! - A writer hears about its own write only once the update is in the store: its write
-//!   confirmation (where the framing has one) and the echo of the batch's update wait for the
-//!   commit that covers them. A peer whose framing confirms nothing (y-websocket) is not a writer
-//!   here: it gets the echo at once, like everyone else.
-//! - Everyone else gets the update at once, except a peer still waiting for an earlier echo:
-//!   updates reach every peer in order, or its document would hold content it cannot integrate
-//!   yet (yrs keeps it pending, and the client's sync step 2 then carries a hole the room refuses).
+//!   confirmation (where the framing has one) and the echo of its own part of the batch wait for
+//!   the commit that covers them. Every peer whose write a step applied is a writer, whether or
+//!   not its framing has a confirmation frame: a y-websocket client's echo is its confirmation.
+//! - Everyone else's part of the batch goes to a writer at once, and the whole batch to every
+//!   other peer: nothing waits behind a held echo, so a writer keeps seeing the others while the
+//!   store is down. A held echo is only content the writer already has, so sending it late
+//!   breaks no update order.
 //! - One commit is in flight at a time; it covers every unsaved update at the time it starts and
 //!   releases the confirmations held until then. Whatever arrives meanwhile waits for the next.
 //! - A failed commit keeps everything unsaved and held (its confirmations before later ones) and
@@ -19,7 +20,6 @@
 //!
 //! `now` is always a parameter: nothing here reads a clock.
 
-use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use crate::PeerId;
@@ -34,8 +34,20 @@ pub const MAX_RETRY: Duration = Duration::from_secs(5);
 pub enum Held<F> {
     /// A write confirmation (counted by the connection, not queued frame by frame).
     Ack(F),
-    /// The echo of an update (or a later update queued behind an echo).
+    /// The echo of a writer's own part of an update.
     Frame(F),
+}
+
+/// What one step produced for a peer whose write it applied.
+#[derive(Debug)]
+pub struct Writer<F> {
+    pub peer: PeerId,
+    /// The frame confirming the write, where the peer's framing has one.
+    pub ack: Option<F>,
+    /// The peer's own part of the step's update: its echo, held until saved.
+    pub own: Option<F>,
+    /// Everyone else's part of the step's update, if any: sent at once.
+    pub others: Option<F>,
 }
 
 /// Confirmations whose writes are now in the store, in the order they were held.
@@ -97,9 +109,6 @@ pub struct Relay<F, S> {
     /// Updates applied in memory but not yet in the store, oldest first.
     unsaved: Vec<Vec<u8>>,
     unsaved_bytes: usize,
-    /// Update frames held (in `held` or the commit in flight) per peer: while a peer has any, its
-    /// later update frames queue behind them.
-    echo_pending: HashMap<PeerId, usize>,
     /// Confirmations to send once the next commit lands.
     held: Vec<(PeerId, Held<F>)>,
     server: Vec<S>,
@@ -113,7 +122,6 @@ impl<F, S> Default for Relay<F, S> {
         Relay {
             unsaved: Vec::new(),
             unsaved_bytes: 0,
-            echo_pending: HashMap::new(),
             held: Vec::new(),
             server: Vec::new(),
             in_flight: None,
@@ -128,23 +136,15 @@ impl<F, S> Relay<F, S> {
         Relay::default()
     }
 
-    /// Takes one step's frames and answers what to send now. `acks` holds each peer whose write
-    /// this step applied, with the frame that confirms it (a framing that confirms nothing gives
-    /// none, and its peer is no writer); `update` holds the step's update frame for every peer.
-    pub fn relay(&mut self, acks: Vec<(PeerId, F)>, update: Vec<(PeerId, F)>) -> Vec<(PeerId, F)> {
-        let mut writers = HashSet::new();
-        for (peer, frame) in acks {
-            writers.insert(peer);
-            self.held.push((peer, Held::Ack(frame)));
-        }
-        let mut now = Vec::new();
-        for (peer, frame) in update {
-            if writers.contains(&peer) || self.echo_pending.contains_key(&peer) {
-                *self.echo_pending.entry(peer).or_default() += 1;
-                self.held.push((peer, Held::Frame(frame)));
-            } else {
-                now.push((peer, frame));
-            }
+    /// Takes one step's frames and answers what to send now: `writers` are the peers whose
+    /// writes the step applied, `readers` every other peer with the step's whole update. A
+    /// writer's confirmation and echo are held until the commit covering them lands.
+    pub fn relay(&mut self, writers: Vec<Writer<F>>, readers: Vec<(PeerId, F)>) -> Vec<(PeerId, F)> {
+        let mut now = readers;
+        for Writer { peer, ack, own, others } in writers {
+            self.held.extend(ack.map(|frame| (peer, Held::Ack(frame))));
+            self.held.extend(own.map(|frame| (peer, Held::Frame(frame))));
+            now.extend(others.map(|frame| (peer, frame)));
         }
         now
     }
@@ -228,7 +228,7 @@ impl<F, S> Relay<F, S> {
             self.backoff = Duration::ZERO;
             self.unsaved.drain(..done.count);
             self.unsaved_bytes -= done.bytes;
-            let release = self.release(Release { server: done.server, peers: done.held });
+            let release = Release { server: done.server, peers: done.held };
             return Some(Landed::Saved { release, count: done.count, bytes: done.bytes, recovered });
         }
         self.backoff = (self.backoff * 2).clamp(FIRST_RETRY, MAX_RETRY);
@@ -243,23 +243,7 @@ impl<F, S> Relay<F, S> {
     }
 
     fn take_held(&mut self) -> Release<F, S> {
-        let taken = Release { server: std::mem::take(&mut self.server), peers: std::mem::take(&mut self.held) };
-        self.release(taken)
-    }
-
-    /// Counts released echoes off each peer's pending ones.
-    fn release(&mut self, release: Release<F, S>) -> Release<F, S> {
-        for (peer, held) in &release.peers {
-            if matches!(held, Held::Frame(_))
-                && let Some(left) = self.echo_pending.get_mut(peer)
-            {
-                *left -= 1;
-                if *left == 0 {
-                    self.echo_pending.remove(peer);
-                }
-            }
-        }
-        release
+        Release { server: std::mem::take(&mut self.server), peers: std::mem::take(&mut self.held) }
     }
 }
 
@@ -293,14 +277,23 @@ mod tests {
         }
     }
 
+    fn writer(
+        peer: PeerId,
+        ack: Option<&'static str>,
+        own: &'static str,
+        others: Option<&'static str>,
+    ) -> Writer<&'static str> {
+        Writer { peer, ack, own: Some(own), others }
+    }
+
     /// Ada writes (her framing confirms writes); Bob and Carol only read.
     fn ada_writes(relay: &mut Policy, update: &'static str) -> Vec<(PeerId, &'static str)> {
         relay.unsaved(update.as_bytes().to_vec());
-        relay.relay(vec![(ADA, "ack")], vec![(ADA, update), (BOB, update), (CAROL, update)])
+        relay.relay(vec![writer(ADA, Some("ack"), update, None)], vec![(BOB, update), (CAROL, update)])
     }
 
     #[test]
-    fn today_a_writer_hears_its_echo_and_ack_only_after_commit() {
+    fn a_writer_hears_its_echo_and_ack_only_after_commit() {
         let now = Instant::now();
         let mut relay = Policy::new();
         let sent = ada_writes(&mut relay, "u1");
@@ -312,39 +305,41 @@ mod tests {
     }
 
     #[test]
-    fn today_other_peers_get_the_update_at_once() {
+    fn other_peers_get_the_update_at_once() {
         let mut relay = Policy::new();
         let sent = ada_writes(&mut relay, "u1");
         assert_eq!(sent, vec![(BOB, "u1"), (CAROL, "u1")]);
     }
 
     #[test]
-    fn today_a_writer_whose_framing_confirms_nothing_gets_its_echo_at_once() {
-        // y-websocket: no write confirmation, so the writer is not held back (issue #14 changes
-        // this: its echo will wait for the commit).
+    fn a_writer_whose_framing_confirms_nothing_gets_its_echo_after_commit() {
+        // y-websocket: no write confirmation, so the echo is the confirmation and waits too.
         let mut relay = Policy::new();
         relay.unsaved(b"u1".to_vec());
-        let sent = relay.relay(vec![], vec![(ADA, "u1"), (BOB, "u1")]);
-        assert_eq!(sent, vec![(ADA, "u1"), (BOB, "u1")]);
+        let sent = relay.relay(vec![writer(ADA, None, "u1", None)], vec![(BOB, "u1")]);
+        assert_eq!(sent, vec![(BOB, "u1")]);
         assert_eq!(appended(relay.after_batch()), vec![b"u1".to_vec()]);
-        assert!(released(commit(&mut relay, true, Instant::now())).peers.is_empty());
+        assert_eq!(released(commit(&mut relay, true, Instant::now())).peers, vec![(ADA, Held::Frame("u1"))]);
     }
 
     #[test]
-    fn today_during_an_outage_a_writer_sees_others_updates_only_after_commit() {
-        // Ada wrote and waits for her echo; Bob's later update queues behind it, so Ada sees it
-        // only once the store is back (issue #14 changes this: a writer must see others' updates
-        // during an outage).
+    fn during_an_outage_a_writer_sees_others_updates() {
+        // Ada wrote and waits for her echo while the store is down; Bob's later update, and his
+        // part of a batch both wrote in, reach her at once.
         let now = Instant::now();
         let mut relay = Policy::new();
         ada_writes(&mut relay, "u1");
         appended(relay.after_batch());
         assert!(matches!(commit(&mut relay, false, now), Landed::Failed { .. }));
         relay.unsaved(b"u2".to_vec());
-        let sent = relay.relay(vec![(BOB, "ack")], vec![(ADA, "u2"), (BOB, "u2"), (CAROL, "u2")]);
-        assert_eq!(sent, vec![(CAROL, "u2")], "Ada waits for her echo, Bob for his");
+        let sent = relay.relay(vec![writer(BOB, Some("ack"), "u2", None)], vec![(ADA, "u2"), (CAROL, "u2")]);
+        assert_eq!(sent, vec![(ADA, "u2"), (CAROL, "u2")], "only Bob waits, for his own echo");
+        relay.unsaved(b"a3b3".to_vec());
+        let both = vec![writer(ADA, Some("ack"), "a3", Some("b3")), writer(BOB, Some("ack"), "b3", Some("a3"))];
+        let sent = relay.relay(both, vec![(CAROL, "a3b3")]);
+        assert_eq!(sent, vec![(CAROL, "a3b3"), (ADA, "b3"), (BOB, "a3")]);
         assert!(matches!(relay.after_batch(), Persist::Wait), "the retry is scheduled");
-        assert_eq!(appended(relay.retry()), vec![b"u1".to_vec(), b"u2".to_vec()]);
+        assert_eq!(appended(relay.retry()), vec![b"u1".to_vec(), b"u2".to_vec(), b"a3b3".to_vec()]);
         let release = released(commit(&mut relay, true, now + FIRST_RETRY));
         assert_eq!(
             release.peers,
@@ -352,31 +347,31 @@ mod tests {
                 (ADA, Held::Ack("ack")),
                 (ADA, Held::Frame("u1")),
                 (BOB, Held::Ack("ack")),
-                (ADA, Held::Frame("u2")),
                 (BOB, Held::Frame("u2")),
+                (ADA, Held::Ack("ack")),
+                (ADA, Held::Frame("a3")),
+                (BOB, Held::Ack("ack")),
+                (BOB, Held::Frame("b3")),
             ]
         );
     }
 
     #[test]
-    fn a_peer_waiting_for_an_echo_gets_later_updates_in_order() {
+    fn others_updates_never_wait_behind_an_echo() {
         let now = Instant::now();
         let mut relay = Policy::new();
         ada_writes(&mut relay, "u1");
         appended(relay.after_batch());
-        // Bob writes while Ada's commit is in flight: Ada's copy of u2 queues behind her echo.
+        // Bob writes while Ada's commit is in flight: Ada gets u2 at once, her echo still held.
         relay.unsaved(b"u2".to_vec());
-        let sent = relay.relay(vec![(BOB, "ack")], vec![(ADA, "u2"), (BOB, "u2"), (CAROL, "u2")]);
-        assert_eq!(sent, vec![(CAROL, "u2")]);
+        let sent = relay.relay(vec![writer(BOB, Some("ack"), "u2", None)], vec![(ADA, "u2"), (CAROL, "u2")]);
+        assert_eq!(sent, vec![(ADA, "u2"), (CAROL, "u2")]);
         assert!(matches!(relay.after_batch(), Persist::Wait), "one commit in flight at a time");
         let first = released(commit(&mut relay, true, now));
         assert_eq!(first.peers, vec![(ADA, Held::Ack("ack")), (ADA, Held::Frame("u1"))]);
         assert_eq!(appended(relay.persist()), vec![b"u2".to_vec()], "the next commit takes what came meanwhile");
         let second = released(commit(&mut relay, true, now));
-        assert_eq!(second.peers, vec![(BOB, Held::Ack("ack")), (ADA, Held::Frame("u2")), (BOB, Held::Frame("u2"))]);
-        // Nothing pending any more: the next update reaches Ada at once.
-        relay.unsaved(b"u3".to_vec());
-        assert_eq!(relay.relay(vec![], vec![(ADA, "u3")]), vec![(ADA, "u3")]);
+        assert_eq!(second.peers, vec![(BOB, Held::Ack("ack")), (BOB, Held::Frame("u2"))]);
     }
 
     #[test]
@@ -408,15 +403,15 @@ mod tests {
 
     #[test]
     fn with_nothing_unsaved_held_frames_go_at_once() {
-        // Another node's update is saved by that node: a peer still owed an echo gets it once
+        // A write that added nothing (a resend of what is saved already) is confirmed once
         // nothing of this node's is unsaved, without a commit.
         let mut relay = Policy::new();
         ada_writes(&mut relay, "u1");
         appended(relay.after_batch());
         released(commit(&mut relay, true, Instant::now()));
-        relay.relay(vec![(ADA, "ack")], vec![(ADA, "remote")]);
+        relay.relay(vec![Writer { peer: ADA, ack: Some("ack"), own: None, others: None }], vec![]);
         let Persist::Release(release) = relay.after_batch() else { panic!("released at once") };
-        assert_eq!(release.peers, vec![(ADA, Held::Ack("ack")), (ADA, Held::Frame("remote"))]);
+        assert_eq!(release.peers, vec![(ADA, Held::Ack("ack"))]);
     }
 
     #[test]

@@ -57,6 +57,10 @@ pub struct Output {
     pub update: Option<Vec<u8>>,
     /// Awareness changes of this batch: relay them to every peer.
     pub awareness: Option<Vec<u8>>,
+    /// Each applied write of this batch, with the peer that sent it: the part of `update` that
+    /// write added (what the document did not hold yet), in the order applied. A room holds a
+    /// writer's own part until it is saved and sends it everyone else's at once.
+    pub writes: Vec<(PeerId, Vec<u8>)>,
 }
 
 #[derive(Debug)]
@@ -145,6 +149,20 @@ impl DocState {
         self.peers.contains_key(&peer)
     }
 
+    /// Whether `msg` from a peer with `role` would change the document: an editor's sync step 2
+    /// or update with something the document does not hold. A viewer's, or one that repeats what
+    /// is here (a fresh joiner's empty step 2), is no write; one that does not decode is left to
+    /// [`DocState::step`] to refuse.
+    pub fn is_write(&self, role: Role, msg: &DocMessage) -> bool {
+        let DocMessage::Sync(SyncMessage::SyncStep2(bytes) | SyncMessage::Update(bytes)) = msg else {
+            return false;
+        };
+        if !role.can_write() || bytes == EMPTY_UPDATE {
+            return false;
+        }
+        Update::decode_v1(bytes).is_ok_and(|update| self.has_changes(&update))
+    }
+
     pub fn peer_count(&self) -> usize {
         self.peers.len()
     }
@@ -203,7 +221,7 @@ impl DocState {
             _ => yrs::merge_updates_v1(batch.deltas.iter().map(Vec::as_slice)).ok(),
         };
         let awareness = self.encode_awareness(batch.awareness_changed);
-        Output { replies: batch.replies, update, awareness }
+        Output { replies: batch.replies, update, awareness, writes: batch.writes }
     }
 
     /// Removes awareness states not renewed within `timeout` (clients renew every 15 s).
@@ -354,8 +372,9 @@ impl DocState {
         let mut progress = false;
         for (peer, bytes) in batch.pending.drain(..) {
             match take(&mut txn, &bytes, &mut self.types) {
-                Ok(reply) => {
+                Ok((reply, part)) => {
                     progress |= reply == Reply::WriteApplied;
+                    batch.writes.extend(part.map(|part| (peer, part)));
                     batch.replies.push((peer, reply));
                 }
                 Err(Admit::Wait(reason)) => {
@@ -371,8 +390,9 @@ impl DocState {
             progress = false;
             for held in std::mem::take(&mut self.held) {
                 match take(&mut txn, &held.bytes, &mut self.types) {
-                    Ok(reply) => {
+                    Ok((reply, part)) => {
                         progress |= reply == Reply::WriteApplied;
+                        batch.writes.extend(part.map(|part| (held.peer, part)));
                         release(&mut self.peers, &held);
                         batch.replies.push((held.peer, reply));
                     }
@@ -428,16 +448,21 @@ fn hold(
     None
 }
 
-/// Applies an editor's update if [`admit`] lets it in, and indexes its nested types.
-fn take(txn: &mut yrs::TransactionMut, bytes: &[u8], types: &mut HashSet<BlockId>) -> Result<Reply, Admit> {
-    let (update, shape) = admit(bytes, &txn.state_vector(), types)?;
+/// Applies an editor's update if [`admit`] lets it in, and indexes its nested types. An applied
+/// update comes back with the part of it the document did not hold yet (`None` if it was empty).
+fn take(
+    txn: &mut yrs::TransactionMut,
+    bytes: &[u8],
+    types: &mut HashSet<BlockId>,
+) -> Result<(Reply, Option<Vec<u8>>), Admit> {
+    let (update, shape, part) = admit(bytes, &txn.state_vector(), types)?;
     Ok(match txn.apply_update(update) {
         Ok(()) => {
             types.extend(shape.types);
-            Reply::WriteApplied
+            (Reply::WriteApplied, (part != EMPTY_UPDATE).then_some(part))
         }
         // `admit` leaves no way to get here that fuzzing has found.
-        Err(e) => Reply::Invalid(format!("update could not be applied: {e}")),
+        Err(e) => (Reply::Invalid(format!("update could not be applied: {e}")), None),
     })
 }
 
@@ -465,7 +490,7 @@ enum Admit {
 /// needs any of that: its edits build on what the server sent it. Stripping the overlap (yrs's own
 /// `diff_updates_v1`) keeps honest resends, such as an offline client's sync step 2 that repeats
 /// content which reached the server another way, working.
-fn admit(bytes: &[u8], known: &StateVector, types: &HashSet<BlockId>) -> Result<(Update, Shape), Admit> {
+fn admit(bytes: &[u8], known: &StateVector, types: &HashSet<BlockId>) -> Result<(Update, Shape, Vec<u8>), Admit> {
     let refuse = |e: &dyn std::fmt::Display| Admit::Refuse(format!("update refused: {e}"));
     let mut shape = untrusted::shape_v1(bytes).map_err(|e| refuse(&e))?;
     let stripped;
@@ -480,7 +505,7 @@ fn admit(bytes: &[u8], known: &StateVector, types: &HashSet<BlockId>) -> Result<
         .fits(known, |id| types.contains(&id))
         .map_err(|e| if e.is_missing() { Admit::Wait(format!("update waits: {e}")) } else { refuse(&e) })?;
     let update = Update::decode_v1(bytes).map_err(|e| refuse(&e))?;
-    Ok((update, shape))
+    Ok((update, shape, bytes.to_vec()))
 }
 
 #[derive(Default)]
@@ -488,6 +513,7 @@ struct Batch {
     replies: Vec<(PeerId, Reply)>,
     pending: Vec<(PeerId, Vec<u8>)>,
     deltas: Vec<Vec<u8>>,
+    writes: Vec<(PeerId, Vec<u8>)>,
     awareness_changed: HashSet<ClientID>,
 }
 
@@ -523,6 +549,40 @@ mod tests {
         relayed.transact_mut().apply_update(Update::decode_v1(&out.update.unwrap()).unwrap()).unwrap();
         assert_eq!(text_of(&relayed), text_of(room.doc()));
         assert_eq!(text_of(&relayed).len(), 11);
+    }
+
+    #[test]
+    fn each_writer_gets_its_own_part_of_the_batch() {
+        let mut room = DocState::new();
+        let now = Instant::now();
+        room.step([Input::Join { peer: 1, role: Role::Editor }, Input::Join { peer: 2, role: Role::Editor }], now);
+        let (a, b) = (Doc::new(), Doc::new());
+        let hello = edit(&a, 0, "hello ");
+        let out = room.step([update_msg(1, hello.clone()), update_msg(2, edit(&b, 0, "world"))], now);
+        let parts: HashMap<PeerId, Vec<u8>> = out.writes.into_iter().collect();
+        // Ada's part plus Bob's is the whole batch, and Bob's alone is what Ada lacks.
+        a.transact_mut().apply_update(Update::decode_v1(&parts[&2]).unwrap()).unwrap();
+        assert_eq!(text_of(&a), text_of(room.doc()));
+        assert!(!text_of(&a).is_empty() && parts[&1] == hello);
+        // A resend of what the document holds is applied, but adds no part.
+        let out = room.step([update_msg(1, hello)], now);
+        assert_eq!(out.replies, vec![(1, Reply::WriteApplied)]);
+        assert!(out.writes.is_empty() && out.update.is_none());
+    }
+
+    #[test]
+    fn only_what_would_change_the_document_is_a_write() {
+        let mut room = DocState::new();
+        let now = Instant::now();
+        let a = Doc::new();
+        let hello = edit(&a, 0, "hello");
+        room.step([Input::Join { peer: 1, role: Role::Editor }, update_msg(1, hello.clone())], now);
+        let msg = |bytes: Vec<u8>| DocMessage::Sync(SyncMessage::SyncStep2(bytes));
+        assert!(room.is_write(Role::Editor, &msg(edit(&a, 0, "more"))));
+        assert!(!room.is_write(Role::Viewer, &msg(edit(&a, 0, "more"))), "a viewer's is refused anyway");
+        assert!(!room.is_write(Role::Editor, &msg(EMPTY_UPDATE.to_vec())), "a fresh joiner's step 2");
+        assert!(!room.is_write(Role::Editor, &msg(hello)), "a resend of what is here");
+        assert!(!room.is_write(Role::Editor, &DocMessage::Sync(SyncMessage::SyncStep1(StateVector::default()))));
     }
 
     #[test]

@@ -213,7 +213,8 @@ export function useServer(opts = {}) {
 
 /**
  * Starts `collab serve` on 127.0.0.1 with an OS-chosen port and a fresh data dir (and, with
- * `sandbox`, `--sandbox SANDBOX` for the exec channel's runs and terminals; `args`: more flags).
+ * `sandbox`, `--sandbox SANDBOX` for the exec channel's runs and terminals; `args`, more
+ * flags such as `--database-url` or `--preview-listen 127.0.0.1:0`).
  * Resolves once the server printed `listening on http://127.0.0.1:PORT`.
  */
 export async function startServer({
@@ -229,7 +230,6 @@ export async function startServer({
   if (demo) {
     args.push('--demo');
   }
-  // More flags of `collab serve`, say `--preview-listen 127.0.0.1:0`.
   args.push(...extraArgs);
   if (sandbox !== undefined) {
     // `local` (bubblewrap) turns the exec channel on; without it /exec answers 503.

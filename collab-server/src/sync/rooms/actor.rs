@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::time::Duration;
 
 use bytes::Bytes;
-use sync_core::relay::{Held, Persist, Relay, Release};
+use sync_core::relay::{Held, Persist, Relay, Release, Writer};
 use sync_core::room::Reply;
 use sync_core::wire::{DocMessage, OutMsg, SyncMessage};
 use sync_core::{DocName, DocState, Input, Output, PeerId, Role};
@@ -40,6 +40,7 @@ pub(super) type RoomRelay = Relay<Bytes, oneshot::Sender<()>>;
 pub(super) struct PeerSlot {
     pub(super) sink: ConnSink,
     pub(super) framing: Framing,
+    pub(super) role: Role,
 }
 
 pub(super) struct Actor {
@@ -208,14 +209,15 @@ impl Actor {
         for cmd in cmds {
             match cmd {
                 RoomCmd::Join { peer, role, sink, framing } => {
-                    self.peers.insert(peer, PeerSlot { sink, framing });
+                    self.peers.insert(peer, PeerSlot { sink, framing, role });
                     inputs.push(Input::Join { peer, role });
                 }
                 RoomCmd::Leave { peer } => inputs.push(Input::Leave { peer }),
                 RoomCmd::Msg { peer, .. } if refused.contains(&peer) => {}
-                RoomCmd::Msg { peer, msg } if refusing && is_write(&msg) => {
+                RoomCmd::Msg { peer, msg } if refusing && self.is_write(state, peer, &msg) => {
                     // The store is behind by more than the bound: take no new edit. The client
-                    // still holds it and sends it again on reconnecting.
+                    // still holds it and sends it again on reconnecting. A viewer's message, or
+                    // a step 2 that brings nothing new (a fresh joiner's), is no edit.
                     self.env().metrics.writes_refused.inc();
                     if let Some(slot) = self.peers.get(&peer) {
                         slot.sink.killer().kill(CloseReason::new(
@@ -252,6 +254,13 @@ impl Actor {
         self.drive(next);
     }
 
+    /// Whether `msg` would change the document (see [`DocState::is_write`]); a peer that joined
+    /// in this batch is judged by the role it joined with.
+    fn is_write(&self, state: &DocState, peer: PeerId, msg: &DocMessage) -> bool {
+        let role = self.peers.get(&peer).map(|slot| slot.role);
+        role.is_some_and(|role| state.is_write(role, msg))
+    }
+
     /// Does what the policy says about saving: start a commit, or send confirmations.
     pub(super) fn drive(&mut self, persist: Persist<Bytes, oneshot::Sender<()>>) {
         match persist {
@@ -262,15 +271,18 @@ impl Actor {
     }
 
     /// Sends replies and relays; evicts peers whose connection is gone or too slow. Who gets
-    /// the update now and who after the commit is the [`Relay`] policy's decision.
+    /// what now and what after the commit is the [`Relay`] policy's decision; this encodes the
+    /// frames: the whole update for a peer that did not write in this step, and for a writer its
+    /// own part (its echo) and everyone else's apart.
     pub(super) fn broadcast(&mut self, state: &mut DocState, out: Output, origin: Origin) {
         let mut evict = Vec::new();
-        let mut acks = Vec::new();
+        // Every write applied for a peer, with its confirmation frame where the framing has one.
+        let mut acks: Vec<(PeerId, Option<Bytes>)> = Vec::new();
         for (peer, reply) in out.replies {
             let Some(slot) = self.peers.get(&peer) else { continue };
             let frame = match reply_frame(&slot.framing, &reply) {
-                ReplyFrame::Send(frame) => frame,
-                ReplyFrame::Nothing => continue,
+                ReplyFrame::Send(frame) => Some(frame),
+                ReplyFrame::Nothing => None,
                 ReplyFrame::Kill(reason) => {
                     self.env().metrics.protocol_errors.inc();
                     slot.sink.killer().kill(reason);
@@ -280,21 +292,46 @@ impl Actor {
             };
             if reply == Reply::WriteApplied {
                 acks.push((peer, frame));
-            } else if slot.sink.push(frame).is_err() {
+            } else if let Some(frame) = frame
+                && slot.sink.push(frame).is_err()
+            {
                 evict.push(peer);
             }
         }
-        let mut update_frames = Vec::new();
+        let mut parts: HashMap<PeerId, Vec<Vec<u8>>> = HashMap::new();
+        for (peer, part) in out.writes {
+            parts.entry(peer).or_default().push(part);
+        }
+        let mut writers: Vec<Writer<Bytes>> = Vec::new();
+        let mut readers = Vec::new();
+        let mut is_writer: HashSet<PeerId> = HashSet::new();
+        for (peer, ack) in acks {
+            let first = is_writer.insert(peer);
+            writers.push(Writer { peer, ack, own: None, others: None });
+            if !first {
+                continue;
+            }
+            let (Some(update), Some(slot)) = (&out.update, self.peers.get(&peer)) else { continue };
+            let last = writers.last_mut().expect("just pushed");
+            let Some(own) = parts.get(&peer) else {
+                // Its write added nothing: the whole update is everyone else's.
+                last.others = Some(encode(&slot.framing, OutMsg::Update(update)));
+                continue;
+            };
+            last.own = merged(own.iter(), update).map(|own| encode(&slot.framing, OutMsg::Update(&own)));
+            let others = parts.iter().filter(|(p, _)| **p != peer).flat_map(|(_, v)| v.iter());
+            last.others = merged(others, update).map(|others| encode(&slot.framing, OutMsg::Update(&others)));
+        }
         if let Some(update) = &out.update {
             self.changed_at_tick = self.compare_ticks;
             let mut frames: HashMap<&Framing, Bytes> = HashMap::new();
-            for (peer, slot) in &self.peers {
+            for (peer, slot) in self.peers.iter().filter(|(peer, _)| !is_writer.contains(peer)) {
                 let frame =
                     frames.entry(&slot.framing).or_insert_with(|| encode(&slot.framing, OutMsg::Update(update)));
-                update_frames.push((*peer, frame.clone()));
+                readers.push((*peer, frame.clone()));
             }
         }
-        for (peer, frame) in self.relay.relay(acks, update_frames) {
+        for (peer, frame) in self.relay.relay(writers, readers) {
             if let Some(slot) = self.peers.get(&peer)
                 && slot.sink.push(frame).is_err()
             {
@@ -366,8 +403,15 @@ impl Actor {
     }
 }
 
-fn is_write(msg: &DocMessage) -> bool {
-    matches!(msg, DocMessage::Sync(SyncMessage::SyncStep2(_) | SyncMessage::Update(_)))
+/// One update holding every given part of `whole` (none for none). Should parts not merge, the
+/// whole update stands in: it holds them all, and what else it holds the peer already has.
+fn merged<'a>(parts: impl Iterator<Item = &'a Vec<u8>>, whole: &[u8]) -> Option<Vec<u8>> {
+    let parts: Vec<&[u8]> = parts.map(Vec::as_slice).collect();
+    match parts.as_slice() {
+        [] => None,
+        [one] => Some(one.to_vec()),
+        many => Some(yrs::merge_updates_v1(many.iter().copied()).unwrap_or_else(|_| whole.to_vec())),
+    }
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {
