@@ -140,18 +140,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         app.tracker.spawn(auto_checkpoints(app.clone()));
     }
     let router = edge::router(app.clone());
-    let service = router.into_make_service_with_connect_info::<SocketAddr>();
-    let stop = shutdown.clone();
-    let serve = tokio::spawn(async move {
-        // Small frames go out at once: without TCP_NODELAY, Nagle's algorithm and delayed
-        // acknowledgements hold a keystroke back for up to 40 ms.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::warn!(error = %e, "cannot set TCP_NODELAY");
-            }
-        });
-        axum::serve(listener, service).with_graceful_shutdown(async move { stop.cancelled().await }).await
-    });
+    let l = &app.config.limits;
+    let conn_limits = edge::listen::ConnLimits::new(l.max_connections_per_ip, l.max_connections, l.header_timeout);
+    let serve = tokio::spawn(edge::listen::serve(listener, router, conn_limits, shutdown.clone()));
     info!(%addr, "listening");
     Ok(Running { addr, app, serve })
 }

@@ -1,5 +1,6 @@
 //! HTTP routes: the two sync endpoints, `/healthz`, `/metrics` and the web front end.
 
+pub mod listen;
 pub mod preview;
 
 use std::collections::HashMap;
@@ -13,6 +14,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use sync_core::DocName;
+use tokio_util::sync::CancellationToken;
 use tower_governor::GovernorLayer;
 use tower_governor::governor::GovernorConfigBuilder;
 use tower_http::services::{ServeDir, ServeFile};
@@ -69,7 +71,23 @@ impl IntoResponse for AppError {
 }
 
 pub fn router(app: Arc<AppState>) -> Router {
-    let mut sync = Router::new().route("/sync", get(mux_upgrade)).route("/sync/{*doc}", get(yws_upgrade));
+    let api = Router::new()
+        .route("/api/projects/{project}/export", get(export))
+        .route("/api/projects/{project}/import", post(import))
+        .route("/api/projects/{project}/checkpoints", get(list_checkpoints).post(create_checkpoint))
+        .route("/api/projects/{project}/checkpoints/{id}/restore", post(restore_checkpoint))
+        .route("/api/projects/{project}/checkpoints/{id}/diff", get(diff_checkpoint))
+        .layer(DefaultBodyLimit::max(IMPORT_BODY_LIMIT));
+    // Everything that opens a socket or does work for a token shares one per-address rate;
+    // `/healthz`, `/metrics` and the static front end do not.
+    let mut limited = Router::new()
+        .route("/sync", get(mux_upgrade))
+        .route("/sync/{*doc}", get(yws_upgrade))
+        .merge(api)
+        .route("/exec/{project}", get(exec_upgrade))
+        .route("/preview/{project}/{port}", get(crate::edge::preview::bare))
+        .route("/preview/{project}/{port}/", axum::routing::any(crate::edge::preview::root))
+        .route("/preview/{project}/{port}/{*path}", axum::routing::any(crate::edge::preview::path));
     let rate = app.config.limits.connect_rate;
     if rate > 0 {
         let period_ms = (1000 / u64::from(rate)).max(1);
@@ -79,7 +97,13 @@ pub fn router(app: Arc<AppState>) -> Router {
             .finish()
             .map(Arc::new);
         if let Some(config) = governor {
-            sync = sync.layer(GovernorLayer { config });
+            let limiter = config.limiter().clone();
+            let prune = move || {
+                limiter.retain_recent();
+                limiter.shrink_to_fit();
+            };
+            app.tracker.spawn(prune_rate_limiter(prune, app.shutdown.clone()));
+            limited = limited.layer(GovernorLayer { config });
         }
     }
     let web_dir = app.config.web_dir.clone();
@@ -92,24 +116,24 @@ pub fn router(app: Arc<AppState>) -> Router {
             Html("<h1>collab</h1><p>The web front end is not built. Run <code>cargo xtask run</code>.</p>")
         })
     };
-    let api = Router::new()
-        .route("/api/projects/{project}/export", get(export))
-        .route("/api/projects/{project}/import", post(import))
-        .route("/api/projects/{project}/checkpoints", get(list_checkpoints).post(create_checkpoint))
-        .route("/api/projects/{project}/checkpoints/{id}/restore", post(restore_checkpoint))
-        .route("/api/projects/{project}/checkpoints/{id}/diff", get(diff_checkpoint))
-        .layer(DefaultBodyLimit::max(IMPORT_BODY_LIMIT));
     Router::new()
-        .merge(sync)
-        .merge(api)
-        .route("/exec/{project}", get(exec_upgrade))
-        .route("/preview/{project}/{port}", get(crate::edge::preview::bare))
-        .route("/preview/{project}/{port}/", axum::routing::any(crate::edge::preview::root))
-        .route("/preview/{project}/{port}/{*path}", axum::routing::any(crate::edge::preview::path))
+        .merge(limited)
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .merge(web)
         .with_state(app)
+}
+
+/// Forgets the addresses whose rate is back to full now and then: the keyed limiter keeps an
+/// entry for every address it ever saw otherwise.
+async fn prune_rate_limiter(prune: impl Fn() + Send + 'static, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => prune(),
+        }
+    }
 }
 
 async fn metrics(State(app): State<Arc<AppState>>) -> impl IntoResponse {

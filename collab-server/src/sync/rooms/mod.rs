@@ -570,7 +570,9 @@ impl Actor {
         self.log_len = stored.updates.len() as u64;
         self.last_seq = stored.last_seq;
         let parts = stored.snapshot.iter().chain(stored.updates.iter()).map(Vec::as_slice);
-        Ok(DocState::load(parts)?)
+        let mut state = DocState::load(parts)?;
+        state.set_awareness_cap(self.env().limits.max_awareness_clients);
+        Ok(state)
     }
 
     async fn process(&mut self, state: &mut DocState, cmds: impl Iterator<Item = RoomCmd>) {
