@@ -183,3 +183,27 @@ async fn a_raw_peer_replaying_a_trace_one_message_per_transaction_is_not_slowed(
     assert!(elapsed < Duration::from_secs(20), "the replay took {elapsed:?}");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_past_the_tree_bound_is_refused_whole_and_export_stays_small() {
+    let server = TestServer::start().await;
+    let token = server.editor("wide", "hostile");
+    let mut ws = raw(&server, "wide", &token).await;
+    let author = yrs::Doc::new();
+    let update = {
+        let mut txn = yrs::Transact::transact_mut(&author);
+        sync_core::tree::init(&mut txn);
+        // `put_entry` under fresh ids, not `create`, which looks for a clash in the whole tree.
+        for i in 0..=sync_core::tree::MAX_ENTRIES {
+            let id = format!("{i:016x}");
+            sync_core::tree::put_entry(&mut txn, &id, &format!("f{i}"), sync_core::tree::EntryKind::File).unwrap();
+        }
+        txn.encode_update_v1()
+    };
+    ws.send(Message::Binary(wire::encode_ywebsocket(OutMsg::Update(&update)).into())).await.unwrap();
+    assert_eq!(close_code(&mut ws).await, Some(1007), "a tree past the bound closes the socket with 1007");
+    let (status, body) = common::http(&server, "GET", "/api/projects/wide/export?format=zip", &token, b"").await;
+    assert_eq!(status, 200);
+    assert!(body.len() < 1024, "nothing of the refused update is exported ({} bytes)", body.len());
+    server.stop().await;
+}

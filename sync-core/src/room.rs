@@ -96,6 +96,8 @@ pub struct DocState {
     answered: Option<(StateVector, Vec<u8>)>,
     /// Most awareness client ids one (non-relay) peer may speak for; see [`DocState::set_awareness_cap`].
     awareness_cap: usize,
+    /// Most entries of the project tree's `files` map, when this is a project's root document.
+    tree_cap: Option<usize>,
 }
 
 /// Awareness client ids one peer may speak for by default. A browser tab uses one; a few more
@@ -129,6 +131,7 @@ impl DocState {
             summary: None,
             answered: None,
             awareness_cap: MAX_AWARENESS_CLIENTS,
+            tree_cap: None,
         }
     }
 
@@ -171,6 +174,13 @@ impl DocState {
     /// made every joiner wait for, and every peer hold, all of their states.
     pub fn set_awareness_cap(&mut self, cap: usize) {
         self.awareness_cap = cap.max(1);
+    }
+
+    /// Makes this a project's root document whose tree holds at most `cap` entries: an update
+    /// that could take the `files` map past it is refused whole ([`Reply::Invalid`]). One update
+    /// with 100,000 entries made every export and checkpoint load 100,000 documents.
+    pub fn set_tree_cap(&mut self, cap: usize) {
+        self.tree_cap = Some(cap);
     }
 
     /// Marks a joined peer as a relay of clients connected elsewhere (see [`Peer::relay`]).
@@ -392,7 +402,7 @@ impl DocState {
         let mut txn = self.doc.transact_mut();
         let mut progress = false;
         for (peer, bytes) in batch.pending.drain(..) {
-            match take(&mut txn, &bytes, &mut self.types) {
+            match take(&mut txn, &bytes, &mut self.types, self.tree_cap) {
                 Ok(reply) => {
                     progress |= reply == Reply::WriteApplied;
                     batch.replies.push((peer, reply));
@@ -409,7 +419,7 @@ impl DocState {
         while progress && !self.held.is_empty() {
             progress = false;
             for held in std::mem::take(&mut self.held) {
-                match take(&mut txn, &held.bytes, &mut self.types) {
+                match take(&mut txn, &held.bytes, &mut self.types, self.tree_cap) {
                     Ok(reply) => {
                         progress |= reply == Reply::WriteApplied;
                         release(&mut self.peers, &held);
@@ -468,9 +478,22 @@ fn hold(
     None
 }
 
-/// Applies an editor's update if [`admit`] lets it in, and indexes its nested types.
-fn take(txn: &mut yrs::TransactionMut, bytes: &[u8], types: &mut HashSet<BlockId>) -> Result<Reply, Admit> {
+/// Applies an editor's update if [`admit`] lets it in and it keeps the tree within `tree_cap`,
+/// and indexes its nested types.
+fn take(
+    txn: &mut yrs::TransactionMut,
+    bytes: &[u8],
+    types: &mut HashSet<BlockId>,
+    tree_cap: Option<usize>,
+) -> Result<Reply, Admit> {
     let (update, shape) = admit(bytes, &txn.state_vector(), types)?;
+    if let Some(cap) = tree_cap {
+        let adding = shape.root_keys.get(crate::tree::FILES).copied().unwrap_or(0);
+        let present = txn.get_map(crate::tree::FILES).map_or(0, |files| yrs::Map::len(&files, txn) as usize);
+        if adding > 0 && present + adding > cap {
+            return Err(Admit::Refuse(format!("update refused: the project tree holds at most {cap} entries")));
+        }
+    }
     Ok(match txn.apply_update(update) {
         Ok(()) => {
             types.extend(shape.types);
@@ -690,6 +713,39 @@ mod tests {
         let late = Doc::new();
         late.transact_mut().apply_update(Update::decode_v1(after).unwrap()).unwrap();
         assert_eq!(text_of(&late), "abcd");
+    }
+
+    #[test]
+    fn a_root_document_refuses_updates_past_its_tree_cap_whole() {
+        let mut room = DocState::new();
+        room.set_tree_cap(3);
+        let now = Instant::now();
+        room.step([Input::Join { peer: 1, role: Role::Editor }], now);
+        let author = Doc::new();
+        let write = |f: &dyn Fn(&mut yrs::TransactionMut)| {
+            let mut txn = author.transact_mut();
+            f(&mut txn);
+            txn.encode_update_v1()
+        };
+        let three = write(&|txn| {
+            crate::tree::init(txn);
+            for path in ["a", "b", "c"] {
+                crate::tree::create(txn, path, crate::tree::EntryKind::File).unwrap();
+            }
+        });
+        let out = room.step([update_msg(1, three)], now);
+        assert_eq!(out.replies, vec![(1, Reply::WriteApplied)]);
+        // A rename rewrites an entry's path, not the map's keys: allowed at the cap.
+        let id = crate::tree::find_by_path(&author.transact(), "a").unwrap().id;
+        let renamed = write(&|txn| crate::tree::rename(txn, &id, "z").unwrap());
+        assert_eq!(room.step([update_msg(1, renamed)], now).replies, vec![(1, Reply::WriteApplied)]);
+        let fourth = write(&|txn| {
+            crate::tree::create(txn, "d", crate::tree::EntryKind::File).unwrap();
+        });
+        let out = room.step([update_msg(1, fourth)], now);
+        assert!(matches!(out.replies.as_slice(), [(1, Reply::Invalid(_))]), "{:?}", out.replies);
+        assert!(out.update.is_none(), "nothing of the refused update is applied");
+        assert_eq!(crate::tree::entries(&room.doc().transact()).len(), 3);
     }
 
     /// A room with one editor, peer 1.

@@ -572,6 +572,9 @@ impl Actor {
         let parts = stored.snapshot.iter().chain(stored.updates.iter()).map(Vec::as_slice);
         let mut state = DocState::load(parts)?;
         state.set_awareness_cap(self.env().limits.max_awareness_clients);
+        if self.doc.is_root() {
+            state.set_tree_cap(sync_core::tree::MAX_ENTRIES);
+        }
         Ok(state)
     }
 
