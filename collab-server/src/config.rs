@@ -101,19 +101,43 @@ pub struct Limits {
     /// Frames queued for one client before it counts as too slow and is disconnected (1013).
     #[arg(long, env = "COLLAB_OUTBOUND_QUEUE", default_value_t = 1024)]
     pub outbound_queue: usize,
-    /// Sustained frames per second a connection may send; bursts use --rate-burst. Excess is
-    /// throttled (reading pauses), never dropped. 0 disables the limit.
-    #[arg(long, env = "COLLAB_RATE_MESSAGES", default_value_t = 200)]
+    /// Bytes queued for one client before it counts as too slow and is disconnected (1013); one
+    /// frame larger than this still goes out when nothing else waits.
+    #[arg(long, env = "COLLAB_OUTBOUND_QUEUE_BYTES", default_value_t = 32 << 20)]
+    pub outbound_queue_bytes: usize,
+    /// Sustained messages per second a connection may send, counted inside frames and weighed by
+    /// the work they ask for (a sync step 1 counts 256, an awareness query 64, anything else 1;
+    /// see `sync_core::cost`); bursts use --rate-burst. Excess is throttled (reading pauses),
+    /// never dropped. 0 disables the limit. The default is far above what a script typing or
+    /// pasting through y-websocket sends (one message per transaction).
+    #[arg(long, env = "COLLAB_RATE_MESSAGES", default_value_t = 10_000)]
     pub rate_messages: u32,
     /// Sustained bytes per second a connection may send. 0 disables the limit.
     #[arg(long, env = "COLLAB_RATE_BYTES", default_value_t = 4 << 20)]
     pub rate_bytes: u32,
-    /// Burst allowance of the message rate limit, in frames (the byte burst is --max-message-size).
-    #[arg(long, env = "COLLAB_RATE_BURST", default_value_t = 1000)]
+    /// Burst allowance of the message rate limit, in messages as --rate-messages weighs them (the
+    /// byte burst is --max-message-size).
+    #[arg(long, env = "COLLAB_RATE_BURST", default_value_t = 50_000)]
     pub rate_burst: u32,
+    /// Awareness client ids one connection may speak for in one document; an awareness message
+    /// past it closes the connection (1007).
+    #[arg(long, env = "COLLAB_MAX_AWARENESS_CLIENTS", default_value_t = 16)]
+    pub max_awareness_clients: usize,
     /// New WebSocket connections per second allowed from one IP address (burst: 10x). 0 disables.
     #[arg(long, env = "COLLAB_CONNECT_RATE", default_value_t = 50)]
     pub connect_rate: u32,
+    /// Open connections (HTTP and WebSocket) from one IP address; more are closed on accept.
+    /// Behind a proxy every client shares the proxy's address: raise it there.
+    #[arg(long, env = "COLLAB_MAX_CONNECTIONS_PER_IP", default_value_t = 256)]
+    pub max_connections_per_ip: usize,
+    /// Open connections in total; more are closed on accept. 0 (the default): seven eighths of
+    /// the open-file limit, so the store and the sandboxes keep descriptors to work with.
+    #[arg(long, env = "COLLAB_MAX_CONNECTIONS", default_value_t = 0)]
+    pub max_connections: usize,
+    /// Seconds a connection may take to send its first byte and then a whole request head;
+    /// a connection that sends nothing is closed after it.
+    #[arg(long, env = "COLLAB_HEADER_TIMEOUT", value_parser = parse_secs, default_value = "10")]
+    pub header_timeout: Duration,
     /// Documents one multiplexed socket may have open at once.
     #[arg(long, env = "COLLAB_MAX_DOCS_PER_SOCKET", default_value_t = 256)]
     pub max_docs_per_socket: usize,

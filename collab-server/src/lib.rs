@@ -159,20 +159,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         tasks.spawn("automatic checkpoints", auto_checkpoints(app.clone()));
     }
     let router = edge::router(app.clone());
-    let service = router.into_make_service_with_connect_info::<SocketAddr>();
-    let stop = shutdown.clone();
+    let l = &app.config.limits;
+    let conn_limits = edge::listen::ConnLimits::new(l.max_connections_per_ip, l.max_connections, l.header_timeout);
     let serve_tasks = tasks.clone();
     // Under the tracker like every task; its result also reaches `Running::shutdown` (a panic
     // there is a `JoinError`), so it is not wrapped by `Tasks::spawn`.
     let serve = tasks.tracker().spawn(async move {
-        // Small frames go out at once: without TCP_NODELAY, Nagle's algorithm and delayed
-        // acknowledgements hold a keystroke back for up to 40 ms.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::warn!(error = %e, "cannot set TCP_NODELAY");
-            }
-        });
-        let served = axum::serve(listener, service).with_graceful_shutdown(async move { stop.cancelled().await }).await;
+        let served = edge::listen::serve(listener, router, conn_limits, shutdown.clone()).await;
         if let Err(e) = &served {
             serve_tasks.failed("listener", e);
         }

@@ -5,6 +5,7 @@
 //! a `now`, and get back bytes and events. That is what lets the fuzzers and property tests drive it
 //! directly, and what lets every peer (server, agent, exec bridge, load generator) share it.
 
+pub mod cost;
 pub mod names;
 pub mod peering;
 pub mod relay;

@@ -94,7 +94,19 @@ pub struct DocState {
     held: Vec<Held>,
     /// The document's [`Summary`], until the document next changes.
     summary: Option<Summary>,
+    /// The last sync step 2 answered and the state vector it answered, until the document next
+    /// changes: a step 1 repeated (every joiner sends the same empty one) costs a copy, not an
+    /// encoding of the whole document.
+    answered: Option<(StateVector, Vec<u8>)>,
+    /// Most awareness client ids one (non-relay) peer may speak for; see [`DocState::set_awareness_cap`].
+    awareness_cap: usize,
+    /// Most entries of the project tree's `files` map, when this is a project's root document.
+    tree_cap: Option<usize>,
 }
+
+/// Awareness client ids one peer may speak for by default. A browser tab uses one; a few more
+/// leave room for a client that restarts its awareness without leaving.
+pub const MAX_AWARENESS_CLIENTS: usize = 16;
 
 impl std::fmt::Debug for DocState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -121,6 +133,9 @@ impl DocState {
             types: HashSet::new(),
             held: Vec::new(),
             summary: None,
+            answered: None,
+            awareness_cap: MAX_AWARENESS_CLIENTS,
+            tree_cap: None,
         }
     }
 
@@ -170,6 +185,20 @@ impl DocState {
     /// The whole document as one update, for snapshots.
     pub fn encode_state(&self) -> Vec<u8> {
         self.doc.transact().encode_state_as_update_v1(&StateVector::default())
+    }
+
+    /// Sets how many awareness client ids one peer may speak for. An awareness message that would
+    /// take a peer past it is refused whole ([`Reply::Invalid`]): thousands of ids from one socket
+    /// made every joiner wait for, and every peer hold, all of their states.
+    pub fn set_awareness_cap(&mut self, cap: usize) {
+        self.awareness_cap = cap.max(1);
+    }
+
+    /// Makes this a project's root document whose tree holds at most `cap` entries: an update
+    /// that could take the `files` map past it is refused whole ([`Reply::Invalid`]). One update
+    /// with 100,000 entries made every export and checkpoint load 100,000 documents.
+    pub fn set_tree_cap(&mut self, cap: usize) {
+        self.tree_cap = Some(cap);
     }
 
     /// Marks a joined peer as a relay of clients connected elsewhere (see [`Peer::relay`]).
@@ -276,7 +305,7 @@ impl DocState {
         match msg {
             DocMessage::Sync(SyncMessage::SyncStep1(sv)) => {
                 self.flush(batch);
-                let diff = self.doc.transact().encode_state_as_update_v1(&sv);
+                let diff = self.answer_step1(sv);
                 batch.replies.push((peer, Reply::SyncStep2(diff)));
             }
             DocMessage::Sync(SyncMessage::SyncStep2(bytes) | SyncMessage::Update(bytes)) => {
@@ -305,7 +334,27 @@ impl DocState {
         }
     }
 
+    /// The diff a holder of `sv` lacks, encoded once per document version and state vector.
+    fn answer_step1(&mut self, sv: StateVector) -> Vec<u8> {
+        match &self.answered {
+            Some((known, diff)) if *known == sv => diff.clone(),
+            _ => {
+                let diff = self.doc.transact().encode_state_as_update_v1(&sv);
+                self.answered = Some((sv, diff.clone()));
+                diff
+            }
+        }
+    }
+
     fn apply_awareness(&mut self, peer: PeerId, mut update: AwarenessUpdate, now: Instant, batch: &mut Batch) {
+        if let Some(me) = self.peers.get(&peer).filter(|p| !p.relay) {
+            let new = update.clients.keys().filter(|id| !me.clients.contains(id)).count();
+            if me.clients.len() + new > self.awareness_cap {
+                let reason = format!("awareness for more than {} clients from one connection", self.awareness_cap);
+                batch.replies.push((peer, Reply::Invalid(reason)));
+                return;
+            }
+        }
         // A peer may only speak for client ids no other peer has claimed, except a relay: a client
         // that reconnects here from another node takes its id back from the relay at once.
         update
@@ -371,7 +420,7 @@ impl DocState {
         let mut txn = self.doc.transact_mut();
         let mut progress = false;
         for (peer, bytes) in batch.pending.drain(..) {
-            match take(&mut txn, &bytes, &mut self.types) {
+            match take(&mut txn, &bytes, &mut self.types, self.tree_cap) {
                 Ok((reply, part)) => {
                     progress |= reply == Reply::WriteApplied;
                     batch.writes.extend(part.map(|part| (peer, part)));
@@ -389,7 +438,7 @@ impl DocState {
         while progress && !self.held.is_empty() {
             progress = false;
             for held in std::mem::take(&mut self.held) {
-                match take(&mut txn, &held.bytes, &mut self.types) {
+                match take(&mut txn, &held.bytes, &mut self.types, self.tree_cap) {
                     Ok((reply, part)) => {
                         progress |= reply == Reply::WriteApplied;
                         batch.writes.extend(part.map(|part| (held.peer, part)));
@@ -408,6 +457,7 @@ impl DocState {
         drop(txn);
         if delta != EMPTY_UPDATE {
             self.summary = None;
+            self.answered = None;
             batch.deltas.push(delta);
         }
     }
@@ -448,14 +498,23 @@ fn hold(
     None
 }
 
-/// Applies an editor's update if [`admit`] lets it in, and indexes its nested types. An applied
-/// update comes back with the part of it the document did not hold yet (`None` if it was empty).
+/// Applies an editor's update if [`admit`] lets it in and it keeps the tree within `tree_cap`,
+/// and indexes its nested types. An applied update comes back with the part of it the document
+/// did not hold yet (`None` if it was empty).
 fn take(
     txn: &mut yrs::TransactionMut,
     bytes: &[u8],
     types: &mut HashSet<BlockId>,
+    tree_cap: Option<usize>,
 ) -> Result<(Reply, Option<Vec<u8>>), Admit> {
     let (update, shape, part) = admit(bytes, &txn.state_vector(), types)?;
+    if let Some(cap) = tree_cap {
+        let adding = shape.root_keys.get(crate::tree::FILES).copied().unwrap_or(0);
+        let present = txn.get_map(crate::tree::FILES).map_or(0, |files| yrs::Map::len(&files, txn) as usize);
+        if adding > 0 && present + adding > cap {
+            return Err(Admit::Refuse(format!("update refused: the project tree holds at most {cap} entries")));
+        }
+    }
     Ok(match txn.apply_update(update) {
         Ok(()) => {
             types.extend(shape.types);
@@ -650,6 +709,99 @@ mod tests {
         let late = Doc::new();
         late.transact_mut().apply_update(Update::decode_v1(diff).unwrap()).unwrap();
         assert_eq!(text_of(&late), "abc");
+    }
+
+    fn awareness_of(ids: std::ops::Range<u64>) -> DocMessage {
+        let entry = || yrs::sync::awareness::AwarenessUpdateEntry { clock: 1, json: r#"{"u":1}"#.into() };
+        DocMessage::Awareness(AwarenessUpdate { clients: ids.map(|id| (ClientID::new(id), entry())).collect() })
+    }
+
+    #[test]
+    fn a_peer_speaks_for_a_bounded_number_of_awareness_clients() {
+        let mut room = DocState::new();
+        room.set_awareness_cap(4);
+        let now = Instant::now();
+        room.step([Input::Join { peer: 1, role: Role::Viewer }], now);
+        let out = room.step([Input::Message { peer: 1, msg: awareness_of(1..4) }], now);
+        assert!(out.replies.is_empty() && out.awareness.is_some(), "{:?}", out.replies);
+        // Renewing the same ids and adding one more stays within the cap.
+        let out = room.step([Input::Message { peer: 1, msg: awareness_of(1..5) }], now);
+        assert!(out.replies.is_empty(), "{:?}", out.replies);
+        assert_eq!(room.awareness_len(), 4);
+        // One id past it: the whole message is refused, nothing of it applied.
+        let out = room.step([Input::Message { peer: 1, msg: awareness_of(3..6) }], now);
+        assert!(matches!(out.replies.as_slice(), [(1, Reply::Invalid(_))]), "{:?}", out.replies);
+        assert!(out.awareness.is_none());
+        assert_eq!(room.awareness_len(), 4);
+        let out = room.step(
+            [Input::Join { peer: 2, role: Role::Viewer }, Input::Message { peer: 2, msg: awareness_of(100..100_000) }],
+            now,
+        );
+        assert!(
+            matches!(
+                out.replies.as_slice(),
+                [(2, Reply::SyncStep1(_)), (2, Reply::Awareness(_)), (2, Reply::Invalid(_))]
+            ),
+            "{:?}",
+            out.replies
+        );
+        assert_eq!(room.awareness_len(), 4);
+    }
+
+    #[test]
+    fn a_repeated_step1_is_answered_from_the_last_answer_until_the_document_changes() {
+        let mut room = DocState::new();
+        let now = Instant::now();
+        room.step([Input::Join { peer: 1, role: Role::Editor }], now);
+        let author = Doc::new();
+        room.step([update_msg(1, edit(&author, 0, "abc"))], now);
+        let step1 =
+            || Input::Message { peer: 1, msg: DocMessage::Sync(SyncMessage::SyncStep1(StateVector::default())) };
+        let out = room.step([step1(), step1()], now);
+        let [(1, Reply::SyncStep2(a)), (1, Reply::SyncStep2(b))] = out.replies.as_slice() else {
+            panic!("{:?}", out.replies)
+        };
+        assert_eq!(a, b);
+        assert!(room.answered.is_some(), "the answer is kept");
+        // An edit in the same batch as the next step 1 is in its answer.
+        let out = room.step([update_msg(1, edit(&author, 3, "d")), step1()], now);
+        let Some((1, Reply::SyncStep2(after))) = out.replies.last() else { panic!("{:?}", out.replies) };
+        let late = Doc::new();
+        late.transact_mut().apply_update(Update::decode_v1(after).unwrap()).unwrap();
+        assert_eq!(text_of(&late), "abcd");
+    }
+
+    #[test]
+    fn a_root_document_refuses_updates_past_its_tree_cap_whole() {
+        let mut room = DocState::new();
+        room.set_tree_cap(3);
+        let now = Instant::now();
+        room.step([Input::Join { peer: 1, role: Role::Editor }], now);
+        let author = Doc::new();
+        let write = |f: &dyn Fn(&mut yrs::TransactionMut)| {
+            let mut txn = author.transact_mut();
+            f(&mut txn);
+            txn.encode_update_v1()
+        };
+        let three = write(&|txn| {
+            crate::tree::init(txn);
+            for path in ["a", "b", "c"] {
+                crate::tree::create(txn, path, crate::tree::EntryKind::File).unwrap();
+            }
+        });
+        let out = room.step([update_msg(1, three)], now);
+        assert_eq!(out.replies, vec![(1, Reply::WriteApplied)]);
+        // A rename rewrites an entry's path, not the map's keys: allowed at the cap.
+        let id = crate::tree::find_by_path(&author.transact(), "a").unwrap().id;
+        let renamed = write(&|txn| crate::tree::rename(txn, &id, "z").unwrap());
+        assert_eq!(room.step([update_msg(1, renamed)], now).replies, vec![(1, Reply::WriteApplied)]);
+        let fourth = write(&|txn| {
+            crate::tree::create(txn, "d", crate::tree::EntryKind::File).unwrap();
+        });
+        let out = room.step([update_msg(1, fourth)], now);
+        assert!(matches!(out.replies.as_slice(), [(1, Reply::Invalid(_))]), "{:?}", out.replies);
+        assert!(out.update.is_none(), "nothing of the refused update is applied");
+        assert_eq!(crate::tree::entries(&room.doc().transact()).len(), 3);
     }
 
     /// A room with one editor, peer 1.

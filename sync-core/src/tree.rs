@@ -30,6 +30,11 @@ pub const SETTINGS: &str = "settings";
 pub const CONTENT: &str = "content";
 /// Longest accepted path, in bytes.
 pub const MAX_PATH_LEN: usize = 1024;
+/// Most entries a project's tree holds: the server refuses updates that would add more, and
+/// readers take the first this many by id.
+pub const MAX_ENTRIES: usize = 10_000;
+/// Deepest path readers take, in folders (`a/b/c` is 3).
+pub const MAX_DEPTH: usize = 32;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TreeError {
@@ -114,7 +119,8 @@ fn entry_field<T: ReadTxn>(txn: &T, entry: &MapRef, key: &str) -> Option<String>
 }
 
 /// Every entry, clash-resolved and sorted by path. Malformed entries (wrong types, invalid
-/// paths written by a buggy peer) are skipped, never fatal.
+/// paths written by a buggy peer, paths deeper than [`MAX_DEPTH`]) are skipped, never fatal, and
+/// at most [`MAX_ENTRIES`] are read.
 pub fn entries<T: ReadTxn>(txn: &T) -> Vec<Entry> {
     let Some(files) = txn.get_map(FILES) else {
         return Vec::new();
@@ -125,6 +131,9 @@ pub fn entries<T: ReadTxn>(txn: &T) -> Vec<Entry> {
             let Out::YMap(entry) = value else { return None };
             let path = entry_field(txn, &entry, "path")?;
             validate_path(&path).ok()?;
+            if path.split('/').count() > MAX_DEPTH {
+                return None;
+            }
             let kind = match entry_field(txn, &entry, "kind").as_deref() {
                 Some("dir") => EntryKind::Dir,
                 _ => EntryKind::File,
@@ -133,6 +142,9 @@ pub fn entries<T: ReadTxn>(txn: &T) -> Vec<Entry> {
         })
         .collect();
     raw.sort_by(|a, b| a.0.cmp(&b.0));
+    // A tree written past the bound (by an older server, or a store edited by hand) is read up to
+    // it, the same entries by every reader.
+    raw.truncate(MAX_ENTRIES);
     let mut taken: HashMap<String, ()> = HashMap::new();
     let mut out: Vec<Entry> = raw
         .into_iter()
@@ -440,6 +452,25 @@ mod tests {
              UPDATE_GENERATED=1 cargo test -p sync-core -p exec-bridge --lib generated_typescript\n\
              --- expected ---\n{rendered}"
         );
+    }
+
+    #[test]
+    fn readers_skip_paths_deeper_than_the_bound() {
+        let doc = Doc::new();
+        let mut txn = doc.transact_mut();
+        init(&mut txn);
+        let deep = vec!["d"; MAX_DEPTH + 1].join("/");
+        let ok = vec!["d"; MAX_DEPTH].join("/");
+        for path in [&deep, &ok] {
+            let files = txn.get_or_insert_map(FILES);
+            let entry = MapPrelim::from([
+                ("path".to_owned(), Any::from(path.as_str())),
+                ("kind".to_owned(), Any::from("file")),
+            ]);
+            files.insert(&mut txn, new_file_id(), entry);
+        }
+        let read: Vec<String> = entries(&txn).into_iter().map(|e| e.path).collect();
+        assert_eq!(read, vec![ok]);
     }
 
     #[test]

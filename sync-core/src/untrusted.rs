@@ -63,6 +63,9 @@ pub struct Shape {
     pub types: Vec<BlockId>,
     /// Deleted ranges: client, first clock, length.
     pub deletes: Vec<(u64, u32, u32)>,
+    /// Per root type name, the items the update puts under a key of that root map with no origin:
+    /// an upper bound on the keys it adds (a write over an existing key has the old item as origin).
+    pub root_keys: HashMap<String, usize>,
 }
 
 /// Why an update cannot be integrated in full into a document.
@@ -319,14 +322,20 @@ impl<'a> Walker<'a> {
                     self.note(|s| s.origins.push(origin));
                 }
                 if !has_origin && !has_right_origin {
+                    let mut root = None;
                     if self.u32()? == 1 {
-                        self.string()?;
+                        let name = self.cur.read_string()?;
+                        // Named only when the shape is wanted: checking allocates nothing.
+                        root = self.shape.is_some().then(|| name.to_owned());
                     } else {
                         let parent = self.id()?;
                         self.note(|s| s.parents.push(parent));
                     }
                     if info & 0b0010_0000 != 0 {
                         self.string()?;
+                        if let Some(root) = root {
+                            self.note(|s| *s.root_keys.entry(root.to_owned()).or_default() += 1);
+                        }
                     }
                 }
                 if info & 0b1111 == 7 {

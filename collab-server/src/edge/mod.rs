@@ -5,6 +5,7 @@
 pub mod access;
 pub mod api;
 pub mod error;
+pub mod listen;
 pub mod page_headers;
 pub mod preview;
 pub mod preview_rules;
@@ -50,8 +51,21 @@ pub struct AppState {
 }
 
 pub fn router(app: Arc<AppState>) -> Router {
-    let mut sync =
-        Router::new().route("/sync", get(upgrade::mux_upgrade)).route("/sync/{*doc}", get(upgrade::yws_upgrade));
+    let api = Router::new()
+        .route("/api/projects/{project}/export", get(api::export))
+        .route("/api/projects/{project}/import", post(api::import))
+        .route("/api/projects/{project}/checkpoints", get(api::list_checkpoints).post(api::create_checkpoint))
+        .route("/api/projects/{project}/checkpoints/{id}/restore", post(api::restore_checkpoint))
+        .route("/api/projects/{project}/checkpoints/{id}/diff", get(api::diff_checkpoint))
+        .layer(DefaultBodyLimit::max(api::IMPORT_BODY_LIMIT));
+    // Everything that opens a socket or does work for a token shares one per-address rate;
+    // `/healthz`, `/metrics`, `/api/config` and the static front end do not.
+    let mut limited = Router::new()
+        .route("/sync", get(upgrade::mux_upgrade))
+        .route("/sync/{*doc}", get(upgrade::yws_upgrade))
+        .merge(api)
+        .route("/exec/{project}", get(upgrade::exec_upgrade))
+        .route("/preview/{*rest}", axum::routing::any(preview::elsewhere));
     let rate = app.config.limits.connect_rate;
     if rate > 0 {
         let period_ms = (1000 / u64::from(rate)).max(1);
@@ -61,7 +75,13 @@ pub fn router(app: Arc<AppState>) -> Router {
             .finish()
             .map(Arc::new);
         if let Some(config) = governor {
-            sync = sync.layer(GovernorLayer { config });
+            let limiter = config.limiter().clone();
+            let prune = move || {
+                limiter.retain_recent();
+                limiter.shrink_to_fit();
+            };
+            app.tasks.spawn("rate limiter pruning", prune_rate_limiter(prune, app.shutdown.clone()));
+            limited = limited.layer(GovernorLayer { config });
         }
     }
     let web_dir = app.config.web_dir.clone();
@@ -74,24 +94,26 @@ pub fn router(app: Arc<AppState>) -> Router {
             Html("<h1>collab</h1><p>The web front end is not built. Run <code>cargo xtask run</code>.</p>")
         })
     };
-    let api = Router::new()
-        .route("/api/projects/{project}/export", get(api::export))
-        .route("/api/projects/{project}/import", post(api::import))
-        .route("/api/projects/{project}/checkpoints", get(api::list_checkpoints).post(api::create_checkpoint))
-        .route("/api/projects/{project}/checkpoints/{id}/restore", post(api::restore_checkpoint))
-        .route("/api/projects/{project}/checkpoints/{id}/diff", get(api::diff_checkpoint))
-        .layer(DefaultBodyLimit::max(api::IMPORT_BODY_LIMIT));
     Router::new()
-        .merge(sync)
-        .merge(api)
-        .route("/exec/{project}", get(upgrade::exec_upgrade))
+        .merge(limited)
         .route("/api/config", get(preview::client_config))
-        .route("/preview/{*rest}", axum::routing::any(preview::elsewhere))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .merge(web)
         .layer(axum::middleware::map_response(page_headers::add))
         .with_state(app)
+}
+
+/// Forgets the addresses whose rate is back to full now and then: the keyed limiter keeps an
+/// entry for every address it ever saw otherwise.
+async fn prune_rate_limiter(prune: impl Fn() + Send + 'static, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => prune(),
+        }
+    }
 }
 
 async fn metrics(State(app): State<Arc<AppState>>) -> impl IntoResponse {

@@ -75,11 +75,13 @@ pub async fn bind(config: &Config) -> anyhow::Result<Option<(TcpListener, Origin
     Ok(Some((listener, Origin { addr, url })))
 }
 
-/// Serves the preview origin until shutdown.
+/// Serves the preview origin until shutdown, with the same connection bounds and deadlines as
+/// the IDE's listener.
 pub async fn serve(listener: TcpListener, app: Arc<AppState>) {
+    let l = &app.config.limits;
+    let limits = super::listen::ConnLimits::new(l.max_connections_per_ip, l.max_connections, l.header_timeout);
     let stop = app.shutdown.clone();
-    let service = router(app).into_make_service();
-    if let Err(e) = axum::serve(listener, service).with_graceful_shutdown(async move { stop.cancelled().await }).await {
+    if let Err(e) = super::listen::serve(listener, router(app), limits, stop).await {
         warn!(error = %e, "the preview listener stopped");
     }
 }

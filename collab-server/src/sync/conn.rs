@@ -50,7 +50,13 @@ impl Connections {
 pub trait Handler: Send {
     /// Called once the socket is open, before any frame is read.
     fn start(&mut self, sink: &ConnSink) -> impl Future<Output = Result<(), CloseReason>> + Send;
-    fn frame(&mut self, data: &[u8], sink: &ConnSink) -> impl Future<Output = Result<(), CloseReason>> + Send;
+    /// Handles one frame; every message in it first waits for its cost in `throttle`.
+    fn frame(
+        &mut self,
+        data: &[u8],
+        sink: &ConnSink,
+        throttle: &Throttle,
+    ) -> impl Future<Output = Result<(), CloseReason>> + Send;
     /// Called on every liveness tick.
     fn tick(&mut self, now: Instant) -> Result<(), CloseReason>;
     /// Leaves every room. Runs whatever ended the connection.
@@ -61,41 +67,49 @@ pub trait Handler: Send {
 }
 
 /// Per-connection throttles: excess input waits (TCP backpressure), it is never dropped.
-struct Throttle {
-    messages: Option<DefaultDirectRateLimiter>,
+///
+/// Bytes are counted per frame; messages are counted inside frames, each weighed by
+/// [`sync_core::cost::units`], so one frame holding a million step 1s costs what a million
+/// frames would, while a client sending one small update per keystroke or paste is never slowed.
+pub struct Throttle {
+    messages: Option<(DefaultDirectRateLimiter, NonZeroU32)>,
     bytes: Option<DefaultDirectRateLimiter>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Throttle {
-    fn new(l: &Limits) -> Throttle {
+    fn new(l: &Limits, metrics: Arc<crate::metrics::Metrics>) -> Throttle {
         let messages = NonZeroU32::new(l.rate_messages).map(|rate| {
             let burst = NonZeroU32::new(l.rate_burst.max(l.rate_messages)).unwrap_or(rate);
-            RateLimiter::direct(Quota::per_second(rate).allow_burst(burst))
+            (RateLimiter::direct(Quota::per_second(rate).allow_burst(burst)), burst)
         });
         let bytes = NonZeroU32::new(l.rate_bytes).map(|rate| {
             let burst = u32::try_from(l.max_message_size).unwrap_or(u32::MAX).max(l.rate_bytes);
             RateLimiter::direct(Quota::per_second(rate).allow_burst(NonZeroU32::new(burst).unwrap_or(rate)))
         });
-        Throttle { messages, bytes }
+        Throttle { messages, bytes, metrics }
     }
 
-    /// Waits until the frame fits the connection's rates; returns whether it had to wait.
-    async fn wait(&self, len: usize) -> bool {
-        let mut waited = false;
-        if let Some(m) = &self.messages {
-            if m.check().is_err() {
-                waited = true;
-                m.until_ready().await;
-            }
-        }
+    /// Waits until a frame of `len` bytes fits the connection's byte rate.
+    async fn frame(&self, len: usize) {
         if let (Some(b), Some(n)) = (&self.bytes, NonZeroU32::new(u32::try_from(len).unwrap_or(u32::MAX))) {
             // A frame never exceeds the burst (it is at least the message size limit).
             if !matches!(b.check_n(n), Ok(Ok(()))) {
-                waited = true;
+                self.metrics.throttled.inc();
                 let _ = b.until_n_ready(n).await;
             }
         }
-        waited
+    }
+
+    /// Waits until `msg` fits the connection's message rate.
+    pub async fn message(&self, msg: &DocMessage) {
+        let Some((m, burst)) = &self.messages else { return };
+        // A weight above a (tightened) burst would never fit: it waits for a whole burst instead.
+        let Some(n) = NonZeroU32::new(sync_core::cost::units(msg)).map(|n| n.min(*burst)) else { return };
+        if !matches!(m.check_n(n), Ok(Ok(()))) {
+            self.metrics.throttled.inc();
+            let _ = m.until_n_ready(n).await;
+        }
     }
 }
 
@@ -105,11 +119,11 @@ pub async fn run<H: Handler>(socket: WebSocket, app: Arc<Connections>, mut handl
     let metrics = app.metrics.clone();
     metrics.connections_total.inc();
     metrics.connections_active.inc();
-    let (sink, rx, killer) = ConnSink::new(limits.outbound_queue);
+    let (sink, rx, killer) = ConnSink::new(limits.outbound_queue, limits.outbound_queue_bytes);
     let (ws_tx, mut ws_rx) = socket.split();
     let writer =
         app.tasks.spawn("connection writer", write_loop(ws_tx, rx, killer.clone(), H::keepalive(), app.clone()));
-    let throttle = Throttle::new(&limits);
+    let throttle = Throttle::new(&limits, metrics.clone());
     let mut last_seen = Instant::now();
     let mut tick = tokio::time::interval(limits.ping_interval.max(Duration::from_millis(10)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -158,10 +172,8 @@ pub async fn run<H: Handler>(socket: WebSocket, app: Arc<Connections>, mut handl
                     last_seen = Instant::now();
                     metrics.messages_in.inc();
                     metrics.bytes_in.inc_by(data.len() as u64);
-                    if throttle.wait(data.len()).await {
-                        metrics.throttled.inc();
-                    }
-                    if let Err(reason) = handler.frame(&data, &sink).await {
+                    throttle.frame(data.len()).await;
+                    if let Err(reason) = handler.frame(&data, &sink, &throttle).await {
                         if reason.code == close::INVALID_PAYLOAD || reason.code == close::POLICY_VIOLATION {
                             metrics.protocol_errors.inc();
                         }
@@ -299,9 +311,10 @@ impl Handler for YwsHandler {
         self.lease.send(join).await.map_err(|_| room_gone())
     }
 
-    async fn frame(&mut self, data: &[u8], _sink: &ConnSink) -> Result<(), CloseReason> {
+    async fn frame(&mut self, data: &[u8], _sink: &ConnSink, throttle: &Throttle) -> Result<(), CloseReason> {
         let msgs = wire::decode_ywebsocket(data).map_err(CloseReason::malformed)?;
         for msg in msgs {
+            throttle.message(&msg).await;
             self.lease.send(RoomCmd::Msg { peer: self.peer, msg }).await.map_err(|_| room_gone())?;
         }
         Ok(())
@@ -406,7 +419,7 @@ impl Handler for MuxHandler {
         Ok(())
     }
 
-    async fn frame(&mut self, data: &[u8], sink: &ConnSink) -> Result<(), CloseReason> {
+    async fn frame(&mut self, data: &[u8], sink: &ConnSink, throttle: &Throttle) -> Result<(), CloseReason> {
         let (key, msg) = match wire::decode_hocus(data).map_err(CloseReason::malformed)? {
             HocusIn::Ping => return sink.push(Bytes::from(wire::hocus_pong())).map_err(|_| CloseReason::too_slow()),
             HocusIn::Pong => return Ok(()),
@@ -415,6 +428,7 @@ impl Handler for MuxHandler {
         match msg {
             HocusDocIn::Token(token) => self.authenticate(key, &token, sink).await,
             HocusDocIn::Message(msg) => {
+                throttle.message(&msg).await;
                 if let Some(b) = self.bound.get(&key) {
                     return b.lease.send(RoomCmd::Msg { peer: b.peer, msg }).await.map_err(|_| room_gone());
                 }

@@ -2,6 +2,8 @@
 //!
 //! Rooms push encoded frames with `try_send`. A full queue is a decision, not a drop: the
 //! connection is closed with 1013 so the client reconnects and resyncs, and the room moves on.
+//! The queue is bounded in frames and in bytes: a client that asks for the whole document again
+//! and again without reading would otherwise hold a thousand copies of it here.
 //!
 //! Write confirmations (Hocuspocus `SyncStatus`, one per message a client wrote) are counted,
 //! not queued one frame each: a commit confirms every write since the last one at once, and a
@@ -9,6 +11,7 @@
 //! perfectly well. Consecutive identical confirmations share one entry with a count.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -22,6 +25,8 @@ pub struct ConnSink {
     tx: mpsc::Sender<Bytes>,
     kill: Killer,
     acks: Arc<Acks>,
+    queued: Arc<AtomicUsize>,
+    max_bytes: usize,
 }
 
 /// Confirmations waiting to be written: runs of one frame repeated `n` times. The first run
@@ -55,6 +60,8 @@ impl Acks {
 pub struct Outbox {
     rx: mpsc::Receiver<Bytes>,
     acks: Arc<Acks>,
+    /// Bytes of frames in `rx` (confirmations are not counted: they are bounded in runs).
+    queued: Arc<AtomicUsize>,
 }
 
 impl Outbox {
@@ -63,7 +70,7 @@ impl Outbox {
         loop {
             match self.rx.try_recv() {
                 Ok(frame) if frame.is_empty() => continue,
-                Ok(frame) => return Some(frame),
+                Ok(frame) => return Some(self.taken(frame)),
                 Err(_) => return self.acks.pop(),
             }
         }
@@ -78,10 +85,15 @@ impl Outbox {
             match self.rx.recv().await {
                 // The wake-up a confirmation sends when it finds no others waiting.
                 Some(frame) if frame.is_empty() => continue,
-                Some(frame) => return Some(frame),
+                Some(frame) => return Some(self.taken(frame)),
                 None => return self.acks.pop(),
             }
         }
+    }
+
+    fn taken(&self, frame: Bytes) -> Bytes {
+        self.queued.fetch_sub(frame.len(), Ordering::Relaxed);
+        frame
     }
 }
 
@@ -121,11 +133,15 @@ impl Killer {
 pub struct Gone;
 
 impl ConnSink {
-    pub fn new(capacity: usize) -> (ConnSink, Outbox, Killer) {
+    /// A queue of at most `capacity` frames and `max_bytes` bytes (a single larger frame is
+    /// let into an empty queue: the whole document for a joiner may be bigger than the bound).
+    pub fn new(capacity: usize, max_bytes: usize) -> (ConnSink, Outbox, Killer) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let kill = Killer::default();
         let acks = Arc::new(Acks::default());
-        (ConnSink { tx, kill: kill.clone(), acks: acks.clone() }, Outbox { rx, acks }, kill)
+        let queued = Arc::new(AtomicUsize::new(0));
+        let sink = ConnSink { tx, kill: kill.clone(), acks: acks.clone(), queued: queued.clone(), max_bytes };
+        (sink, Outbox { rx, acks, queued }, kill)
     }
 
     /// Queues a write confirmation; it takes no room in the frame queue.
@@ -152,18 +168,28 @@ impl ConnSink {
         Ok(())
     }
 
-    /// Queues a frame. On a full queue the connection is ended with 1013 and `Gone` returned.
+    /// Queues a frame. On a full queue (in frames or in bytes) the connection is ended with 1013
+    /// and `Gone` returned.
     pub fn push(&self, frame: Bytes) -> Result<(), Gone> {
         if self.kill.is_killed() {
             return Err(Gone);
         }
+        let len = frame.len();
+        let before = self.queued.fetch_add(len, Ordering::Relaxed);
+        if before > 0 && before + len > self.max_bytes {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+            self.kill.kill(CloseReason::too_slow());
+            return Err(Gone);
+        }
         match self.tx.try_send(frame) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.kill.kill(CloseReason::too_slow());
+            Err(e) => {
+                self.queued.fetch_sub(len, Ordering::Relaxed);
+                if matches!(e, mpsc::error::TrySendError::Full(_)) {
+                    self.kill.kill(CloseReason::too_slow());
+                }
                 Err(Gone)
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(Gone),
         }
     }
 
@@ -178,7 +204,7 @@ mod tests {
 
     #[tokio::test]
     async fn confirmations_take_no_queue_room_and_all_arrive() {
-        let (sink, mut outbox, killer) = ConnSink::new(4);
+        let (sink, mut outbox, killer) = ConnSink::new(4, 1 << 20);
         let ack = Bytes::from_static(b"ack");
         for _ in 0..3000 {
             sink.push_ack(ack.clone()).unwrap();
@@ -194,8 +220,23 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_queue_full_in_bytes_ends_the_connection_and_a_read_frame_frees_its_bytes() {
+        let (sink, mut outbox, killer) = ConnSink::new(100, 10);
+        // One frame larger than the bound passes into an empty queue.
+        sink.push(Bytes::from(vec![1; 25])).unwrap();
+        assert_eq!(outbox.recv().await.unwrap().len(), 25);
+        sink.push(Bytes::from(vec![1; 6])).unwrap();
+        sink.push(Bytes::from(vec![1; 4])).unwrap();
+        assert_eq!(outbox.recv().await.unwrap().len(), 6);
+        sink.push(Bytes::from(vec![1; 6])).unwrap();
+        assert!(!killer.is_killed(), "10 bytes queued are within the bound");
+        assert_eq!(sink.push(Bytes::from(vec![1; 1])), Err(Gone));
+        assert_eq!(killer.reason().map(|r| r.code), Some(crate::close::TRY_AGAIN_LATER));
+    }
+
+    #[tokio::test]
     async fn unread_confirmations_for_many_documents_end_the_connection() {
-        let (sink, _outbox, killer) = ConnSink::new(4);
+        let (sink, _outbox, killer) = ConnSink::new(4, 1 << 20);
         for i in 0..MAX_ACK_RUNS {
             sink.push_ack(Bytes::from(format!("ack {}", i % 2))).unwrap();
         }

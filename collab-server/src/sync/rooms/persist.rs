@@ -36,13 +36,17 @@ impl Actor {
         let stored = self.env().store.load(self.doc.as_str()).await?;
         self.log_len = stored.updates.len() as u64;
         self.last_seq = stored.last_seq;
-        let state = self
+        let mut state = self
             .env()
             .tasks
             .blocking("load document", move || {
                 DocState::load(stored.snapshot.iter().chain(stored.updates.iter()).map(Vec::as_slice))
             })
             .await??;
+        state.set_awareness_cap(self.env().limits.max_awareness_clients);
+        if self.doc.is_root() {
+            state.set_tree_cap(sync_core::tree::MAX_ENTRIES);
+        }
         Ok(state)
     }
 
