@@ -408,8 +408,8 @@ async fn imports_and_restores_during_a_store_stall_answer_503_in_time_and_comple
     server.stop().await;
 }
 
-/// A writer's echoes held through an outage come merged, a frame per commit, once the store is back:
-/// one frame per held batch would overflow its outbound queue and disconnect it as too slow.
+/// A writer's echoes held through an outage all arrive once the store is back, merged (a frame
+/// per commit), and the writer stays connected with an outbound queue of 8 frames.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_store_stall_a_writers_held_echoes_arrive_as_one_frame() {
     let postgres = PrivatePostgres::start();
