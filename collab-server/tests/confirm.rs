@@ -407,3 +407,40 @@ async fn imports_and_restores_during_a_store_stall_answer_503_in_time_and_comple
     common::until_async("the restore completes", || async { files_of(&server, &project).await == want }).await;
     server.stop().await;
 }
+
+/// A writer's echoes held through an outage all arrive once the store is back, merged (a frame
+/// per commit), and the writer stays connected with an outbound queue of 8 frames.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_store_stall_a_writers_held_echoes_arrive_as_one_frame() {
+    let postgres = PrivatePostgres::start();
+    let url = postgres.url();
+    let server = TestServer::start_with(|c| {
+        c.database_url = Some(url);
+        c.limits.outbound_queue = 8;
+    })
+    .await;
+    let project = project();
+    let doc = format!("{project}/file");
+    let token = server.editor(&project, "w");
+    let mut writer = RawPeer::connect(&server.url, &doc, &token).await;
+    let mut reader = RawPeer::connect(&server.url, &doc, &token).await;
+    let stall = StoreStall::start(&postgres.url()).await;
+    let mut edits = Vec::new();
+    for i in 0..40 {
+        // Each edit once the one before reached the reader: each is a batch of its own.
+        edits.push(writer.insert(&format!("e{i};")).await);
+        reader.wait_for(&format!("e{i};")).await;
+    }
+    writer.sync().await;
+    assert!(!edits.iter().any(|u| writer.echoed(u)), "confirmed while the store was stalled");
+    let before = writer.updates.len();
+    stall.release().await;
+    writer.wait_echo(edits.last().unwrap()).await;
+    assert!(edits.iter().all(|u| writer.echoed(u)), "every edit is confirmed");
+    // One frame per commit: the one in flight when the store stalled, and the next, which takes
+    // everything held meanwhile.
+    let frames = writer.updates.len() - before;
+    assert!(frames <= 2, "40 held echoes came in {frames} frames");
+    writer.sync().await;
+    server.stop().await;
+}

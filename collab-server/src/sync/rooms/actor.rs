@@ -34,7 +34,10 @@ pub(super) const BUS_PEER: PeerId = PeerId::MAX;
 /// Most commands applied in one batch.
 const BATCH: usize = 1024;
 
-/// The relay policy with this room's frames and server-write waiters.
+/// The relay policy with this room's frames and server-write waiters. A held confirmation is an
+/// encoded frame; a held echo is the writer's raw part of an update, encoded at release, when a
+/// writer's echoes of every batch the commit covers go merged, as one frame (after a long
+/// outage that may be hundreds: one each would overflow the writer's queue).
 pub(super) type RoomRelay = Relay<Bytes, oneshot::Sender<()>>;
 
 pub(super) struct PeerSlot {
@@ -318,7 +321,7 @@ impl Actor {
                 last.others = Some(encode(&slot.framing, OutMsg::Update(update)));
                 continue;
             };
-            last.own = merged(own.iter(), update).map(|own| encode(&slot.framing, OutMsg::Update(&own)));
+            last.own = merged(own.iter(), update).map(Bytes::from);
             let others = parts.iter().filter(|(p, _)| **p != peer).flat_map(|(_, v)| v.iter());
             last.others = merged(others, update).map(|others| encode(&slot.framing, OutMsg::Update(&others)));
         }
@@ -386,19 +389,43 @@ impl Actor {
         }
     }
 
-    /// Sends the confirmations held for writes whose updates are now in the store.
+    /// Sends the confirmations held for writes whose updates are now in the store: each
+    /// writer's acknowledgements, and its echoes merged into one frame.
     pub(super) fn confirm(&mut self, release: Release<Bytes, oneshot::Sender<()>>) {
         for done in release.server {
             let _ = done.send(());
         }
+        let mut echoes: Vec<(PeerId, Vec<Vec<u8>>)> = Vec::new();
         for (peer, held) in release.peers {
-            if let Some(slot) = self.peers.get(&peer) {
-                // A full queue ends that connection; its client resyncs and loses nothing.
-                let _ = match held {
-                    Held::Ack(frame) => slot.sink.push_ack(frame),
-                    Held::Frame(frame) => slot.sink.push(frame),
-                };
+            match held {
+                Held::Ack(frame) => {
+                    if let Some(slot) = self.peers.get(&peer) {
+                        // A full queue ends that connection; its client resyncs and loses nothing.
+                        let _ = slot.sink.push_ack(frame);
+                    }
+                }
+                Held::Frame(part) => match echoes.iter_mut().find(|(p, _)| *p == peer) {
+                    Some((_, parts)) => parts.push(part.to_vec()),
+                    None => echoes.push((peer, vec![part.to_vec()])),
+                },
             }
+        }
+        for (peer, parts) in echoes {
+            let Some(slot) = self.peers.get(&peer) else { continue };
+            let whole = match parts.as_slice() {
+                [one] => one.clone(),
+                many => match yrs::merge_updates_v1(many.iter().map(Vec::as_slice)) {
+                    Ok(whole) => whole,
+                    Err(_) => {
+                        // Cannot happen for parts the room applied; one frame each then.
+                        for part in many {
+                            let _ = slot.sink.push(encode(&slot.framing, OutMsg::Update(part)));
+                        }
+                        continue;
+                    }
+                },
+            };
+            let _ = slot.sink.push(encode(&slot.framing, OutMsg::Update(&whole)));
         }
     }
 }
