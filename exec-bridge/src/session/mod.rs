@@ -32,6 +32,12 @@ use crate::peer::{PrepareRequest, Prepared};
 use crate::protocol::{ClientMsg, Data, OutputChunk, RunInfo, ServerMsg, StreamName, TermInfo, VerdictInfo};
 use crate::run::{self, Limits, Program, RunEvent, Stream};
 use crate::sandbox::{Sandbox, TermSize, Terminal, grows_past_disk_limit};
+use presence::Presence;
+pub use presence::Subscription;
+use rate::TokenBucket;
+
+mod presence;
+mod rate;
 
 /// Output kept per run for late joiners (the oldest is dropped first).
 pub const HISTORY_BYTES: usize = 256 << 10;
@@ -173,38 +179,6 @@ pub struct Session {
     /// How many peers are subscribed now.
     peers: Arc<watch::Sender<usize>>,
     closed: CancellationToken,
-}
-
-/// A peer's subscription to a session's events; the peer counts as present until it is dropped.
-pub struct Subscription {
-    events: broadcast::Receiver<ServerMsg>,
-    _present: Presence,
-}
-
-impl Subscription {
-    /// The next event, as [`broadcast::Receiver::recv`] gives it.
-    pub async fn recv(&mut self) -> Result<ServerMsg, broadcast::error::RecvError> {
-        self.events.recv().await
-    }
-}
-
-/// One subscribed peer in a session's count.
-struct Presence {
-    peers: Arc<watch::Sender<usize>>,
-    session: std::sync::Weak<Session>,
-}
-
-impl Drop for Presence {
-    fn drop(&mut self) {
-        let mut left = false;
-        self.peers.send_modify(|peers| {
-            *peers = peers.saturating_sub(1);
-            left = *peers == 0;
-        });
-        if left && let Some(session) = self.session.upgrade() {
-            session.nobody_left();
-        }
-    }
 }
 
 impl Session {
@@ -604,28 +578,6 @@ fn describe(program: &Program) -> String {
     }
 }
 
-/// A rate limit: `rate` bytes per second, with a burst of one second's worth.
-struct TokenBucket {
-    rate: u64,
-    tokens: f64,
-    at: Instant,
-}
-
-impl TokenBucket {
-    fn new(rate: u64) -> TokenBucket {
-        TokenBucket { rate: rate.max(1), tokens: rate as f64, at: Instant::now() }
-    }
-
-    /// Takes `n` tokens; when that overdraws the bucket, how long to wait before the next take.
-    fn take(&mut self, n: u64, now: Instant) -> Option<Duration> {
-        let rate = self.rate as f64;
-        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * rate).min(rate);
-        self.at = now;
-        self.tokens -= n as f64;
-        (self.tokens < 0.0).then(|| Duration::from_secs_f64(-self.tokens / rate))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -644,16 +596,6 @@ mod tests {
         let total: usize = record.info.history.iter().map(|c| c.data.0.len()).sum();
         assert_eq!((total, record.history_bytes), (HISTORY_BYTES, HISTORY_BYTES));
         assert!(record.info.history.iter().all(|c| c.data.0.iter().all(|b| *b == b'x')));
-    }
-
-    #[test]
-    fn the_bucket_allows_its_rate_and_asks_to_wait_beyond() {
-        let start = Instant::now();
-        let mut bucket = TokenBucket { rate: 1000, tokens: 1000.0, at: start };
-        assert_eq!(bucket.take(1000, start), None);
-        let wait = bucket.take(500, start).expect("overdrawn");
-        assert!((wait.as_secs_f64() - 0.5).abs() < 1e-6, "{wait:?}");
-        assert_eq!(bucket.take(100, start + Duration::from_secs(1)), None);
     }
 
     #[test]
