@@ -7,7 +7,15 @@ import { spawn } from 'node:child_process';
 import { describe, test } from 'node:test';
 import * as decoding from 'lib0/decoding';
 import * as Y from 'yjs';
-import { Cleanup, editorTokenFor, useServer, waitFor, waitSynced, yClient } from './harness.mjs';
+import {
+  Cleanup,
+  editorTokenFor,
+  startServer,
+  useServer,
+  waitFor,
+  waitSynced,
+  yClient,
+} from './harness.mjs';
 
 const POSTGRES_URL = process.env.COLLAB_TEST_POSTGRES_URL;
 if (!POSTGRES_URL) {
@@ -125,6 +133,65 @@ describe('confirmations on the y-websocket endpoint', { timeout: 120_000 }, () =
       assert.equal(late.text.toString(), ada.text.toString());
     } finally {
       await cleanup.run();
+    }
+  });
+
+  test('an echoed edit survives kill -9; an unechoed one comes back from its client', async () => {
+    const cleanup = new Cleanup();
+    const args = ['--database-url', POSTGRES_URL];
+    const first = await startServer({ args });
+    let second = null;
+    try {
+      const project = `crash${Date.now()}`;
+      const doc = `${project}/notes`;
+      const ada = yClient(first, doc, await editorTokenFor(first, project, 'ada', 'Ada'), cleanup);
+      const bob = yClient(first, doc, await editorTokenFor(first, project, 'bob', 'Bob'), cleanup);
+      await waitSynced(ada, 'ada');
+      await waitSynced(bob, 'bob');
+      ada.text.insert(0, 'saved;');
+      await waitFor(() => echoed(ada), { timeout: 20_000, message: 'ada confirmed' });
+
+      const release = await stallStore();
+      try {
+        ada.text.insert(0, 'stalled;');
+        await waitFor(() => bob.text.toString().includes('stalled;'), {
+          message: 'bob sees the stalled edit',
+        });
+        const confirmed = updatesIn(ada.frames).length;
+        bob.text.insert(0, 'bob;');
+        await waitFor(() => ada.text.toString().includes('bob;'), { message: 'ada sees bob' });
+        // Ada has read whatever the server sent her before bob's edit: no new echo among it.
+        const own = updatesIn(ada.frames)
+          .slice(confirmed)
+          .some((update) =>
+            Y.decodeUpdate(update).structs.some((s) => s.id.client === ada.doc.clientID),
+          );
+        assert.equal(own, false, 'the stalled edit was confirmed');
+        // Nobody can resend anything until the check below: what the store holds is what it saved.
+        bob.destroy();
+        ada.provider.disconnect();
+        await first.kill();
+      } finally {
+        await release();
+      }
+      second = await startServer({ args, dataDir: first.dataDir, listenPort: first.port });
+      const late = yClient(second, doc, await editorTokenFor(second, project, 'cy', 'Cy'), cleanup);
+      await waitSynced(late, 'late joiner');
+      const stored = late.text.toString();
+      assert.ok(stored.includes('saved;'), `the confirmed edit was lost to kill -9: ${stored}`);
+      assert.ok(
+        !stored.includes('stalled;'),
+        'the unconfirmed edit was saved after all (the store was stalled)',
+      );
+      // Ada's provider connects again and its sync step 2 brings the unconfirmed edit back.
+      ada.provider.connect();
+      await waitFor(() => late.text.toString().includes('stalled;'), {
+        message: 'ada resent the unconfirmed edit',
+      });
+    } finally {
+      await cleanup.run();
+      await first.stop();
+      await second?.stop();
     }
   });
 });

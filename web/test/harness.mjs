@@ -214,7 +214,8 @@ export function useServer(opts = {}) {
 /**
  * Starts `collab serve` on 127.0.0.1 with an OS-chosen port and a fresh data dir (and, with
  * `sandbox`, `--sandbox SANDBOX` for the exec channel's runs and terminals; `args`, more
- * flags such as `--database-url` or `--preview-listen 127.0.0.1:0`).
+ * flags such as `--database-url` or `--preview-listen 127.0.0.1:0`; `dataDir` and `listenPort`
+ * to start again where a killed server was).
  * Resolves once the server printed `listening on http://127.0.0.1:PORT`.
  */
 export async function startServer({
@@ -223,10 +224,19 @@ export async function startServer({
   webDir = DIST_DIR,
   timeout = 60_000,
   args: extraArgs = [],
+  dataDir = mkdtempSync(path.join(tmpdir(), 'collab-web-test-')),
+  listenPort = 0,
 } = {}) {
   const bin = collabBin();
-  const dataDir = mkdtempSync(path.join(tmpdir(), 'collab-web-test-'));
-  const args = ['serve', '--listen', '127.0.0.1:0', '--data-dir', dataDir, '--web-dir', webDir];
+  const args = [
+    'serve',
+    '--listen',
+    `127.0.0.1:${listenPort}`,
+    '--data-dir',
+    dataDir,
+    '--web-dir',
+    webDir,
+  ];
   if (demo) {
     args.push('--demo');
   }
@@ -307,6 +317,14 @@ export async function startServer({
     log,
     exited: () => exited,
     stop,
+    /** SIGKILL, as a crash: nothing is flushed, and the data dir stays for a restart. */
+    kill: async () => {
+      stopped = true;
+      if (exited === null) {
+        child.kill('SIGKILL');
+        await exitPromise;
+      }
+    },
     /** Mints a token with `collab token` against this server's data dir. */
     token: (opts) => mintToken(bin, dataDir, opts),
   };
