@@ -4,6 +4,9 @@
 //! [`Output`]: replies for single peers plus at most one update and one awareness message to relay
 //! to every peer. All writes in a batch are applied in one yrs transaction, so a burst of keystrokes
 //! from a whole room costs one transaction and one relayed frame.
+//!
+//! Why one long file: the code is under 600 lines; the rest is its unit tests, which drive
+//! `step` through every rule here and read best beside them.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};

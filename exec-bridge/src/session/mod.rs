@@ -1,6 +1,8 @@
 //! A project's runs and terminals, shared by all its peers: who may start and type, what every
 //! peer sees live, and the history a late joiner is given.
 //!
+//! Why over 600 lines: the code is under 600; the rest is the unit tests of the session's rules.
+//!
 //! Invariants:
 //! - Every change of state and its event happen under one lock, so a peer that subscribes gets
 //!   a [`ServerMsg::Hello`] and then exactly the events after it: nothing missed, nothing twice.
