@@ -707,32 +707,6 @@ async fn a_run_setting_that_spins_hits_the_cpu_limit(sandbox: Arc<dyn Sandbox>) 
     assert_eq!(out.verdict, Verdict::TimeLimit(TimeLimit::Cpu), "stderr: {}", out.stderr_text());
 }
 
-/// What a program prints before it fails comes before its traceback, as it was written.
-async fn output_arrives_in_the_order_it_was_written(sandbox: Arc<dyn Sandbox>) {
-    let workspace = workspace_with(&[("main.py", "print('before the failure')\nraise ValueError('boom')\n")]);
-    for attempt in 0..10 {
-        let mut execution = sandbox
-            .start(workspace.path(), &SandboxCommand::new("/usr/bin/python3", ["main.py"]), &Limits::default())
-            .await
-            .expect("the run starts");
-        drop(execution.stdin);
-        let mut order = Vec::new();
-        loop {
-            match tokio::time::timeout(PATIENCE, execution.events.recv()).await.expect("in time") {
-                Some(RunEvent::Output { stream, .. }) => order.push(stream),
-                Some(RunEvent::Finished(verdict)) => {
-                    assert_eq!(verdict, Verdict::Exited { code: 1 });
-                    break;
-                }
-                None => panic!("no verdict"),
-            }
-        }
-        assert_eq!(order.first(), Some(&Stream::Stdout), "attempt {attempt}: {order:?}");
-        let first_err = order.iter().position(|s| *s == Stream::Stderr).expect("a traceback");
-        assert!(order[first_err..].iter().all(|s| *s == Stream::Stderr), "attempt {attempt}: {order:?}");
-    }
-}
-
 /// A run whose stdin is open (someone may type) is not killed by the wall time limit while it
 /// waits, up to its interactive wall time; closing its stdin brings the wall time limit back.
 async fn an_open_stdin_holds_off_the_wall_time_limit(sandbox: Arc<dyn Sandbox>) {
@@ -837,7 +811,6 @@ conformance!(
     the_ownership_walk_never_follows_a_swapped_symlink,
     a_private_data_directory_works_or_is_reported_at_start,
     a_run_setting_that_spins_hits_the_cpu_limit,
-    output_arrives_in_the_order_it_was_written,
     an_open_stdin_holds_off_the_wall_time_limit,
     a_run_filling_the_disk_hits_the_workspace_limit,
 );

@@ -61,6 +61,8 @@ impl ServerProcess {
             cmd.arg(&programs.collab)
                 .args(["serve", "--web-dir", "/nonexistent", "--allow-anonymous"])
                 .args(["--rate-messages", "0", "--rate-bytes", "0", "--connect-rate", "0"])
+                // Every simulated peer comes from one loopback address.
+                .args(["--max-connections-per-ip", "1000000"])
                 .arg("--listen")
                 .arg(format!("127.0.0.1:{port}"))
                 .arg("--data-dir")
