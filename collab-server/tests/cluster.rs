@@ -288,6 +288,9 @@ async fn a_stalled_store_delays_saves_and_loses_nothing() {
     let (cluster, doc, a, b, _) = two_nodes("a_stalled_store_delays_saves_and_loses_nothing", "stall", "s.txt").await;
     a.insert(0, "saved;");
     stored_eventually(&cluster, &doc, "saved;").await;
+    // b types at the start of what it has: it must have "saved;" first, or its "b: " is
+    // concurrent with it and may sort after it.
+    b.wait_text("saved;", WAIT).await.unwrap();
     let stall = cluster.stall_store().await;
     a.insert(6, " while stalled;");
     b.insert(0, "b: ");
