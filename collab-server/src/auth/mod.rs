@@ -87,8 +87,13 @@ impl Authorizer {
     /// Verifies a token for `doc`, falling back to an anonymous editor only when the operator
     /// allowed it and no token was given at all.
     pub fn authorize(&self, token: &str, doc: &DocName) -> Result<Identity, AuthError> {
-        match self.keys.authorize(token, doc) {
-            Err(AuthError::Missing) if self.allow_anonymous => Ok(anonymous(doc.project())),
+        self.authorize_grant(token, doc).map(|grant| grant.identity)
+    }
+
+    /// [`Authorizer::authorize`], keeping the token's expiry (an anonymous grant has none).
+    pub fn authorize_grant(&self, token: &str, doc: &DocName) -> Result<Grant, AuthError> {
+        match self.keys.authorize_grant(token, doc) {
+            Err(AuthError::Missing) if self.allow_anonymous => Ok(Grant::forever(anonymous(doc.project()))),
             other => other,
         }
     }
