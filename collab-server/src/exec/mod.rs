@@ -182,18 +182,6 @@ impl ExecHub {
         }
         let sandbox = self.sandbox.clone().ok_or(ExecError::Disabled)?;
         let server = self.server.get().ok_or(ExecError::NotListening)?.clone();
-        // Before the lease and the session: a bridge without a workspace could only fail every
-        // run after a timeout, where this fails the peer at once with a message it can show.
-        let workspace = self.workspace(project);
-        let dir = workspace.clone();
-        match self.tasks.blocking("create workspace", move || std::fs::create_dir_all(&dir)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                warn!(project, error = %e, workspace = %workspace.display(), "cannot create the workspace");
-                return Err(ExecError::Workspace);
-            }
-            Err(_) => return Err(ExecError::Workspace),
-        }
         // The lease lasts `ttl` from when Redis took it: at the latest, from now.
         let held_at = Instant::now();
         if let Some((bus, ttl)) = &self.lease {
@@ -203,9 +191,23 @@ impl ExecHub {
                 Err(_) => return Err(ExecError::BusDown),
             }
         }
+        // Before the session (and only on the node that holds the lease): a bridge without a
+        // workspace could only fail every run after a timeout, where this fails the peer at
+        // once with a message it can show.
+        let workspace = self.workspace(project);
+        let dir = workspace.clone();
+        let created = self.tasks.blocking("create workspace", move || std::fs::create_dir_all(&dir)).await;
+        if !matches!(created, Ok(Ok(()))) {
+            if let Ok(Err(e)) = &created {
+                warn!(project, error = %e, workspace = %workspace.display(), "cannot create the workspace");
+            }
+            if let Some((bus, ttl)) = &self.lease {
+                let _ = tokio::time::timeout(*ttl / 4, bus.release_lease(&lease_key(project))).await;
+            }
+            return Err(ExecError::Workspace);
+        }
         let mut projects = self.projects.lock().unwrap_or_else(|e| e.into_inner());
         let entry = projects.entry(project.to_owned()).or_insert_with(|| {
-            let workspace = self.workspace(project);
             let (prepare_tx, prepare_rx) = mpsc::channel(8);
             let sandbox_for_warm = sandbox.clone();
             let mut config = SessionConfig::new(sandbox, workspace.clone());
