@@ -257,7 +257,7 @@ async fn a_file_a_program_writes_is_noticed_without_waiting_for_a_scan() {
     let (human, root, _file, _) = project_with_file(&setup, "main.py", "print(1)\n").await;
     let workspace = tempfile::tempdir().unwrap();
     let shutdown = CancellationToken::new();
-    let mut config = BridgeConfig::new(&setup.url, PROJECT, &setup.token("exec-bridge"), workspace.path().to_owned());
+    let mut config = BridgeConfig::new(&setup.url, PROJECT, &token(&setup, "exec-bridge"), workspace.path().to_owned());
     config.scan_every = Duration::from_secs(3600);
     let bridge = spawn_bridge(config, &shutdown);
     let main = workspace.path().join("main.py");
@@ -275,9 +275,9 @@ async fn a_file_a_program_writes_is_noticed_without_waiting_for_a_scan() {
     .await
     .unwrap();
     let id = tree::find_by_path(&root.doc().transact(), "out/result.txt").unwrap().id;
-    let result = human.open(&tree::file_doc_name(PROJECT, &id), &setup.token("ada")).await.unwrap();
+    let result = human.open(&tree::file_doc_name(PROJECT, &id), &token(&setup, "ada")).await.unwrap();
     result.wait_until("its content", WAIT, |p| text(p) == "42\n").await.unwrap();
     shutdown.cancel();
     bridge.await.unwrap();
-    setup.running.shutdown().await.unwrap();
+    setup.stop().await;
 }
