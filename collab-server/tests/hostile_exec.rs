@@ -165,6 +165,7 @@ async fn a_half_open_exec_socket_is_closed_within_the_idle_timeout() {
         }
     });
     let ((ended, lasted, received), quiet) = tokio::join!(ghost, live);
+    eprintln!("the half-open socket was closed {lasted:?} after its upgrade (idle timeout {idle:?})");
     assert!(ended, "the half-open socket was still open after {lasted:?}");
     assert!(String::from_utf8_lossy(&received).starts_with("HTTP/1.1 101"), "the upgrade succeeded");
     assert!(lasted >= idle, "closed after {lasted:?}, before the idle timeout");
@@ -217,6 +218,7 @@ async fn a_node_that_cannot_renew_closes_its_session_before_the_lease_expires() 
     let code = close_code(&mut peer.socket).await;
     let left: i64 = redis::cmd("PTTL").arg(&key).query_async(&mut redis).await.expect("PTTL");
     let after = cut.elapsed();
+    eprintln!("node 0 closed its session {after:?} after the cut; the lease had {left} ms left");
     assert_eq!(code, Some(1013), "the session closed here");
     assert!(left > 0, "node 0 closed its session {after:?} after the cut, when the lease had {left} ms left");
     assert!(after < Duration::from_millis(ttl_ms), "closed {after:?} after the cut");
