@@ -88,6 +88,10 @@ pub struct Config {
     /// bound preview address, with `localhost` for a loopback one.
     #[arg(long, env = "COLLAB_PREVIEW_URL")]
     pub preview_url: Option<String>,
+    /// Exec sockets (`/exec/{project}`) one user may have open on this node at once, over all
+    /// projects; one more is refused with an error message and 1013.
+    #[arg(long, env = "COLLAB_EXEC_SOCKETS_PER_USER", default_value_t = 16)]
+    pub exec_sockets_per_user: usize,
     #[command(flatten)]
     pub limits: Limits,
 }

@@ -124,7 +124,16 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         sandbox.check_reachable(&workspaces).context("--sandbox: the workspaces folder cannot be used")?;
     }
     let exec = Arc::new(exec::ExecHub::new(
-        exec::HubConfig { sandbox, workspaces, idle: config.exec_idle, send_timeout: config.exec_send_timeout, lease },
+        exec::HubConfig {
+            sandbox,
+            workspaces,
+            idle: config.exec_idle,
+            send_timeout: config.exec_send_timeout,
+            lease,
+            sockets_per_user: config.exec_sockets_per_user,
+            ping_interval: config.limits.ping_interval,
+            idle_timeout: config.limits.idle_timeout,
+        },
         keys.clone(),
         rooms.clone(),
         tasks.clone(),

@@ -22,6 +22,34 @@ struct Claims {
     role: String,
     exp: u64,
     iat: u64,
+    /// Not valid before (seconds since the epoch); tokens we mint leave it out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    nbf: Option<u64>,
+}
+
+/// A verified token: who it speaks for, and until when (seconds since the Unix epoch). A
+/// connection holds a grant only until `expires`: a timer closes it then (see
+/// [`Grant::deadline`]), whatever it is doing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub identity: Identity,
+    /// `None`: no expiry (an anonymous connection, which `--allow-anonymous` allows).
+    pub expires: Option<u64>,
+}
+
+impl Grant {
+    /// A grant that never expires.
+    pub fn forever(identity: Identity) -> Grant {
+        Grant { identity, expires: None }
+    }
+
+    /// When, on the runtime's clock, the grant ends; `None` if it never does. Exact to the
+    /// clock, not to the second: `exp` is the first moment the token is no longer valid.
+    pub fn deadline(&self) -> Option<tokio::time::Instant> {
+        let expires = UNIX_EPOCH + Duration::from_secs(self.expires?);
+        let left = expires.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
+        Some(tokio::time::Instant::now() + left)
+    }
 }
 
 /// Who a verified token speaks for.
@@ -39,6 +67,8 @@ pub enum AuthError {
     Missing,
     #[error("token expired")]
     Expired,
+    #[error("token not valid yet")]
+    NotYetValid,
     #[error("invalid token")]
     Invalid,
     #[error("token does not cover this document")]
@@ -57,8 +87,13 @@ impl Authorizer {
     /// Verifies a token for `doc`, falling back to an anonymous editor only when the operator
     /// allowed it and no token was given at all.
     pub fn authorize(&self, token: &str, doc: &DocName) -> Result<Identity, AuthError> {
-        match self.keys.authorize(token, doc) {
-            Err(AuthError::Missing) if self.allow_anonymous => Ok(anonymous(doc.project())),
+        self.authorize_grant(token, doc).map(|grant| grant.identity)
+    }
+
+    /// [`Authorizer::authorize`], keeping the token's expiry (an anonymous grant has none).
+    pub fn authorize_grant(&self, token: &str, doc: &DocName) -> Result<Grant, AuthError> {
+        match self.keys.authorize_grant(token, doc) {
+            Err(AuthError::Missing) if self.allow_anonymous => Ok(Grant::forever(anonymous(doc.project()))),
             other => other,
         }
     }
@@ -104,6 +139,12 @@ impl Keys {
         self.sign_until(identity, now, now + ttl.as_secs())
     }
 
+    /// A token valid from `not_before` (when given) until `expires`, both in seconds since the
+    /// Unix epoch: for tests of expiry and of tokens that are not valid yet.
+    pub fn sign_window(&self, identity: &Identity, not_before: Option<u64>, expires: u64) -> anyhow::Result<String> {
+        self.sign_claims(identity, unix_now(), not_before, expires)
+    }
+
     /// A token that expired ten seconds ago, for tests of expiry handling.
     pub fn sign_expired(&self, identity: &Identity) -> anyhow::Result<String> {
         let now = unix_now();
@@ -111,7 +152,12 @@ impl Keys {
     }
 
     fn sign_until(&self, identity: &Identity, now: u64, exp: u64) -> anyhow::Result<String> {
+        self.sign_claims(identity, now, None, exp)
+    }
+
+    fn sign_claims(&self, identity: &Identity, now: u64, nbf: Option<u64>, exp: u64) -> anyhow::Result<String> {
         let claims = Claims {
+            nbf,
             sub: identity.user.clone(),
             name: identity.name.clone(),
             project: identity.project.clone(),
@@ -122,33 +168,52 @@ impl Keys {
         Ok(jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)?)
     }
 
-    /// Verifies signature and expiry; does not check which document it is used for.
+    /// Verifies signature and validity window; does not check which document it is used for.
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        self.verify_grant(token).map(|grant| grant.identity)
+    }
+
+    /// [`Keys::verify`], keeping the token's expiry: what an open connection is held to.
+    pub fn verify_grant(&self, token: &str) -> Result<Grant, AuthError> {
         if token.is_empty() {
             return Err(AuthError::Missing);
         }
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 0;
+        // A token whose `nbf` is ahead is refused (jsonwebtoken does not check it by default).
+        validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "sub"]);
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &validation).map_err(|e| match e.kind() {
             jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+            jsonwebtoken::errors::ErrorKind::ImmatureSignature => AuthError::NotYetValid,
             _ => AuthError::Invalid,
         })?;
         let c = data.claims;
+        // RFC 7519: not accepted on or after `exp`. jsonwebtoken compares whole seconds and
+        // still accepts a token during the second of its `exp`.
+        if SystemTime::now() >= UNIX_EPOCH + Duration::from_secs(c.exp) {
+            return Err(AuthError::Expired);
+        }
         let role = Role::parse(&c.role).ok_or(AuthError::Invalid)?;
         if !sync_core::names::is_project_id(&c.project) {
             return Err(AuthError::Invalid);
         }
-        Ok(Identity { user: c.sub, name: c.name, project: c.project, role })
+        let identity = Identity { user: c.sub, name: c.name, project: c.project, role };
+        Ok(Grant { identity, expires: Some(c.exp) })
     }
 
     /// Verifies a token and checks that it covers `doc`.
     pub fn authorize(&self, token: &str, doc: &DocName) -> Result<Identity, AuthError> {
-        let identity = self.verify(token)?;
-        if identity.project != doc.project() {
+        self.authorize_grant(token, doc).map(|grant| grant.identity)
+    }
+
+    /// [`Keys::authorize`], keeping the token's expiry.
+    pub fn authorize_grant(&self, token: &str, doc: &DocName) -> Result<Grant, AuthError> {
+        let grant = self.verify_grant(token)?;
+        if grant.identity.project != doc.project() {
             return Err(AuthError::OutOfScope);
         }
-        Ok(identity)
+        Ok(grant)
     }
 }
 
@@ -236,6 +301,10 @@ mod tests {
         let now = unix_now();
         let expired = keys.sign_until(&ada("p1", Role::Editor), now - 20, now - 10).unwrap();
         assert_eq!(keys.verify(&expired), Err(AuthError::Expired));
+        let early = keys.sign_window(&ada("p1", Role::Editor), Some(now + 60), now + 120).unwrap();
+        assert_eq!(keys.verify(&early), Err(AuthError::NotYetValid));
+        let started = keys.sign_window(&ada("p1", Role::Editor), Some(now - 1), now + 120).unwrap();
+        assert_eq!(keys.verify_grant(&started).map(|g| g.expires), Ok(Some(now + 120)));
         // alg=none with the same claims must not pass.
         let parts: Vec<&str> = forged.split('.').collect();
         let none_header = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0";

@@ -16,7 +16,7 @@ use sync_core::DocName;
 
 use super::AppState;
 use super::error::AppError;
-use crate::auth::Identity;
+use crate::auth::{Grant, Identity};
 
 /// A verified member of the project named by the path's `{project}`.
 #[derive(Debug, Clone)]
@@ -24,6 +24,9 @@ pub struct ProjectAccess {
     /// The project's root document.
     pub root: DocName,
     pub identity: Identity,
+    /// When the token expires (seconds since the Unix epoch; `None`: never, anonymous): what a
+    /// socket opened with it is held to.
+    pub expires: Option<u64>,
 }
 
 /// A verified editor of the project named by the path's `{project}`.
@@ -48,11 +51,16 @@ impl ProjectAccess {
     /// Verifies `token` for `project`'s root document.
     pub fn check(app: &AppState, project: &str, token: &str) -> Result<ProjectAccess, AppError> {
         let root = DocName::parse(project).map_err(|_| AppError::BadRequest("invalid project name".into()))?;
-        let identity = app.auth.authorize(token, &root).map_err(|e| {
+        let grant = app.auth.authorize_grant(token, &root).map_err(|e| {
             app.metrics.auth_failures.inc();
             AppError::Unauthorized(e)
         })?;
-        Ok(ProjectAccess { root, identity })
+        Ok(ProjectAccess { root, identity: grant.identity, expires: grant.expires })
+    }
+
+    /// The verified token as a grant, for a socket held to its expiry.
+    pub fn into_grant(self) -> Grant {
+        Grant { identity: self.identity, expires: self.expires }
     }
 }
 

@@ -64,7 +64,7 @@ pub async fn import(
     EditorAccess(access): EditorAccess,
     body: Bytes,
 ) -> Result<String, AppError> {
-    let ProjectAccess { root, identity } = access;
+    let ProjectAccess { root, identity, .. } = access;
     let read = app.tasks.blocking("import", move || archive::read(&body, ArchiveLimits::default())).await;
     let files = read.map_err(|_| AppError::Internal)??;
     let count = project::write_files(&app.rooms, root.as_str(), &files).await?;
@@ -108,7 +108,7 @@ pub async fn create_checkpoint(
     EditorAccess(access): EditorAccess,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<axum::Json<serde_json::Value>, AppError> {
-    let ProjectAccess { root, identity } = access;
+    let ProjectAccess { root, identity, .. } = access;
     if let Some(reason) = params.get("auto") {
         // Automatic checkpoints on request, e.g. by the AI peer before each turn; retention applies.
         let name = match reason.as_str() {
@@ -137,7 +137,7 @@ pub async fn restore_checkpoint(
     EditorAccess(access): EditorAccess,
     Path((_, id)): Path<(String, i64)>,
 ) -> Result<axum::Json<serde_json::Value>, AppError> {
-    let ProjectAccess { root, identity } = access;
+    let ProjectAccess { root, identity, .. } = access;
     let before = checkpoints::restore(&app.rooms, root.as_str(), id, &identity.name).await?;
     info!(project = %root, user_id = %identity.user, checkpoint = id, "checkpoint restored");
     Ok(axum::Json(serde_json::json!({ "restored": id, "saved_before": before })))

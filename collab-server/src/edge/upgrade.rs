@@ -50,15 +50,15 @@ pub async fn yws_upgrade(
     ws: WebSocketUpgrade,
 ) -> Result<Response, AppError> {
     let doc = DocName::parse(&doc).map_err(|_| AppError::BadRequest("invalid document name".into()))?;
-    let identity = app.auth.authorize(&token, &doc).map_err(|e| {
+    let grant = app.auth.authorize_grant(&token, &doc).map_err(|e| {
         app.metrics.auth_failures.inc();
         info!(doc_id = %doc, reason = %e, "token refused at upgrade");
         AppError::Unauthorized(e)
     })?;
     let upgrade = websocket_limits(ws, app.config.limits.max_message_size);
-    let span = tracing::info_span!("conn", doc_id = %doc, user_id = %identity.user);
+    let span = tracing::info_span!("conn", doc_id = %doc, user_id = %grant.identity.user);
     Ok(upgrade.on_upgrade(move |socket| {
-        let handler = YwsHandler::new(&app.sync, &doc, identity);
+        let handler = YwsHandler::new(&app.sync, &doc, grant);
         let task = app.tasks.track("connection", conn::run(socket, app.sync.clone(), handler));
         tracing::Instrument::instrument(task, span)
     }))
@@ -81,15 +81,15 @@ pub async fn exec_upgrade(
     access: ProjectAccess,
     ws: WebSocketUpgrade,
 ) -> Result<Response, AppError> {
-    let identity = access.identity;
+    let grant = access.into_grant();
     if !app.exec.enabled() {
         return Err(AppError::Unavailable(ExecError::Disabled.to_string()));
     }
     let upgrade = websocket_limits(ws, exec::MAX_MESSAGE);
-    let span = tracing::info_span!("exec", project = %identity.project, user_id = %identity.user);
+    let span = tracing::info_span!("exec", project = %grant.identity.project, user_id = %grant.identity.user);
     Ok(upgrade.on_upgrade(move |socket| {
         let task =
-            app.tasks.track("exec peer", exec::serve_peer(socket, app.exec.clone(), identity, app.shutdown.clone()));
+            app.tasks.track("exec peer", exec::serve_peer(socket, app.exec.clone(), grant, app.shutdown.clone()));
         tracing::Instrument::instrument(task, span)
     }))
 }

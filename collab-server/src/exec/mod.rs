@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use self::bridge::{BridgeLink, RoomsBarrier};
-use self::lease::{keep_lease, lease_key};
+use self::lease::{Lease, keep_lease, lease_key};
 pub use self::socket::serve_peer;
 use crate::auth::Keys;
 pub use crate::config::SandboxKind;
@@ -69,6 +69,14 @@ pub struct ExecHub {
     /// The node's documents, which a run waits for the bridge to catch up with.
     rooms: Rooms,
     tasks: Tasks,
+    /// Exec sockets one user may have open on this node at once.
+    sockets_per_user: usize,
+    /// Open exec sockets per user id on this node.
+    sockets: Mutex<HashMap<String, usize>>,
+    /// A peer's liveness: pinged every `ping_interval`, closed after `idle_timeout` without a
+    /// frame.
+    ping_interval: Duration,
+    idle_timeout: Duration,
 }
 
 /// How a node's exec hub is set up.
@@ -82,6 +90,12 @@ pub struct HubConfig {
     pub send_timeout: Duration,
     /// With a cluster bus: the node's leases and their time to live.
     pub lease: Option<(Leases, Duration)>,
+    /// Exec sockets one user may have open on this node at once (`--exec-sockets-per-user`).
+    pub sockets_per_user: usize,
+    /// How often a peer is pinged (`--ping-interval`).
+    pub ping_interval: Duration,
+    /// How long a peer may send no frame before it is closed (`--idle-timeout`).
+    pub idle_timeout: Duration,
 }
 
 impl std::fmt::Debug for ExecHub {
@@ -109,6 +123,10 @@ pub enum ExecError {
     OwnedElsewhere,
     #[error("the cluster bus is unreachable, so this node cannot take this project's sandbox; try again")]
     BusDown,
+    #[error("this project's workspace could not be created on the server, so runs and terminals cannot start")]
+    Workspace,
+    #[error("too many exec connections for this user on this server: close one first")]
+    TooManySockets,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -121,7 +139,8 @@ pub enum ExecPortError {
 
 impl ExecHub {
     pub fn new(config: HubConfig, keys: Keys, rooms: Rooms, tasks: Tasks) -> ExecHub {
-        let HubConfig { sandbox, workspaces, idle, send_timeout, lease } = config;
+        let HubConfig { sandbox, workspaces, idle, send_timeout, lease, sockets_per_user, ping_interval, idle_timeout } =
+            config;
         ExecHub {
             sandbox,
             workspaces,
@@ -133,6 +152,10 @@ impl ExecHub {
             lease,
             rooms,
             tasks,
+            sockets_per_user,
+            sockets: Mutex::default(),
+            ping_interval,
+            idle_timeout,
         }
     }
 
@@ -159,6 +182,8 @@ impl ExecHub {
         }
         let sandbox = self.sandbox.clone().ok_or(ExecError::Disabled)?;
         let server = self.server.get().ok_or(ExecError::NotListening)?.clone();
+        // The lease lasts `ttl` from when Redis took it: at the latest, from now.
+        let held_at = Instant::now();
         if let Some((bus, ttl)) = &self.lease {
             match bus.hold_lease(&lease_key(project), *ttl).await {
                 Ok(true) => {}
@@ -166,9 +191,23 @@ impl ExecHub {
                 Err(_) => return Err(ExecError::BusDown),
             }
         }
+        // Before the session (and only on the node that holds the lease): a bridge without a
+        // workspace could only fail every run after a timeout, where this fails the peer at
+        // once with a message it can show.
+        let workspace = self.workspace(project);
+        let dir = workspace.clone();
+        let created = self.tasks.blocking("create workspace", move || std::fs::create_dir_all(&dir)).await;
+        if !matches!(created, Ok(Ok(()))) {
+            if let Ok(Err(e)) = &created {
+                warn!(project, error = %e, workspace = %workspace.display(), "cannot create the workspace");
+            }
+            if let Some((bus, ttl)) = &self.lease {
+                let _ = tokio::time::timeout(*ttl / 4, bus.release_lease(&lease_key(project))).await;
+            }
+            return Err(ExecError::Workspace);
+        }
         let mut projects = self.projects.lock().unwrap_or_else(|e| e.into_inner());
         let entry = projects.entry(project.to_owned()).or_insert_with(|| {
-            let workspace = self.workspace(project);
             let (prepare_tx, prepare_rx) = mpsc::channel(8);
             let sandbox_for_warm = sandbox.clone();
             let mut config = SessionConfig::new(sandbox, workspace.clone());
@@ -184,8 +223,8 @@ impl ExecHub {
             };
             self.tasks.spawn("exec bridge", bridge.run(prepare_rx, stop.clone(), sandbox_for_warm));
             if let Some((bus, ttl)) = &self.lease {
-                let renew = keep_lease(bus.clone(), project.to_owned(), *ttl, session.clone(), stop.clone());
-                self.tasks.spawn("exec lease", renew);
+                let lease = Lease { bus: bus.clone(), key: lease_key(project), ttl: *ttl };
+                self.tasks.spawn("exec lease", keep_lease(lease, held_at, session.clone(), stop.clone()));
             }
             info!(project, "exec session started");
             Arc::new(ProjectExec { session, peers: AtomicUsize::new(0), left: Mutex::new(Instant::now()), stop })
@@ -237,12 +276,41 @@ impl ExecHub {
         }
     }
 
+    /// Counts one more exec socket of `user`; `None` when the user has as many open as allowed.
+    fn open_socket(self: &Arc<Self>, user: &str) -> Option<SocketGuard> {
+        let mut sockets = self.sockets.lock().unwrap_or_else(|e| e.into_inner());
+        let open = sockets.entry(user.to_owned()).or_default();
+        if *open >= self.sockets_per_user {
+            return None;
+        }
+        *open += 1;
+        Some(SocketGuard { hub: self.clone(), user: user.to_owned() })
+    }
+
     /// Closes every session (runs and terminals end).
     pub fn close_all(&self) {
         let projects = self.projects.lock().unwrap_or_else(|e| e.into_inner());
         for p in projects.values() {
             p.session.close();
             p.stop.cancel();
+        }
+    }
+}
+
+/// One open exec socket of a user, counted until it drops.
+struct SocketGuard {
+    hub: Arc<ExecHub>,
+    user: String,
+}
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        let mut sockets = self.hub.sockets.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(open) = sockets.get_mut(&self.user) {
+            *open -= 1;
+            if *open == 0 {
+                sockets.remove(&self.user);
+            }
         }
     }
 }

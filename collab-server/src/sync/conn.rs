@@ -13,11 +13,11 @@ use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use sync_core::wire::{self, DocMessage, HocusDocIn, HocusIn, HocusOut, OutMsg};
-use sync_core::{DocName, PeerId};
+use sync_core::{DocName, PeerId, Role};
 use tokio::time::Instant;
 use tracing::{debug, info};
 
-use crate::auth::{Authorizer, Identity};
+use crate::auth::{AuthError, Authorizer, Grant, Identity};
 use crate::close::{self, CloseReason};
 use crate::config::Limits;
 use crate::metrics::Metrics;
@@ -59,6 +59,11 @@ pub trait Handler: Send {
     ) -> impl Future<Output = Result<(), CloseReason>> + Send;
     /// Called on every liveness tick.
     fn tick(&mut self, now: Instant) -> Result<(), CloseReason>;
+    /// The earliest moment a token this connection holds expires; `None` if none does.
+    fn deadline(&self) -> Option<Instant>;
+    /// Called when [`Handler::deadline`] is reached: ends what the expired tokens held, or the
+    /// whole connection.
+    fn expire(&mut self, now: Instant, sink: &ConnSink) -> impl Future<Output = Result<(), CloseReason>> + Send;
     /// Leaves every room. Runs whatever ended the connection.
     fn finish(self) -> impl Future<Output = ()> + Send;
     /// A frame sent when the connection has been quiet for a ping interval, so that clients
@@ -131,12 +136,15 @@ pub async fn run<H: Handler>(socket: WebSocket, app: Arc<Connections>, mut handl
     if let Err(reason) = handler.start(&sink).await {
         killer.kill(reason);
     }
+    // Tokens expire on a timer of their own: an idle socket is closed at its token's `exp` too.
+    let mut deadline = handler.deadline();
+    let expiry = tokio::time::sleep_until(deadline.unwrap_or_else(far_future));
     // Futures and the idle timer live across iterations: re-creating them for every frame was
     // a timer-wheel insertion and two waiter registrations per message (seen in callgrind).
     let killed = killer.killed();
     let shutdown = app.tasks.shutdown().cancelled();
     let idle = tokio::time::sleep_until(last_seen + limits.idle_timeout);
-    tokio::pin!(killed, shutdown, idle);
+    tokio::pin!(killed, shutdown, idle, expiry);
     while !killer.is_killed() {
         tokio::select! {
             _ = &mut killed => break,
@@ -153,6 +161,11 @@ pub async fn run<H: Handler>(socket: WebSocket, app: Arc<Connections>, mut handl
             }
             _ = tick.tick() => {
                 if let Err(reason) = handler.tick(Instant::now()) {
+                    killer.kill(reason);
+                }
+            }
+            _ = &mut expiry, if deadline.is_some() => {
+                if let Err(reason) = handler.expire(Instant::now(), &sink).await {
                     killer.kill(reason);
                 }
             }
@@ -188,12 +201,28 @@ pub async fn run<H: Handler>(socket: WebSocket, app: Arc<Connections>, mut handl
                 Some(Ok(Message::Close(_))) => break,
             }
         }
+        let next = handler.deadline();
+        if next != deadline {
+            deadline = next;
+            expiry.as_mut().reset(next.unwrap_or_else(far_future));
+        }
     }
     handler.finish().await;
     killer.kill(CloseReason::new(close::NORMAL, ""));
     drop(sink);
     let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
     metrics.connections_active.dec();
+}
+
+/// A moment no connection lives to see, for a timer that is off.
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600)
+}
+
+/// How a connection ends when its token expires: 1008, like any other refused token, so a
+/// client fetches a new token before it reconnects.
+pub fn token_expired() -> CloseReason {
+    CloseReason::new(close::POLICY_VIOLATION, "token expired: reconnect with a new token")
 }
 
 /// Whether a read failed because the client's message exceeded the size limit.
@@ -268,9 +297,10 @@ async fn write_loop(
                 killer.kill(CloseReason::new(close::GOING_AWAY, "write failed"));
                 return;
             },
-            // Killed while blocked on a full socket (a slow reader): drop it without a close frame,
-            // since a half-written frame cannot be followed by one.
-            _ = &mut killed => return,
+            // Killed while blocked on a full socket (a slow reader). The frame being written is
+            // whole in the WebSocket's buffer (a sink takes frames whole), so the close frame
+            // can follow it: it leaves if the reader takes it before the deadline below.
+            _ = &mut killed => break,
         }
     }
     if let Some(reason) = killer.reason() {
@@ -283,16 +313,23 @@ async fn write_loop(
 /// The y-websocket endpoint: the socket is bound to one document, authorized at the upgrade.
 pub struct YwsHandler {
     identity: Identity,
+    deadline: Option<Instant>,
     lease: RoomLease,
     peer: PeerId,
 }
 
 impl YwsHandler {
-    pub fn new(app: &Connections, doc: &DocName, identity: Identity) -> YwsHandler {
+    pub fn new(app: &Connections, doc: &DocName, grant: Grant) -> YwsHandler {
         let lease = app.rooms.lease(doc);
         let peer = app.next_peer();
-        YwsHandler { identity, lease, peer }
+        let deadline = grant.deadline();
+        YwsHandler { identity: grant.identity, deadline, lease, peer }
     }
+}
+
+/// Whether `deadline` has passed at `now`.
+fn expired(deadline: Option<Instant>, now: Instant) -> bool {
+    deadline.is_some_and(|d| d <= now)
 }
 
 fn room_gone() -> CloseReason {
@@ -312,6 +349,10 @@ impl Handler for YwsHandler {
     }
 
     async fn frame(&mut self, data: &[u8], _sink: &ConnSink, throttle: &Throttle) -> Result<(), CloseReason> {
+        // The timer may not have fired yet: a frame read after the deadline is never applied.
+        if expired(self.deadline, Instant::now()) {
+            return Err(token_expired());
+        }
         let msgs = wire::decode_ywebsocket(data).map_err(CloseReason::malformed)?;
         for msg in msgs {
             throttle.message(&msg).await;
@@ -321,6 +362,18 @@ impl Handler for YwsHandler {
     }
 
     fn tick(&mut self, _now: Instant) -> Result<(), CloseReason> {
+        Ok(())
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    async fn expire(&mut self, now: Instant, _sink: &ConnSink) -> Result<(), CloseReason> {
+        if expired(self.deadline, now) {
+            info!(user_id = %self.identity.user, "token expired; closing the connection");
+            return Err(token_expired());
+        }
         Ok(())
     }
 
@@ -338,6 +391,9 @@ impl Handler for YwsHandler {
 struct Bound {
     lease: RoomLease,
     peer: PeerId,
+    role: Role,
+    /// When the token that opened (or last re-authorised) this document expires.
+    deadline: Option<Instant>,
 }
 
 /// The multiplexed endpoint: documents are opened one by one, each with its own token.
@@ -377,20 +433,28 @@ impl MuxHandler {
                 return Self::reply(sink, &key, HocusOut::PermissionDenied(&format!("invalid document name: {e}")));
             }
         };
-        let identity = match self.app.auth.authorize(token, &doc) {
-            Ok(identity) => identity,
+        let grant = match self.app.auth.authorize_grant(token, &doc) {
+            Ok(grant) => grant,
             Err(e) => {
                 self.app.metrics.auth_failures.inc();
                 if let Some(dropped) = self.preauth.remove(&key) {
                     self.preauth_messages -= dropped.len();
                 }
+                // A refused token ends the binding it came for: the client was told "denied",
+                // so the document must not go on as if it had been authorised.
+                if let Some(b) = self.bound.remove(&key) {
+                    let _ = b.lease.send(RoomCmd::Leave { peer: b.peer }).await;
+                }
                 info!(doc_id = %doc, reason = %e, "token refused");
                 return Self::reply(sink, &key, HocusOut::PermissionDenied(&e.to_string()));
             }
         };
+        let deadline = grant.deadline();
+        let identity = grant.identity;
         let read_write = identity.role.can_write();
-        if self.bound.contains_key(&key) {
-            return Self::reply(sink, &key, HocusOut::Authenticated { read_write });
+        if let Some(b) = self.bound.get_mut(&key) {
+            let fresh = self.app.next_peer();
+            return Self::reauthorize(b, fresh, identity, deadline, &key, sink).await;
         }
         if self.bound.len() >= self.app.limits.max_docs_per_socket {
             return Self::reply(sink, &key, HocusOut::PermissionDenied("too many documents open on one connection"));
@@ -409,8 +473,36 @@ impl MuxHandler {
             self.preauth_messages -= 1;
             lease.send(RoomCmd::Msg { peer, msg }).await.map_err(|_| room_gone())?;
         }
-        self.bound.insert(key, Bound { lease, peer });
+        self.bound.insert(key, Bound { lease, peer, role: identity.role, deadline });
         Ok(())
+    }
+
+    /// A new token for a document already open on this socket re-authorises it for real: the
+    /// binding takes the new token's expiry, and its role. A changed role (a downgrade to
+    /// viewer, or an upgrade to editor) rejoins the room as a new peer with that role, so the
+    /// answer the client gets (read-write or read-only) is exactly what the room enforces.
+    async fn reauthorize(
+        b: &mut Bound,
+        fresh: PeerId,
+        identity: Identity,
+        deadline: Option<Instant>,
+        key: &str,
+        sink: &ConnSink,
+    ) -> Result<(), CloseReason> {
+        b.deadline = deadline;
+        if identity.role != b.role {
+            info!(user_id = %identity.user, from = b.role.as_str(), to = identity.role.as_str(), "document re-authorised with another role");
+            let _ = b.lease.send(RoomCmd::Leave { peer: b.peer }).await;
+            // A new peer id: nothing the room knew of the old peer (its role) carries over.
+            let framing = Framing::Hocus { key: Arc::from(key) };
+            b.lease
+                .send(RoomCmd::Join { peer: fresh, role: identity.role, sink: sink.clone(), framing })
+                .await
+                .map_err(|_| room_gone())?;
+            b.peer = fresh;
+            b.role = identity.role;
+        }
+        Self::reply(sink, key, HocusOut::Authenticated { read_write: identity.role.can_write() })
     }
 }
 
@@ -429,6 +521,10 @@ impl Handler for MuxHandler {
             HocusDocIn::Token(token) => self.authenticate(key, &token, sink).await,
             HocusDocIn::Message(msg) => {
                 throttle.message(&msg).await;
+                if self.bound.get(&key).is_some_and(|b| expired(b.deadline, Instant::now())) {
+                    // The timer has not fired yet; the message must not be applied all the same.
+                    self.expire(Instant::now(), sink).await?;
+                }
                 if let Some(b) = self.bound.get(&key) {
                     return b.lease.send(RoomCmd::Msg { peer: b.peer, msg }).await.map_err(|_| room_gone());
                 }
@@ -457,6 +553,32 @@ impl Handler for MuxHandler {
     fn tick(&mut self, now: Instant) -> Result<(), CloseReason> {
         if !self.authenticated_once && now.duration_since(self.opened) >= self.app.limits.auth_timeout {
             return Err(CloseReason::new(close::POLICY_VIOLATION, "no document was authenticated in time"));
+        }
+        Ok(())
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.bound.values().filter_map(|b| b.deadline).min()
+    }
+
+    /// Ends the binding of every document whose token expired, telling the client so
+    /// (permission-denied: "token expired"); messages for it after that are never applied. A
+    /// socket left with no document at all is closed.
+    async fn expire(&mut self, now: Instant, sink: &ConnSink) -> Result<(), CloseReason> {
+        let gone: Vec<String> =
+            self.bound.iter().filter(|(_, b)| expired(b.deadline, now)).map(|(k, _)| k.clone()).collect();
+        if gone.is_empty() {
+            return Ok(());
+        }
+        for key in gone {
+            if let Some(b) = self.bound.remove(&key) {
+                let _ = b.lease.send(RoomCmd::Leave { peer: b.peer }).await;
+                info!(key, "token expired; document closed on this connection");
+                Self::reply(sink, &key, HocusOut::PermissionDenied(&AuthError::Expired.to_string()))?;
+            }
+        }
+        if self.bound.is_empty() {
+            return Err(token_expired());
         }
         Ok(())
     }

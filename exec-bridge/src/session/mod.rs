@@ -154,6 +154,9 @@ struct State {
     /// A run is being prepared (between the request and its start).
     starting: bool,
     terms: BTreeMap<u64, TermRecord>,
+    /// Terminals being started (between the cap check and their record): they count against
+    /// the cap, so concurrent opens cannot pass it.
+    opening: usize,
     next_id: u64,
 }
 
@@ -425,19 +428,21 @@ impl Session {
     }
 
     async fn open_terminal(self: &Arc<Self>, actor: &Actor, size: TermSize) -> Result<(), Refused> {
-        {
+        let slot = {
             let mut state = self.state();
-            let open = state.terms.values().filter(|t| t.exit_code.is_none()).count();
+            let open = state.terms.values().filter(|t| t.exit_code.is_none()).count() + state.opening;
             if open >= MAX_TERMINALS {
                 return refuse(format!("a project has at most {MAX_TERMINALS} terminals open: close one first"));
             }
-            while state.terms.len() >= MAX_TERMINALS {
+            while state.terms.len() + state.opening >= MAX_TERMINALS {
                 let Some(ended) = state.terms.iter().find(|(_, t)| t.exit_code.is_some()).map(|(id, _)| *id) else {
                     break;
                 };
                 state.terms.remove(&ended);
             }
-        }
+            state.opening += 1;
+            OpeningSlot { session: self }
+        };
         let terminal = self
             .config
             .sandbox
@@ -448,6 +453,8 @@ impl Session {
         let close = CancellationToken::new();
         let id = {
             let mut state = self.state();
+            // The record takes the slot's place under the same lock.
+            slot.release(&mut state);
             let id = state.next();
             let record = TermRecord {
                 by: actor.name.clone(),
@@ -524,6 +531,24 @@ impl Session {
             record.exit_code = Some(exit_code);
         }
         self.emit(&state, ServerMsg::TermExited { term: id, exit_code });
+    }
+}
+
+/// A terminal counted in [`State::opening`] until it has a record or failed to start.
+struct OpeningSlot<'a> {
+    session: &'a Session,
+}
+
+impl OpeningSlot<'_> {
+    fn release(self, state: &mut State) {
+        state.opening -= 1;
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for OpeningSlot<'_> {
+    fn drop(&mut self) {
+        self.session.state().opening -= 1;
     }
 }
 
