@@ -120,6 +120,40 @@ async fn files_flow_both_ways(kind: SandboxKind) {
     server.stop().await;
 }
 
+/// A project past the 256 documents one person's socket may open: the bridge (a server peer,
+/// its token marked as a service's) mirrors every file, Run sees them all, and 300 files a
+/// program writes all reach the documents with their content.
+async fn a_project_of_many_files_runs_and_takes_back_what_it_writes(kind: SandboxKind) {
+    let server = server(kind).await;
+    let mut files: Vec<(String, String)> = (0..400).map(|i| (format!("data/f{i:03}.txt"), format!("{i}\n"))).collect();
+    let program = "import glob, os\n\
+print(len(glob.glob('data/*.txt')), sum(int(open(p).read()) for p in glob.glob('data/*.txt')))\n\
+os.makedirs('out', exist_ok=True)\n\
+[open('out/o%03d.txt' % i, 'w').write('out %d\\n' % i) for i in range(300)]\n";
+    files.push(("main.py".to_owned(), program.to_owned()));
+    let refs: Vec<(&str, &str)> = files.iter().map(|(p, t)| (p.as_str(), t.as_str())).collect();
+    write(&server, "many", &refs).await;
+    let mut ann = connect(&server, "many", Role::Editor, "ann").await;
+    until_in_workspace(&server, "many", "data/f399.txt", "399\n").await;
+    ann.send(&ClientMsg::Run {}).await;
+    let finished = ann.until("run finished", |m| matches!(m, ServerMsg::RunFinished { .. })).await;
+    assert_eq!(ann.run_text(run_id(&finished)), format!("400 {}\n", (0..400).sum::<u32>()));
+    common::until_async("all 300 written files in the documents with their text", || async {
+        let files = collab_server::project::read_files(&server.app().rooms, "many").await.expect("read");
+        let out: Vec<_> = files.iter().filter(|f| f.path.starts_with("out/")).collect();
+        out.len() == 300
+            && out.iter().all(|f| {
+                f.path
+                    .strip_prefix("out/o")
+                    .and_then(|n| n.strip_suffix(".txt"))
+                    .and_then(|n| n.parse::<u32>().ok())
+                    .is_some_and(|n| f.text == format!("out {n}\n"))
+            })
+    })
+    .await;
+    server.stop().await;
+}
+
 /// A run requested right after an edit reached the server runs the edited program, even when
 /// the bridge has not written the edit out yet.
 async fn run_sees_the_latest_edit(kind: SandboxKind) {
@@ -417,6 +451,7 @@ macro_rules! on_both_sandboxes {
 
 on_both_sandboxes!(
     run_watched_live_and_replayed,
+    a_project_of_many_files_runs_and_takes_back_what_it_writes,
     run_sees_the_latest_edit,
     files_flow_both_ways,
     shared_terminal,

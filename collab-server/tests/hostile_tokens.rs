@@ -168,3 +168,30 @@ async fn a_silent_exec_socket_is_closed_when_its_token_expires() {
     assert!(closed_at <= exp + 1, "closed at {closed_at}, the token expired at {exp}");
     server.stop().await;
 }
+
+/// The documents-per-socket bound is lifted only for tokens the node signs for its own server
+/// peers: a person's token is held to it even when it names the bridge's user, a service token
+/// (what the node's exec bridge gets) is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_service_token_opens_more_documents_than_a_socket_may() {
+    let server = TestServer::start_with(|c| c.limits.max_docs_per_socket = 3).await;
+    let project = "tok9";
+    let posing = server.app().keys.sign(&identity(project, "exec-bridge"), Duration::from_secs(600)).expect("sign");
+    let service =
+        server.app().keys.sign_service(&identity(project, "exec-bridge"), Duration::from_secs(600)).expect("sign");
+    let person = collab_client::MuxConnection::connect(&server.url).await.expect("connect");
+    let mut opened = Vec::new();
+    for i in 0..4 {
+        opened.push(person.open(&format!("{project}/p{i}"), &posing).await.expect("open"));
+    }
+    for peer in &opened[..3] {
+        peer.wait_synced(WAIT).await.expect("the first three are served");
+    }
+    opened[3].wait_until("the fourth is refused", WAIT, |p| !p.status().denied.is_empty()).await.expect("refused");
+    let bridge = collab_client::MuxConnection::connect(&server.url).await.expect("connect");
+    for i in 0..4 {
+        let peer = bridge.open(&format!("{project}/s{i}"), &service).await.expect("open");
+        peer.wait_synced(WAIT).await.expect("a service token is not held to the bound");
+    }
+    server.stop().await;
+}

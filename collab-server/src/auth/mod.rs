@@ -25,6 +25,11 @@ struct Claims {
     /// Not valid before (seconds since the epoch); tokens we mint leave it out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     nbf: Option<u64>,
+    /// A server peer's token (the node's own exec bridge): signed only by [`Keys::sign_service`],
+    /// never by `collab token` or for a person, and exempt from the limits meant for people's
+    /// sockets (documents per socket).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    svc: bool,
 }
 
 /// A verified token: who it speaks for, and until when (seconds since the Unix epoch). A
@@ -35,12 +40,14 @@ pub struct Grant {
     pub identity: Identity,
     /// `None`: no expiry (an anonymous connection, which `--allow-anonymous` allows).
     pub expires: Option<u64>,
+    /// The token is one the node signed for a server peer of its own ([`Keys::sign_service`]).
+    pub service: bool,
 }
 
 impl Grant {
     /// A grant that never expires.
     pub fn forever(identity: Identity) -> Grant {
-        Grant { identity, expires: None }
+        Grant { identity, expires: None, service: false }
     }
 
     /// When, on the runtime's clock, the grant ends; `None` if it never does. Exact to the
@@ -155,8 +162,24 @@ impl Keys {
         self.sign_claims(identity, now, None, exp)
     }
 
+    /// A token for one of the node's own server peers (the exec bridge), valid for `ttl`: it
+    /// carries the service claim, which lifts the limits meant for people's sockets.
+    pub fn sign_service(&self, identity: &Identity, ttl: Duration) -> anyhow::Result<String> {
+        let now = unix_now();
+        self.encode(Claims { svc: true, ..self.claims(identity, now, None, now + ttl.as_secs()) })
+    }
+
     fn sign_claims(&self, identity: &Identity, now: u64, nbf: Option<u64>, exp: u64) -> anyhow::Result<String> {
-        let claims = Claims {
+        self.encode(self.claims(identity, now, nbf, exp))
+    }
+
+    fn encode(&self, claims: Claims) -> anyhow::Result<String> {
+        Ok(jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)?)
+    }
+
+    fn claims(&self, identity: &Identity, now: u64, nbf: Option<u64>, exp: u64) -> Claims {
+        Claims {
+            svc: false,
             nbf,
             sub: identity.user.clone(),
             name: identity.name.clone(),
@@ -164,8 +187,7 @@ impl Keys {
             role: identity.role.as_str().to_owned(),
             iat: now,
             exp,
-        };
-        Ok(jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)?)
+        }
     }
 
     /// Verifies signature and validity window; does not check which document it is used for.
@@ -199,7 +221,7 @@ impl Keys {
             return Err(AuthError::Invalid);
         }
         let identity = Identity { user: c.sub, name: c.name, project: c.project, role };
-        Ok(Grant { identity, expires: Some(c.exp) })
+        Ok(Grant { identity, expires: Some(c.exp), service: c.svc })
     }
 
     /// Verifies a token and checks that it covers `doc`.

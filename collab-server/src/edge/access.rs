@@ -60,7 +60,7 @@ impl ProjectAccess {
 
     /// The verified token as a grant, for a socket held to its expiry.
     pub fn into_grant(self) -> Grant {
-        Grant { identity: self.identity, expires: self.expires }
+        Grant { identity: self.identity, expires: self.expires, service: false }
     }
 }
 

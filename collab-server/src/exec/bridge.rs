@@ -94,7 +94,7 @@ impl BridgeLink {
         let mut mirror = Mirror::new();
         let mut backoff = Duration::from_millis(100);
         while !stop.is_cancelled() {
-            let token = match self.keys.sign(&identity, Duration::from_secs(24 * 3600)) {
+            let token = match self.keys.sign_service(&identity, Duration::from_secs(24 * 3600)) {
                 Ok(token) => token,
                 Err(e) => {
                     warn!(error = %e, "cannot sign the bridge's token");

@@ -450,13 +450,15 @@ impl MuxHandler {
             }
         };
         let deadline = grant.deadline();
+        let service = grant.service;
         let identity = grant.identity;
         let read_write = identity.role.can_write();
         if let Some(b) = self.bound.get_mut(&key) {
             let fresh = self.app.next_peer();
             return Self::reauthorize(b, fresh, identity, deadline, &key, sink).await;
         }
-        if self.bound.len() >= self.app.limits.max_docs_per_socket {
+        // The bound is for people's sockets; the node's own bridge opens every file of a project.
+        if !service && self.bound.len() >= self.app.limits.max_docs_per_socket {
             return Self::reply(sink, &key, HocusOut::PermissionDenied("too many documents open on one connection"));
         }
         Self::reply(sink, &key, HocusOut::Authenticated { read_write })?;
