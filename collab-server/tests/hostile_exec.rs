@@ -15,7 +15,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
-type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+use collab_test_support::ws::{RawSocket as Socket, close_code};
 
 async fn exec_server(tweak: impl FnOnce(&mut collab_server::Config)) -> TestServer {
     TestServer::start_with(|c| {
@@ -33,21 +33,6 @@ async fn first_answer(server: &TestServer, project: &str, user: &str) -> (Server
     let first = tokio::time::timeout(WAIT, socket.next()).await.expect("an answer in time");
     let Some(Ok(Message::Text(text))) = first else { panic!("no first message: {first:?}") };
     (serde_json::from_str(&text).expect("server messages parse"), socket)
-}
-
-/// Reads until the server's close frame; returns its code (`None`: the stream ended without).
-async fn close_code(socket: &mut Socket) -> Option<u16> {
-    let ended = tokio::time::timeout(WAIT, async {
-        while let Some(msg) = socket.next().await {
-            match msg {
-                Ok(Message::Close(frame)) => return frame.map(|f| u16::from(f.code)),
-                Ok(_) => {}
-                Err(_) => return None,
-            }
-        }
-        None
-    });
-    ended.await.expect("the socket closes in time")
 }
 
 /// 40 terminal opens at once from 5 sockets: the cap check and the new terminal's record are

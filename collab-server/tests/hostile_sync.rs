@@ -13,35 +13,18 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::{TestServer, WAIT};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use sync_core::wire::{self, OutMsg};
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use yrs::sync::awareness::{AwarenessUpdate, AwarenessUpdateEntry};
 use yrs::updates::encoder::Encode;
 use yrs::{ClientID, StateVector};
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+use collab_test_support::ws::{RawSocket as Ws, close_code};
 
 async fn raw(server: &TestServer, doc: &str, token: &str) -> Ws {
     let url = format!("{}/sync/{doc}?token={token}", server.url);
     tokio_tungstenite::connect_async(url).await.expect("raw peer connects").0
-}
-
-/// Reads until the server closes the socket; the close code it gave.
-async fn close_code(ws: &mut Ws) -> Option<u16> {
-    let read = async {
-        while let Some(msg) = ws.next().await {
-            match msg {
-                Ok(Message::Close(frame)) => return frame.map(|f| u16::from(f.code)),
-                Ok(_) => {}
-                Err(_) => return None,
-            }
-        }
-        None
-    };
-    tokio::time::timeout(WAIT, read).await.expect("the server closes the socket")
 }
 
 fn awareness_frame(ids: std::ops::Range<u64>) -> Vec<u8> {

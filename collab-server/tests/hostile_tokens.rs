@@ -12,7 +12,7 @@ use collab_server::exec::SandboxKind;
 use common::exec_peer::ExecPeer;
 use common::{TestServer, WAIT};
 use exec_bridge::protocol::{ClientMsg, ServerMsg};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use sync_core::Role;
 use tokio_tungstenite::tungstenite::Message;
 use yrs::{Doc, ReadTxn, StateVector, Text, Transact};
@@ -59,22 +59,7 @@ fn update_frame(text: &str) -> Vec<u8> {
     frame
 }
 
-type Raw = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-/// Reads until the server's close frame; returns its code (`None`: the stream ended without).
-async fn close_code(socket: &mut Raw) -> Option<u16> {
-    let ended = tokio::time::timeout(WAIT, async {
-        while let Some(msg) = socket.next().await {
-            match msg {
-                Ok(Message::Close(frame)) => return frame.map(|f| u16::from(f.code)),
-                Ok(_) => {}
-                Err(_) => return None,
-            }
-        }
-        None
-    });
-    ended.await.expect("the socket closes in time")
-}
+use collab_test_support::ws::close_code;
 
 /// The document's text as a fresh client with a valid token gets it from the server.
 async fn text_now(server: &TestServer, doc: &str) -> String {

@@ -7,13 +7,13 @@ use std::time::Duration;
 
 use collab_client::{DocPeer, MuxConnection};
 use common::{TestServer, WAIT};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use sync_core::Role;
 use sync_core::wire::{self, OutMsg};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+use collab_test_support::ws::RawSocket as Ws;
 
 async fn raw(server: &TestServer, doc: &str) -> Ws {
     let project = doc.split('/').next().unwrap();
@@ -23,17 +23,7 @@ async fn raw(server: &TestServer, doc: &str) -> Ws {
 
 /// Reads until the server closes; returns the close code (1006 if the socket just dropped).
 async fn close_code(ws: &mut Ws) -> u16 {
-    let read = async {
-        while let Some(msg) = ws.next().await {
-            match msg {
-                Ok(Message::Close(Some(frame))) => return u16::from(frame.code),
-                Ok(Message::Close(None)) | Err(_) => return 1006,
-                Ok(_) => {}
-            }
-        }
-        1006
-    };
-    tokio::time::timeout(WAIT, read).await.expect("server closed the connection")
+    collab_test_support::ws::close_code(ws).await.unwrap_or(1006)
 }
 
 async fn refused_status(url: String) -> String {

@@ -15,6 +15,7 @@ pub mod redis;
 pub mod server;
 pub mod tokens;
 pub mod wait;
+pub mod ws;
 
 /// The HAProxy configuration generator `cargo xtask cluster` uses too.
 pub use haproxy_config as haproxy;
